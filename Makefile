@@ -1,0 +1,30 @@
+# `make run`: the whole pipeline on the built-in data. `make test`: the test suite.
+# Both create .venv and install the project into it first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned exactly: a looser spec resolved by other packages pulls a CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: run test install status clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+run: $(BIN)/.installed
+	$(BIN)/vqpipe run
+
+status: $(BIN)/.installed
+	$(BIN)/vqpipe status
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf data models samples eval metrics plots mlflow.db mlruns
