@@ -1,0 +1,263 @@
+"""Typed params: one pydantic model per `params.yaml` section, validated once, before any work.
+
+Every error names the offending key (`train_tokenizer.quantizer.codebook_size`) and what is
+allowed there; `ConfigError` carries them all. Stages take these models, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.quantizers import QUANTIZERS, QuantizerConfig
+
+BUILTIN_SOURCES = ("shapes",)
+SOURCE_KINDS = ("builtin", "folder")
+Device = str  # "auto", "cpu", "cuda", "cuda:N"
+
+
+class ConfigError(ValueError):
+    """Invalid params; `problems` is a list of (key, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "params.yaml"):
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  {key}: {msg}" for key, msg in problems)
+        super().__init__(f"invalid {source}:\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("device", mode="after", check_fields=False)
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"unknown device {value!r} (allowed: auto, cpu, cuda, cuda:N)")
+
+
+class ShardConfig(_Section):
+    source: str = "builtin:shapes"
+    # Only for builtin sources; a folder source takes every image it finds.
+    num_images: int = Field(6000, ge=1)
+    image_size: int = Field(32, ge=8)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    samples_per_shard: int = Field(1000, ge=1)
+    seed: int = 0
+    # Below this many inputs Ray's start-up costs more than it saves.
+    ray_min_inputs: int = Field(20000, ge=1)
+    # 0: one Ray task per core.
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        kind, sep, arg = value.partition(":")
+        if not sep or kind not in SOURCE_KINDS:
+            raise ValueError(
+                f"unknown source {value!r} (allowed: builtin:{'|'.join(BUILTIN_SOURCES)}, folder:PATH)"
+            )
+        if kind == "builtin" and arg not in BUILTIN_SOURCES:
+            raise ValueError(f"unknown builtin source {arg!r} (allowed: {', '.join(BUILTIN_SOURCES)})")
+        if kind == "folder" and not arg:
+            raise ValueError("folder source needs a path: folder:PATH")
+        return value
+
+    @property
+    def source_kind(self) -> str:
+        return self.source.partition(":")[0]
+
+    @property
+    def source_arg(self) -> str:
+        return self.source.partition(":")[2]
+
+
+class TrainTokenizerConfig(_Section):
+    arch: Literal["vqvae"] = "vqvae"
+    # Width of the first stage; it doubles at each downsampling, up to 4x.
+    channels: int = Field(64, ge=8)
+    num_res_blocks: int = Field(1, ge=0)
+    # Spatial downsampling factor of the encoder: a power of two; image_size / downsample = grid.
+    downsample: int = Field(4, ge=1)
+    latent_dim: int = Field(64, ge=1)
+    quantizer: QuantizerConfig
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    # DataLoader worker processes decoding shards; 0 decodes in the training process.
+    num_workers: int = Field(1, ge=0)
+    val_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    seed: int = 0
+    device: Device = "auto"
+
+    @field_validator("quantizer", mode="before")
+    @classmethod
+    def _pick_quantizer(cls, value: Any) -> QuantizerConfig:
+        if isinstance(value, QuantizerConfig):
+            return value
+        if not isinstance(value, dict) or "type" not in value:
+            raise ValueError(f"needs a mapping with a `type` (allowed: {', '.join(sorted(QUANTIZERS))})")
+        kind = value["type"]
+        if kind not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer type {kind!r} (allowed: {', '.join(sorted(QUANTIZERS))})")
+        return QUANTIZERS[kind].model_validate(value)
+
+    @field_validator("downsample")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"must be a power of two (1, 2, 4, 8, ...), got {value}")
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _group_norm_friendly(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {value}")
+        return value
+
+    @property
+    def num_downsamples(self) -> int:
+        return int(math.log2(self.downsample))
+
+
+class TokenizeConfig(_Section):
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(2, ge=1)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    # Set to 1 (or a fraction) to place each actor on a GPU of the Ray cluster.
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    device: Device = "auto"
+
+
+class TrainPriorConfig(_Section):
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    val_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    seed: int = 0
+    device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TrainPriorConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class SampleConfig(_Section):
+    # Conditional priors sample this many per class (one grid row per class).
+    num_per_class: int = Field(8, ge=1)
+    # Unconditional priors sample this many in all.
+    num_images: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    device: Device = "auto"
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(256, ge=1)
+    # Cap on validation images reconstructed (None: all of them).
+    max_images: int | None = Field(None, ge=1)
+    device: Device = "auto"
+
+
+class Params(BaseModel):
+    """The whole `params.yaml`: one section per stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shard: ShardConfig = ShardConfig()
+    train_tokenizer: TrainTokenizerConfig = TrainTokenizerConfig(quantizer={"type": "vq", "codebook_size": 256})
+    tokenize: TokenizeConfig = TokenizeConfig()
+    train_prior: TrainPriorConfig = TrainPriorConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def cross_section_problems(self) -> list[tuple[str, str]]:
+        """Constraints between sections, reported under the key to change."""
+        size, factor = self.shard.image_size, self.train_tokenizer.downsample
+        if size % factor:
+            allowed = ", ".join(str(2**i) for i in range(size.bit_length()) if size % 2**i == 0)
+            return [("train_tokenizer.downsample", f"{factor} does not divide shard.image_size={size} (allowed: {allowed})")]
+        return []
+
+
+SECTIONS = tuple(Params.model_fields)
+
+
+def _loc_to_key(loc: tuple) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-"))]
+    return ".".join(parts) or "<top level>"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the model the unknown key was found in."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+        if model is QuantizerConfig:
+            return []
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            msg = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif e["type"] != "value_error" and "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        problems.append((_loc_to_key(loc), msg))
+    return problems
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([("<top level>", f"must be a mapping of sections ({', '.join(SECTIONS)})")], source)
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_problems(err), source) from None
+    problems = params.cross_section_problems()
+    if problems:
+        raise ConfigError(problems, source)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises ConfigError naming every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([("<file>", f"{path} not found")], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError([("<file>", f"not valid YAML: {err}")], str(path)) from None
+    return parse_params(raw, str(path))
