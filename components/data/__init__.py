@@ -1,0 +1,1 @@
+"""Data: sources, image preprocessing, WebDataset shard IO, Parquet token IO."""

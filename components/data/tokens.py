@@ -1,0 +1,166 @@
+"""Token shards: Parquet (zstd) parts with the tokenizer's identity in the schema metadata.
+
+Columns: `key` string, `tokens` list<uint16> (list<uint32> past 65,536 codes), `label` int32
+when labelled. Schema metadata: `vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size`,
+`vqpipe.grid` (JSON, per level), `vqpipe.version`. Parts are written under a temporary name and
+renamed when complete, so a part that exists is whole. `_manifest.json` lists the parts.
+
+Read without a Python loop per row:
+
+    data = read_tokens(parts, fingerprint=tokenizer.fingerprint)
+    data.tokens  # (n, h*w) int64, raster order
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components import __version__
+from components.io import atomic_write, write_json
+
+MANIFEST = "_manifest.json"
+META_FINGERPRINT = b"vqpipe.tokenizer_fingerprint"
+META_CODEBOOK = b"vqpipe.codebook_size"
+META_GRID = b"vqpipe.grid"
+META_VERSION = b"vqpipe.version"
+
+
+class TokenShardMismatch(ValueError):
+    """Token shards made by another tokenizer than the one in hand."""
+
+
+def token_type(codebook_size: int) -> pa.DataType:
+    return pa.uint16() if codebook_size <= 65536 else pa.uint32()
+
+
+def tokens_array(tokens: np.ndarray, codebook_size: int) -> pa.ListArray:
+    """(n, L) integer array -> list<uint16|uint32> column, built without a per-row loop."""
+    n, length = tokens.shape
+    dtype = token_type(codebook_size)
+    values = pa.array(tokens.reshape(-1).astype(dtype.to_pandas_dtype(), copy=False), type=dtype)
+    offsets = pa.array(np.arange(0, n * length + 1, length, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values)
+
+
+def token_table(
+    keys: list[str],
+    tokens: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    fingerprint: str,
+    codebook_size: int,
+    grid: tuple[int, int],
+) -> pa.Table:
+    columns = {"key": pa.array(keys, type=pa.string()), "tokens": tokens_array(tokens, codebook_size)}
+    if labels is not None:
+        columns["label"] = pa.array(np.asarray(labels, dtype=np.int32), type=pa.int32())
+    metadata = {
+        META_FINGERPRINT: fingerprint.encode(),
+        META_CODEBOOK: str(codebook_size).encode(),
+        META_GRID: json.dumps({"tokens": list(grid)}).encode(),
+        META_VERSION: __version__.encode(),
+    }
+    return pa.table(columns).replace_schema_metadata(metadata)
+
+
+def write_part(table: pa.Table, path: str | Path) -> None:
+    """Write atomically: a temporary name in the same directory, renamed when complete."""
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+@dataclass
+class PartInfo:
+    fingerprint: str
+    codebook_size: int
+    grid: dict
+    rows: int
+
+
+def part_info(path: str | Path) -> PartInfo:
+    meta = pq.read_metadata(path)
+    schema_meta = meta.schema.to_arrow_schema().metadata or {}
+    if META_FINGERPRINT not in schema_meta:
+        raise TokenShardMismatch(f"{path} is not a vqpipe token shard (no {META_FINGERPRINT.decode()} metadata)")
+    return PartInfo(
+        fingerprint=schema_meta[META_FINGERPRINT].decode(),
+        codebook_size=int(schema_meta[META_CODEBOOK]),
+        grid=json.loads(schema_meta[META_GRID]),
+        rows=meta.num_rows,
+    )
+
+
+@dataclass
+class TokenData:
+    keys: list[str]
+    tokens: np.ndarray  # (n, L) int64
+    labels: np.ndarray | None  # (n,) int64, -1 where unlabelled; None when no part has labels
+    codebook_size: int
+    grid: dict
+
+
+def list_to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """list<uint> column of equal-length rows -> (n, L) int64, without a Python loop."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    lengths = np.diff(arr.offsets.to_numpy())
+    if (lengths != lengths[0]).any():
+        raise ValueError("token rows have different lengths")
+    return arr.flatten().to_numpy().astype(np.int64).reshape(n, int(lengths[0]))
+
+
+def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> TokenData:
+    """Read token parts; refuses parts whose fingerprint differs from `fingerprint` (when given)."""
+    if not paths:
+        raise ValueError("no token parts to read")
+    infos = [part_info(p) for p in paths]
+    expected = fingerprint or infos[0].fingerprint
+    for path, info in zip(paths, infos):
+        if info.fingerprint != expected:
+            raise TokenShardMismatch(
+                f"{path} was made by tokenizer {info.fingerprint[:12]}, not {expected[:12]}: "
+                "re-tokenize (dvc repro tokenize) or use the matching tokenizer"
+            )
+    tables = [pq.read_table(p) for p in paths]
+    keys, tokens, labels = [], [], []
+    has_labels = any("label" in t.column_names for t in tables)
+    for table in tables:
+        keys.extend(table.column("key").to_pylist())
+        tokens.append(list_to_matrix(table.column("tokens")))
+        if has_labels:
+            labels.append(
+                table.column("label").to_numpy().astype(np.int64)
+                if "label" in table.column_names
+                else np.full(table.num_rows, -1, dtype=np.int64)
+            )
+    return TokenData(
+        keys=keys,
+        tokens=np.concatenate(tokens),
+        labels=np.concatenate(labels) if has_labels else None,
+        codebook_size=infos[0].codebook_size,
+        grid=infos[0].grid,
+    )
+
+
+def write_manifest(out_dir: str | Path, manifest: dict) -> None:
+    write_json(Path(out_dir) / MANIFEST, manifest)
+
+
+def read_manifest(token_dir: str | Path) -> dict:
+    path = Path(token_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
+    return json.loads(path.read_text())
+
+
+def split_parts(token_dir: str | Path, split: str) -> list[Path]:
+    """Token parts of one split, from the manifest."""
+    manifest = read_manifest(token_dir)
+    return [Path(token_dir) / p["part"] for p in manifest["parts"] if p["split"] == split and p["rows"] > 0]
