@@ -10,13 +10,22 @@ import numpy as np
 from PIL import Image
 
 CLASSES = ("circle", "square", "triangle", "cross")
+# A palette of well-separated colours: varied images whose colours a small codebook can name
+# exactly, so tokens (and a prior over them) capture shape rather than colour noise.
+PALETTE = np.array(
+    [
+        (0.90, 0.10, 0.10), (0.10, 0.70, 0.20), (0.15, 0.30, 0.90), (0.95, 0.85, 0.10),
+        (0.95, 0.50, 0.05), (0.60, 0.15, 0.75), (0.05, 0.75, 0.80), (0.95, 0.95, 0.95),
+        (0.10, 0.10, 0.10), (0.55, 0.35, 0.15), (0.95, 0.45, 0.70), (0.50, 0.50, 0.50),
+    ]
+)
 NATIVE_SIZE = 32
 _SUPERSAMPLE = 4  # render at 4x and box-downsample for anti-aliased edges
 
 
-def _background(rng: np.random.Generator, n: int) -> np.ndarray:
+def _background(rng: np.random.Generator, n: int, colours: np.ndarray) -> np.ndarray:
     """(n, n, 3) float in [0, 1]: a solid colour or a linear gradient between two colours."""
-    a, b = rng.uniform(0.0, 1.0, 3), rng.uniform(0.0, 1.0, 3)
+    a, b = colours
     if rng.random() < 0.5:
         return np.broadcast_to(a, (n, n, 3)).copy()
     angle = rng.uniform(0, 2 * np.pi)
@@ -54,14 +63,11 @@ def render(index: int, seed: int = 0) -> tuple[Image.Image, int]:
     rng = np.random.default_rng([seed, index])
     label = int(rng.integers(len(CLASSES)))
     n = NATIVE_SIZE * _SUPERSAMPLE
-    canvas = _background(rng, n)
+    # Three distinct palette colours: the shape's never matches the background's.
+    colour, *background = PALETTE[rng.choice(len(PALETTE), 3, replace=False)]
+    canvas = _background(rng, n, np.array(background))
     r = rng.uniform(0.22, 0.36) * n
     cx, cy = rng.uniform(r, n - r, 2)
-    colour = rng.uniform(0.0, 1.0, 3)
-    # Keep the shape visible: push its colour away from the background under it.
-    under = canvas[int(cy), int(cx)]
-    if np.abs(colour - under).sum() < 0.6:
-        colour = 1.0 - under
     mask = _mask(CLASSES[label], n, cx, cy, r, rng.uniform(0, 2 * np.pi))
     canvas = np.where(mask[..., None], colour, canvas)
     small = canvas.reshape(NATIVE_SIZE, _SUPERSAMPLE, NATIVE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))

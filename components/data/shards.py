@@ -82,7 +82,9 @@ def write_partition(source, partition: Partition, out_dir: str | Path, image_siz
 
     def write(tmp: str) -> None:
         nonlocal written
-        with wds.TarWriter(tmp) as sink:
+        # A fixed mtime makes shards byte-reproducible: same inputs, same sha256, and DVC sees
+        # an unchanged output when a rerun changes nothing.
+        with wds.TarWriter(tmp, mtime=0.0) as sink:
             for item in partition.items:
                 try:
                     img, label, meta = source.load(item, image_size)

@@ -1,0 +1,138 @@
+"""`vqpipe`: run the pipeline, show what is stale, serve it on a schedule, check params.
+
+    vqpipe run [--stage train_prior ...] [--force]
+    vqpipe status
+    vqpipe serve --cron "0 3 * * *"
+    vqpipe validate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Prefect's server tries to send telemetry at start; there is no network to send it to.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _check_params(repo: Path) -> int:
+    from components.config import ConfigError, load_params
+
+    try:
+        load_params(repo / "params.yaml")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_run(args) -> int:
+    repo = Path(args.repo).resolve()
+    if code := _check_params(repo):
+        return code
+    from flows.dvc import StageFailed
+    from flows.pipeline import pipeline
+
+    try:
+        result = pipeline(repo=str(repo), stages=args.stage or None, force=args.force)
+    except StageFailed as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
+    print("\nstage             result")
+    for r in result["stages"]:
+        print(f"{r['stage']:<17} {'ran' if r['ran'] else 'skipped (unchanged)'}")
+    _print_outputs(repo, result["mlflow_run_id"])
+    return 0
+
+
+def _print_outputs(repo: Path, run_id: str) -> None:
+    from flows.pipeline import tracking_uri
+
+    def show(rel: str, what: str) -> None:
+        path = repo / rel
+        if path.exists():
+            print(f"  {what:<16} {path}")
+
+    print("\noutputs:")
+    show("samples/grid.png", "sample grid")
+    show("eval/reconstructions.png", "reconstructions")
+    show("metrics/evaluate.json", "metrics")
+    show("models/tokenizer", "tokenizer")
+    show("data/tokens", "token shards")
+    metrics = repo / "metrics" / "evaluate.json"
+    if metrics.exists():
+        values = json.loads(metrics.read_text())
+        print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    uri = tracking_uri(repo)
+    print(f"\nMLflow run {run_id}; open the UI with:\n  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+
+
+def cmd_status(args) -> int:
+    repo = Path(args.repo).resolve()
+    if code := _check_params(repo):
+        return code
+    from flows.dvc import STAGES, stage_status
+
+    stale = stage_status(repo)
+    for stage in STAGES:
+        reasons = stale.get(stage)
+        print(f"{stage:<17} {'stale' if reasons is not None else 'up to date'}")
+        for reason in reasons or []:
+            print(f"    {reason}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    repo = Path(args.repo).resolve()
+    if code := _check_params(repo):
+        return code
+    from prefect import serve
+
+    from flows.pipeline import scheduled_deployment
+
+    deployment = scheduled_deployment(str(repo), args.cron, args.name)
+    print(f"serving {args.name!r} on cron {args.cron!r} for {repo}; Ctrl-C stops")
+    serve(deployment)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    code = _check_params(Path(args.repo).resolve())
+    if code == 0:
+        print("params.yaml is valid")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", default=".", help="the project (a DVC repo); default: current directory")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline flow (DVC skips stages that are up to date)")
+    run.add_argument("--stage", action="append", help="only this stage (repeatable); default: all, in DAG order")
+    run.add_argument("--force", action="store_true", help="rerun stages even when DVC finds them up to date")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="which stages are stale, and why (from DVC)")
+    status.set_defaults(func=cmd_status)
+
+    serve = sub.add_parser("serve", help="serve the flow on a cron schedule")
+    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    serve.add_argument("--name", default="vqpipe-scheduled", help="deployment name")
+    serve.set_defaults(func=cmd_serve)
+
+    validate = sub.add_parser("validate", help="check params.yaml and exit (status 2 when invalid)")
+    validate.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

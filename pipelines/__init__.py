@@ -1,0 +1,1 @@
+"""One module per DVC stage: `run(cfg, ...) -> Result` and a small `main()`."""

@@ -1,0 +1,168 @@
+"""What every stage shares: loading its params section, paths, devices, MLflow runs, Ray.
+
+MLflow nesting: when the Prefect flow runs a stage through `dvc repro`, it passes its parent
+run's id in VQPIPE_MLFLOW_PARENT_RUN_ID and the stage's run is created as its child. A stage run
+by hand (`dvc repro train_prior`) gets a top-level run of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from components.config import ConfigError, Params, load_params
+
+log = logging.getLogger("vqpipe")
+
+PARENT_RUN_ENV = "VQPIPE_MLFLOW_PARENT_RUN_ID"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "vqpipe"
+
+
+class Paths:
+    """Where the stages read and write, relative to a project root (the DVC repo)."""
+
+    def __init__(self, root: str | Path = "."):
+        root = Path(root)
+        self.root = root
+        self.shards = root / "data" / "shards"
+        self.tokens = root / "data" / "tokens"
+        self.tokenizer = root / "models" / "tokenizer"
+        self.prior = root / "models" / "prior"
+        self.samples = root / "samples"
+        self.eval = root / "eval"
+        self.metrics = root / "metrics"
+        self.plots = root / "plots"
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def stage_main(section: str, run: Callable, params_path: str = "params.yaml") -> None:
+    """Entry point of `python -m pipelines.<stage>`: params errors exit 2 before any work."""
+    setup_logging()
+    try:
+        params: Params = load_params(params_path)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run(getattr(params, section))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def flatten(prefix: str, obj) -> dict[str, str]:
+    """Nested params -> {"stage.key.sub": "value"} for mlflow.log_params."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump()
+    if isinstance(obj, dict):
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: str(obj)}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg: BaseModel | None = None) -> Iterator["mlflow.ActiveRun"]:  # noqa: F821
+    """An MLflow run for a stage, nested under the pipeline's run when there is one."""
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    tags = {"vqpipe.stage": stage}
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as active:
+        if cfg is not None:
+            mlflow.log_params(flatten(stage, cfg))
+        yield active
+
+
+class MetricLogger:
+    """Per-step metrics, sent to MLflow in batches (one request per `flush_every` steps rather
+    than one per value) and kept for the stage's DVC plot CSV."""
+
+    def __init__(self, run_id: str, flush_every: int = 25):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.pending: list = []
+        self.history: list[dict] = []
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = {k: float(v) for k, v in values.items()}
+        self.pending += [Metric(k, v, now, step) for k, v in values.items()]
+        self.history.append({"step": step, **values})
+        if len(self.pending) >= self.flush_every * max(len(values), 1):
+            self.flush()
+
+    def last(self, key: str) -> float | None:
+        """The most recent value logged under `key`."""
+        for row in reversed(self.history):
+            if key in row:
+                return row[key]
+        return None
+
+    def flush(self) -> None:
+        while self.pending:
+            chunk, self.pending = self.pending[:1000], self.pending[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def write_csv(self, path: str | Path, keys: list[str]) -> None:
+        """One row per step that logged `keys[0]`, for `dvc plots`; a later key logged at the
+        same step (a validation value, say) joins its row, and is blank where there was none."""
+        by_step: dict[int, dict] = {}
+        for row in self.history:
+            by_step.setdefault(row["step"], {}).update(row)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", *keys])
+            for step, row in sorted(by_step.items()):
+                if keys[0] in row:
+                    writer.writerow([step, *(f"{row[k]:.6g}" if k in row else "" for k in keys)])
+
+
+def init_ray(num_cpus: int | None = None):
+    """Join RAY_ADDRESS's cluster when set, else start (or reuse) a local one without dashboard."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return ray

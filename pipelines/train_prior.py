@@ -1,0 +1,135 @@
+"""Stage `train_prior`: a causal transformer over the token shards (raster order).
+
+    dvc repro train_prior          # or: python -m pipelines.train_prior
+
+Class-conditional through a prepended class token when the tokens carry labels. Reads the
+Parquet parts with pyarrow (columnar, no per-row Python) and refuses parts made by another
+tokenizer. Writes models/prior/{config.json,model.safetensors}, metrics/train_prior.json and
+plots/train_prior.csv; logs train/val bits per token to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from components.config import TrainPriorConfig
+from components.data import tokens as token_io
+from components.io import write_json
+from components.metrics import bits_per_token
+from components.priors import PriorConfig, TransformerPrior, save_prior
+from components.tokenizers import Tokenizer
+from pipelines.common import MetricLogger, Paths, resolve_device, seed_everything, stage_main, stage_run
+
+log = logging.getLogger("vqpipe.train_prior")
+
+
+@dataclass
+class TrainPriorResult:
+    out_dir: Path
+    metrics: dict
+
+
+def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
+    generator = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    tokenizer = Tokenizer.load(paths.tokenizer)
+    train = token_io.read_tokens(token_io.split_parts(paths.tokens, "train"), fingerprint=tokenizer.fingerprint)
+    val = token_io.read_tokens(token_io.split_parts(paths.tokens, "val"), fingerprint=tokenizer.fingerprint)
+    class_names = token_io.read_manifest(paths.tokens).get("classes")
+
+    with stage_run("train_prior", cfg) as active:
+        import mlflow
+
+        model = _build_model(cfg, tokenizer, train, class_names).to(device)
+        optimizer = _build_optimizer(cfg, model)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg))
+        tokens = torch.from_numpy(train.tokens)
+        labels = torch.from_numpy(train.labels) if model.cfg.num_classes else None
+        val_tokens = torch.from_numpy(val.tokens)
+        val_labels = torch.from_numpy(val.labels) if model.cfg.num_classes else None
+        metrics = MetricLogger(active.info.run_id, flush_every=cfg.log_every)
+        mlflow.log_params({"model.parameters": sum(p.numel() for p in model.parameters()), "data.train_rows": len(tokens), "data.num_classes": model.cfg.num_classes})
+
+        started = time.perf_counter()
+        val_bits = float("nan")
+        model.train()
+        for step in range(1, cfg.steps + 1):
+            batch = torch.randint(0, len(tokens), (cfg.batch_size,), generator=generator)
+            loss = model.loss(tokens[batch].to(device), labels[batch].to(device) if labels is not None else None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            metrics.log(step, {"train_bits_per_token": loss.item() / math.log(2), "lr": schedule.get_last_lr()[0]})
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                val_bits = bits_per_token(model, val_tokens, val_labels)
+                metrics.log(step, {"val_bits_per_token": val_bits})
+                log.info("step %d/%d  train %.3f  val %.3f bits/token  (%.1f steps/s)", step, cfg.steps, loss.item() / math.log(2), val_bits, step / (time.perf_counter() - started))
+        metrics.flush()
+
+        save_prior(paths.prior, model.cpu(), tokenizer_fingerprint=tokenizer.fingerprint, grid=tokenizer.grid, class_names=class_names)
+        summary = {
+            "steps": cfg.steps,
+            "steps_per_second": cfg.steps / (time.perf_counter() - started),
+            "train_bits_per_token": metrics.last("train_bits_per_token"),
+            "val_bits_per_token": val_bits,
+        }
+        write_json(paths.metrics / "train_prior.json", summary)
+        metrics.write_csv(paths.plots / "train_prior.csv", ["train_bits_per_token", "val_bits_per_token"])
+        mlflow.log_metrics({f"final_{k}": v for k, v in summary.items()})
+        mlflow.log_artifacts(str(paths.prior), artifact_path="prior")
+        log.info("prior written to %s", paths.prior)
+        return TrainPriorResult(paths.prior, summary)
+
+
+def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, train: token_io.TokenData, class_names) -> TransformerPrior:
+    if train.tokens.shape[1] != tokenizer.num_tokens:
+        raise ValueError(f"token rows have {train.tokens.shape[1]} tokens, the tokenizer makes {tokenizer.num_tokens}")
+    labelled = train.labels is not None and (train.labels >= 0).any()
+    num_classes = 0
+    if labelled:
+        num_classes = len(class_names) if class_names else int(train.labels.max()) + 1
+    return TransformerPrior(
+        PriorConfig(
+            vocab_size=tokenizer.codebook_size,
+            seq_len=tokenizer.num_tokens,
+            num_classes=num_classes,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            dropout=cfg.dropout,
+        )
+    )
+
+
+def _build_optimizer(cfg: TrainPriorConfig, model: TransformerPrior) -> torch.optim.Optimizer:
+    # Weight decay on matrices only: decaying norms, biases and embeddings hurts small models.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _warmup_cosine(cfg: TrainPriorConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def main() -> None:
+    stage_main("train_prior", run)
+
+
+if __name__ == "__main__":
+    main()
