@@ -1,0 +1,102 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import ConfigError, load_params, parse_params
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.shard.source == "builtin:shapes"
+    assert params.train_tokenizer.quantizer.type == "vq"
+    assert params.shard.image_size % params.train_tokenizer.downsample == 0
+
+
+def _problems(raw) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    return dict(info.value.problems)
+
+
+def test_unknown_key_names_key_and_allowed():
+    problems = _problems({"train_prior": {"n_layers": 4}})
+    assert "train_prior.n_layers" in problems
+    assert "n_layer" in problems["train_prior.n_layers"] and "allowed" in problems["train_prior.n_layers"]
+
+
+def test_unknown_section():
+    problems = _problems({"trian_prior": {}})
+    assert "trian_prior" in problems and "train_prior" in problems["trian_prior"]
+
+
+def test_wrong_type():
+    problems = _problems({"train_prior": {"steps": "many"}})
+    assert "train_prior.steps" in problems and "many" in problems["train_prior.steps"]
+
+
+def test_codebook_too_small():
+    problems = _problems({"train_tokenizer": {"quantizer": {"type": "vq", "codebook_size": 1}}})
+    assert "train_tokenizer.quantizer.codebook_size" in problems
+
+
+def test_unknown_quantizer_lists_registered():
+    problems = _problems({"train_tokenizer": {"quantizer": {"type": "kmeans"}}})
+    assert "allowed: vq" in problems["train_tokenizer.quantizer"]
+
+
+def test_unknown_source():
+    problems = _problems({"shard": {"source": "s3:bucket"}})
+    assert "builtin:shapes" in problems["shard.source"] and "folder:PATH" in problems["shard.source"]
+    problems = _problems({"shard": {"source": "builtin:mnist"}})
+    assert "shapes" in problems["shard.source"]
+
+
+def test_image_size_not_divisible_by_downsampling():
+    problems = _problems({"shard": {"image_size": 24}, "train_tokenizer": {"downsample": 16, "quantizer": {"type": "vq"}}})
+    assert "train_tokenizer.downsample" in problems and "8" in problems["train_tokenizer.downsample"]
+
+
+def test_downsample_power_of_two_and_heads():
+    problems = _problems({"train_tokenizer": {"downsample": 3, "quantizer": {"type": "vq"}}, "train_prior": {"n_embd": 30, "n_head": 4}})
+    assert "train_tokenizer.downsample" in problems
+    assert any(k.startswith("train_prior") for k in problems)
+
+
+def test_tiny_config_is_valid():
+    parse_params(TINY)
+
+
+def test_load_reports_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("shard: [unclosed")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_stage_exits_2_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"shard": {"image_size": "big"}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.shard"], cwd=tmp_path, capture_output=True, text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2
+    assert "shard.image_size" in proc.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_validate_exit_status(tmp_path, capsys):
+    from flows.cli import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"sample": {"top_k": 0}}))
+    assert main(["--repo", str(tmp_path), "validate"]) == 2
+    assert "sample.top_k" in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    assert main(["--repo", str(tmp_path), "validate"]) == 0

@@ -1,0 +1,76 @@
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from components.data import shapes
+from components.data import tokens as token_io
+from components.data.images import decode_image, resize_center_crop, to_rgb
+from components.data.shards import assign_split
+
+
+def test_shapes_are_deterministic_by_seed():
+    a, label_a = shapes.render(7, seed=0)
+    b, label_b = shapes.render(7, seed=0)
+    c, _ = shapes.render(7, seed=1)
+    assert a.size == (32, 32) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and label_a == label_b
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    labels = {shapes.render(i)[1] for i in range(200)}
+    assert labels == set(range(len(shapes.CLASSES)))
+
+
+def test_split_is_deterministic_and_near_the_fraction():
+    keys = [f"k{i}" for i in range(4000)]
+    splits = [assign_split(k, 0.25, seed=0) for k in keys]
+    assert splits == [assign_split(k, 0.25, seed=0) for k in keys]
+    assert 0.22 < splits.count("val") / len(keys) < 0.28
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "I;16", "1"])
+def test_any_mode_becomes_rgb(mode):
+    img = Image.new(mode, (40, 20))
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (40, 20)
+
+
+def test_resize_center_crop():
+    img = Image.new("RGB", (64, 32))
+    img.paste((255, 0, 0), (0, 0, 16, 32))  # left quarter red: cropped away
+    out = resize_center_crop(img, 16)
+    assert out.size == (16, 16)
+    assert np.asarray(out)[:, :, 0].max() < 50
+
+
+def test_decode_rejects_truncated_and_non_images():
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert decode_image(data, 16).size == (16, 16)
+    for bad in (data[: len(data) // 2], b"hello, not an image", b""):
+        with pytest.raises(Exception):
+            decode_image(bad)
+
+
+@pytest.mark.parametrize("codebook_size,arrow_type", [(256, "uint16"), (70000, "uint32")])
+def test_token_parquet_round_trip_with_metadata(tmp_path, codebook_size, arrow_type):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, codebook_size, (5, 12))
+    labels = np.array([0, 1, 2, 1, 0])
+    table = token_io.token_table(
+        [f"k{i}" for i in range(5)], tokens, labels, fingerprint="f" * 64, codebook_size=codebook_size, grid=(3, 4)
+    )
+    token_io.write_part(table, tmp_path / "part-train-000000.parquet")
+    assert [p.name for p in tmp_path.iterdir()] == ["part-train-000000.parquet"]  # no temporary left behind
+    schema = pq.read_schema(tmp_path / "part-train-000000.parquet")
+    assert str(schema.field("tokens").type) == f"list<element: {arrow_type}>"
+    assert schema.metadata[b"vqpipe.tokenizer_fingerprint"] == b"f" * 64
+    assert json.loads(schema.metadata[b"vqpipe.grid"]) == {"tokens": [3, 4]}
+    data = token_io.read_tokens([tmp_path / "part-train-000000.parquet"], fingerprint="f" * 64)
+    assert np.array_equal(data.tokens, tokens) and np.array_equal(data.labels, labels)
+    assert data.keys == [f"k{i}" for i in range(5)] and data.codebook_size == codebook_size
+    with pytest.raises(token_io.TokenShardMismatch, match="re-tokenize"):
+        token_io.read_tokens([tmp_path / "part-train-000000.parquet"], fingerprint="0" * 64)

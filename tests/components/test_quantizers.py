@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from components.quantizers import VectorQuantizer, VQConfig, nearest_codes
+
+
+def test_nearest_code_on_hand_built_codebook():
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    z = torch.tensor([[0.1, -0.1], [0.9, 0.2], [-0.2, 1.3], [4.0, 4.5], [0.5, 0.0]])
+    # The last point is equidistant from codes 0 and 1: ties go to the lowest index.
+    assert nearest_codes(z, codebook).tolist() == [0, 1, 2, 3, 0]
+
+
+def test_chunked_search_equals_unchunked_reference():
+    g = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(1000, 16, generator=g), torch.randn(300, 16, generator=g)
+    reference = torch.cdist(z, codebook).argmin(dim=1)
+    assert torch.equal(nearest_codes(z, codebook, chunk_size=7), reference)
+    assert torch.equal(nearest_codes(z, codebook, chunk_size=4096), reference)
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_quantized_equals_codes_and_straight_through_gradient(ema):
+    vq = VQConfig(codebook_size=8, ema=ema).build(4).train()
+    z = torch.randn(2, 3, 3, 4, requires_grad=True)
+    out = vq(z)
+    assert out.indices.shape == (2, 3, 3) and out.indices.dtype == torch.int64
+    assert ((out.indices >= 0) & (out.indices < 8)).all()
+    assert torch.allclose(vq.indices_to_codes(out.indices), out.quantized)
+    upstream = torch.randn_like(z)
+    (out.quantized * upstream).sum().backward()
+    # Straight-through: d(quantized)/dz is the identity, so z's gradient is the upstream one.
+    assert torch.allclose(z.grad, upstream)
+
+
+def test_gradient_reaches_encoder():
+    from components.tokenizers import VQVAE
+
+    model = VQVAE(VQConfig(codebook_size=8), channels=8, num_downsamples=1, num_res_blocks=1, latent_dim=4).train()
+    model(torch.rand(2, 3, 8, 8) * 2 - 1).loss.backward()
+    grads = [p.grad for p in model.encoder.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_ema_moves_codes_to_cluster_means():
+    torch.manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0], [-4.0, 0.0], [0.0, 4.0], [0.0, -4.0]])
+    vq = VectorQuantizer(codebook_size=4, dim=2, decay=0.9, restart_after_steps=0).train()
+    # Start each code near (not at) its cluster so the assignment is fixed and only EMA acts.
+    vq.codebook.copy_(centres * 0.5)
+    vq.initialized.fill_(True)
+    for _ in range(200):
+        z = centres[torch.randint(0, 4, (256,))] + 0.3 * torch.randn(256, 2)
+        vq(z.view(1, 256, 2))
+    assert torch.allclose(vq.codebook, centres, atol=0.1)
+
+
+def _kill(vq: VectorQuantizer, which: slice) -> None:
+    """Move codes far from any data, vectors and EMA statistics alike (the EMA recomputes the
+    vectors from the statistics, so moving only the vectors would be undone at the next step)."""
+    vq.codebook[which] = 100.0
+    vq.embed_sum[which] = 100.0 * vq.cluster_size[which].unsqueeze(1)
+
+
+def test_dead_codes_are_restarted_with_their_statistics():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=8, dim=2, restart_after_steps=3).train()
+    data = lambda: torch.randn(1, 128, 2)  # noqa: E731
+    vq(data())
+    # Push five codes far from any data: they die, and must come back into the data.
+    _kill(vq, slice(3, None))
+    usage_before = vq(data()).stats["codebook_usage"].item()
+    for _ in range(5):
+        out = vq(data())
+    assert usage_before <= 3 / 8 * 100 + 1e-6
+    assert vq.codebook.abs().max() < 10
+    assert out.stats["codebook_usage"].item() > usage_before
+    # The EMA statistics were reset with the vectors: no stale sum drags a code back out.
+    assert (vq.embed_sum / vq.cluster_size.clamp(min=1e-6).unsqueeze(1)).abs().max() < 10
+
+
+def test_without_restart_dead_codes_stay_dead():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=8, dim=2, restart_after_steps=0).train()
+    vq(torch.randn(1, 128, 2))
+    _kill(vq, slice(3, None))
+    for _ in range(5):
+        vq(torch.randn(1, 128, 2))
+    assert (vq.codebook[3:] > 50).all()
+
+
+def test_non_finite_encoder_output_is_refused():
+    vq = VectorQuantizer(codebook_size=4, dim=2).train()
+    z = torch.randn(1, 4, 2)
+    z[0, 1, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        vq(z)
+
+
+def test_eval_is_deterministic_and_does_not_update():
+    vq = VectorQuantizer(codebook_size=8, dim=4).train()
+    vq(torch.randn(1, 64, 4))
+    vq.eval()
+    before = vq.codebook.clone()
+    z = torch.randn(2, 5, 4)
+    assert torch.equal(vq(z).indices, vq(z).indices)
+    assert torch.equal(vq.codebook, before)

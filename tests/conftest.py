@@ -1,0 +1,95 @@
+"""Session-wide services, started once: a temporary MLflow store, a local Ray, a Prefect API.
+
+Tiny configs everywhere: the whole suite must finish in minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from components.config import Params, parse_params  # noqa: E402
+from pipelines.common import Paths  # noqa: E402
+
+TINY = {
+    "shard": {"num_images": 160, "image_size": 16, "samples_per_shard": 40, "val_fraction": 0.2},
+    "train_tokenizer": {
+        "channels": 8,
+        "latent_dim": 8,
+        "downsample": 4,
+        "quantizer": {"type": "vq", "codebook_size": 16, "restart_after_steps": 5},
+        "steps": 8,
+        "batch_size": 16,
+        "shuffle_buffer": 32,
+        "num_workers": 0,
+        "val_every": 4,
+        "log_every": 2,
+    },
+    "tokenize": {"batch_size": 32, "num_actors": 2},
+    "train_prior": {"n_layer": 1, "n_head": 2, "n_embd": 16, "steps": 8, "batch_size": 16, "warmup_steps": 2, "val_every": 4, "log_every": 2},
+    "sample": {"num_per_class": 2, "batch_size": 8},
+    "evaluate": {"batch_size": 64},
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """Every MLflow call of the session goes to one temporary sqlite store."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}"
+    yield os.environ["MLFLOW_TRACKING_URI"]
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session; subprocesses join it through RAY_ADDRESS."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = old
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API for the session (it takes seconds to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> Params:
+    return parse_params(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory, tiny_params, ray_cluster):
+    """The six stages run once, in order, on the tiny config; results by stage name."""
+    from pipelines import evaluate, sample, shard, tokenize, train_prior, train_tokenizer
+
+    paths = Paths(tmp_path_factory.mktemp("project"))
+    results = {
+        "shard": shard.run(tiny_params.shard, paths),
+        "train_tokenizer": train_tokenizer.run(tiny_params.train_tokenizer, paths),
+        "tokenize": tokenize.run(tiny_params.tokenize, paths),
+        "train_prior": train_prior.run(tiny_params.train_prior, paths),
+        "sample": sample.run(tiny_params.sample, paths),
+        "evaluate": evaluate.run(tiny_params.evaluate, paths),
+    }
+    return paths, results

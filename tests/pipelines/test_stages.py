@@ -1,0 +1,120 @@
+"""One smoke test per stage: the six stages run once on a tiny config (the `tiny_project`
+fixture); each test reads back what its stage wrote and logged."""
+
+import json
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from components.data import tokens as token_io
+from components.data.shards import load_split, read_manifest
+from components.priors import load_prior
+from components.tokenizers import Tokenizer
+
+
+def _stage_runs(stage):
+    return mlflow.search_runs(experiment_names=["vqpipe"], filter_string=f"tags.`vqpipe.stage` = '{stage}'")
+
+
+def test_shard(tiny_project):
+    paths, results = tiny_project
+    manifest = read_manifest(paths.shards)
+    assert manifest["inputs"] == 160 and manifest["rejected"] == 0
+    assert manifest["samples"]["train"] + manifest["samples"]["val"] == 160
+    assert manifest["classes"] == ["circle", "square", "triangle", "cross"]
+    assert sorted(p.name for p in paths.shards.glob("*.tar")) == sorted(s["name"] for s in manifest["shards"])
+    assert len(_stage_runs("shard")) >= 1
+
+
+def test_train_tokenizer(tiny_project):
+    paths, results = tiny_project
+    tok = Tokenizer.load(paths.tokenizer)
+    assert tok.fingerprint == results["train_tokenizer"].fingerprint
+    images = load_split(paths.shards, "val", limit=4)[0].float() / 255
+    assert tok.encode(images).shape == (4, 4, 4)
+    metrics = json.loads((paths.metrics / "train_tokenizer.json").read_text())
+    assert metrics["steps"] == 8 and np.isfinite(metrics["val_psnr"])
+    assert (paths.plots / "train_tokenizer.csv").read_text().startswith("step,loss,recon_loss,codebook_usage")
+    run = _stage_runs("train_tokenizer").iloc[0]
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 9))  # every step logged
+    assert run["tags.vqpipe.tokenizer_fingerprint"] == tok.fingerprint
+
+
+def test_tokenize(tiny_project):
+    paths, results = tiny_project
+    manifest = token_io.read_manifest(paths.tokens)
+    shards = read_manifest(paths.shards)
+    assert len(manifest["parts"]) == len(shards["shards"])
+    assert manifest["rows"] == shards["samples"]
+    tok = Tokenizer.load(paths.tokenizer)
+    for part in manifest["parts"]:
+        table = pq.read_table(paths.tokens / part["part"])
+        assert table.num_rows == part["rows"] == part["samples"]
+        assert table.schema.metadata[b"vqpipe.tokenizer_fingerprint"].decode() == tok.fingerprint
+    assert not list(paths.tokens.glob(".*tmp"))
+    # Tokens in the shards are what the tokenizer gives for the shard images.
+    val = token_io.read_tokens(token_io.split_parts(paths.tokens, "val"), fingerprint=tok.fingerprint)
+    images, labels, keys = load_split(paths.shards, "val")
+    order = [keys.index(k) for k in val.keys]
+    expected = tok.encode(images[order].float() / 255).reshape(len(order), -1).numpy()
+    assert np.array_equal(val.tokens, expected)
+    assert np.array_equal(val.labels, labels[order].numpy())
+
+
+def test_train_prior(tiny_project):
+    paths, results = tiny_project
+    tok = Tokenizer.load(paths.tokenizer)
+    prior, meta = load_prior(paths.prior, tokenizer=tok)
+    assert prior.cfg.num_classes == 4 and prior.cfg.vocab_size == 16 and prior.cfg.seq_len == 16
+    metrics = results["train_prior"].metrics
+    assert np.isfinite(metrics["val_bits_per_token"]) and metrics["val_bits_per_token"] > 0
+    history = mlflow.tracking.MlflowClient().get_metric_history(_stage_runs("train_prior").iloc[0].run_id, "val_bits_per_token")
+    assert [m.step for m in history] == [4, 8]
+
+
+def test_train_prior_refuses_tokens_of_another_tokenizer(tiny_project, tiny_params, tmp_path):
+    import shutil
+
+    from pipelines import train_prior
+    from pipelines.common import Paths
+
+    paths, _ = tiny_project
+    other = Paths(tmp_path)
+    shutil.copytree(paths.tokens, other.tokens)
+    tok = Tokenizer.load(paths.tokenizer)
+    with torch.no_grad():
+        tok.model.decoder.net[0].weight.add_(1.0)
+    Tokenizer(tok.model, tok.config).save(other.tokenizer)
+    with pytest.raises(token_io.TokenShardMismatch, match="re-tokenize"):
+        train_prior.run(tiny_params.train_prior, other)
+
+
+def test_sample(tiny_project):
+    paths, results = tiny_project
+    result = results["sample"]
+    assert result.images.shape == (8, 3, 16, 16)
+    assert result.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    grid = Image.open(paths.samples / "grid.png")
+    # 4 rows (one per class) of 2 images, 2x upscaled, 2-pixel padding.
+    assert grid.size == (2 * (2 + 2 * 18), 2 * (2 + 4 * 18))
+    assert len(_stage_runs("sample")) >= 1
+
+
+def test_evaluate(tiny_project):
+    paths, results = tiny_project
+    metrics = json.loads((paths.metrics / "evaluate.json").read_text())
+    assert metrics == results["evaluate"].metrics
+    assert metrics["val_images"] == read_manifest(paths.shards)["samples"]["val"]
+    assert 0 < metrics["codebook_usage"] <= 100 and 1 <= metrics["perplexity"] <= 16
+    assert np.isfinite(metrics["psnr"]) and -1 <= metrics["ssim"] <= 1
+    assert metrics["prior_bits_per_token"] > 0
+    counts = (paths.plots / "codebook_usage.csv").read_text().splitlines()
+    assert len(counts) == 17 and sum(int(line.split(",")[1]) for line in counts[1:]) == metrics["val_images"] * 16
+    assert (paths.eval / "reconstructions.png").exists()
+    logged = _stage_runs("evaluate").iloc[0]
+    assert logged["metrics.psnr"] == pytest.approx(metrics["psnr"])
