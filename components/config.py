@@ -44,13 +44,13 @@ class _Section(BaseModel):
 class ShardConfig(_Section):
     source: str = "builtin:shapes"
     # Only for builtin sources; a folder source takes every image it finds.
-    num_images: int = Field(6000, ge=1)
+    num_images: int = Field(20000, ge=1)
     image_size: int = Field(32, ge=8)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     samples_per_shard: int = Field(1000, ge=1)
     seed: int = 0
     # Below this many inputs Ray's start-up costs more than it saves.
-    ray_min_inputs: int = Field(20000, ge=1)
+    ray_min_inputs: int = Field(10000, ge=1)
     # 0: one Ray task per core.
     num_workers: int = Field(0, ge=0)
 
@@ -80,20 +80,20 @@ class ShardConfig(_Section):
 class TrainTokenizerConfig(_Section):
     arch: Literal["vqvae"] = "vqvae"
     # Width of the first stage; it doubles at each downsampling, up to 4x.
-    channels: int = Field(64, ge=8)
-    num_res_blocks: int = Field(1, ge=0)
+    channels: int = Field(32, ge=8)
+    num_res_blocks: int = Field(0, ge=0)
     # Spatial downsampling factor of the encoder: a power of two; image_size / downsample = grid.
     downsample: int = Field(4, ge=1)
-    latent_dim: int = Field(64, ge=1)
-    quantizer: QuantizerConfig
-    steps: int = Field(1500, ge=1)
+    latent_dim: int = Field(32, ge=1)
+    quantizer: QuantizerConfig = Field(default_factory=lambda: QUANTIZERS["vq"]())
+    steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
     # DataLoader worker processes decoding shards; 0 decodes in the training process.
     num_workers: int = Field(1, ge=0)
-    val_every: int = Field(250, ge=1)
+    val_every: int = Field(200, ge=1)
     log_every: int = Field(25, ge=1)
     seed: int = 0
     device: Device = "auto"
@@ -143,7 +143,7 @@ class TrainPriorConfig(_Section):
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=8)
     dropout: float = Field(0.0, ge=0, lt=1)
-    steps: int = Field(2000, ge=1)
+    steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -186,7 +186,7 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     shard: ShardConfig = ShardConfig()
-    train_tokenizer: TrainTokenizerConfig = TrainTokenizerConfig(quantizer={"type": "vq", "codebook_size": 256})
+    train_tokenizer: TrainTokenizerConfig = TrainTokenizerConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     train_prior: TrainPriorConfig = TrainPriorConfig()
     sample: SampleConfig = SampleConfig()

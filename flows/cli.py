@@ -67,7 +67,9 @@ def _print_outputs(repo: Path, run_id: str) -> None:
         values = json.loads(metrics.read_text())
         print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
     uri = tracking_uri(repo)
-    print(f"\nMLflow run {run_id}; open the UI with:\n  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
+    print(f"\nMLflow run {run_id}; open the UI with:\n  {mlflow_cmd} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
 
 
 def cmd_status(args) -> int:

@@ -21,7 +21,7 @@ from components.quantizers.registry import QuantizerConfig, register
 @register("vq")
 class VQConfig(QuantizerConfig):
     type: Literal["vq"] = "vq"
-    codebook_size: int = Field(256, ge=2)
+    codebook_size: int = Field(128, ge=2)
     # Commitment weight: how hard the encoder is pulled towards its code.
     beta: float = Field(0.25, ge=0)
     # EMA codebook (stable, no codebook gradient) or codebook learned by gradient.
