@@ -44,7 +44,7 @@ class _Section(BaseModel):
 class ShardConfig(_Section):
     source: str = "builtin:shapes"
     # Only for builtin sources; a folder source takes every image it finds.
-    num_images: int = Field(20000, ge=1)
+    num_images: int = Field(16000, ge=1)
     image_size: int = Field(32, ge=8)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     samples_per_shard: int = Field(1000, ge=1)
@@ -90,6 +90,9 @@ class TrainTokenizerConfig(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    # bf16 autocast for the encoder/decoder (the quantizer always runs in fp32). auto: bf16
+    # where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     shuffle_buffer: int = Field(1000, ge=0)
     # DataLoader worker processes decoding shards; 0 decodes in the training process.
     num_workers: int = Field(1, ge=0)
@@ -143,7 +146,7 @@ class TrainPriorConfig(_Section):
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=8)
     dropout: float = Field(0.0, ge=0, lt=1)
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)

@@ -24,7 +24,7 @@ from components.data.shards import image_stream, load_split, read_manifest, shar
 from components.io import write_json
 from components.metrics import make_grid, psnr
 from components.tokenizers import VQVAE, Tokenizer, export_config
-from pipelines.common import MetricLogger, Paths, resolve_device, seed_everything, stage_main, stage_run
+from pipelines.common import MetricLogger, Paths, autocast_dtype, resolve_device, seed_everything, stage_main, stage_run
 
 log = logging.getLogger("vqpipe.train_tokenizer")
 VAL_IMAGES = 512  # validation images per evaluation: enough for a stable PSNR, cheap on CPU
@@ -54,21 +54,29 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         loader = _build_loader(cfg, paths)
         val_images = to_float(load_split(paths.shards, "val", limit=VAL_IMAGES)[0])
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        amp_dtype = autocast_dtype(cfg.precision, device)
         metrics = MetricLogger(active.info.run_id, flush_every=cfg.log_every)
-        mlflow.log_params({"model.parameters": sum(p.numel() for p in model.parameters()), "data.image_size": image_size})
+        mlflow.log_params(
+            {
+                "model.parameters": sum(p.numel() for p in model.parameters()),
+                "data.image_size": image_size,
+                "train.autocast_dtype": str(amp_dtype or torch.float32),
+            }
+        )
 
         model.train()
         started = time.perf_counter()
         val = {}
         for step, (images, _labels) in enumerate(itertools.islice(loader, cfg.steps), start=1):
             x = (to_float(images).to(device) * 2.0 - 1.0).contiguous(memory_format=torch.channels_last)
-            out = model(x)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = model(x)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
             metrics.log(step, {"loss": out.loss.item(), **{k: v.item() for k, v in out.parts.items()}})
             if step % cfg.val_every == 0 or step == cfg.steps:
-                val = _validate(model, val_images, device, step)
+                val = _validate(model, val_images, device)
                 metrics.log(step, {"val_psnr": val["psnr"]})
                 mlflow.log_image(val["grid"], key="reconstructions", step=step)
                 log.info(
@@ -122,7 +130,7 @@ def _build_loader(cfg: TrainTokenizerConfig, paths: Paths) -> DataLoader:
 
 
 @torch.no_grad()
-def _validate(model: VQVAE, images: torch.Tensor, device: torch.device, step: int) -> dict:
+def _validate(model: VQVAE, images: torch.Tensor, device: torch.device) -> dict:
     model.eval()
     recon = []
     for start in range(0, images.shape[0], 256):

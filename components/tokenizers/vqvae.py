@@ -47,9 +47,13 @@ class VQVAE(nn.Module):
         return self.decoder(codes.permute(0, 3, 1, 2).contiguous())
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
-        q = self.quantizer(self.encode_latent(x))
+        """Under an autocast context the convolutions run in reduced precision; the quantizer
+        (distances, EMA statistics) always runs in fp32."""
+        z = self.encode_latent(x)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            q = self.quantizer(z.float())
         reconstruction = self.decode_codes(q.quantized)
-        recon_loss = F.mse_loss(reconstruction, x)
+        recon_loss = F.mse_loss(reconstruction.float(), x.float())
         loss = recon_loss + q.loss
         parts = {"recon_loss": recon_loss.detach(), "quant_loss": q.loss.detach(), **q.stats}
         return VQVAEOutput(reconstruction, q.indices, loss, parts)

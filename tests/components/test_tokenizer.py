@@ -61,3 +61,17 @@ def test_bad_inputs_are_refused(tmp_path):
         tok.decode(torch.full((1, 4, 4), 99))
     with pytest.raises(FileNotFoundError, match="config.json"):
         Tokenizer.load(tmp_path)
+
+
+def test_bf16_autocast_keeps_the_quantizer_in_fp32():
+    torch.manual_seed(0)
+    model = VQVAE(VQConfig(codebook_size=16), channels=8, num_downsamples=2, num_res_blocks=1, latent_dim=4).train()
+    seen = {}
+    model.quantizer.register_forward_hook(lambda mod, args, out: seen.update(z=args[0].dtype, q=out.quantized.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(4, 3, 16, 16) * 2 - 1)
+    assert seen == {"z": torch.float32, "q": torch.float32}
+    assert model.quantizer.codebook.dtype == model.quantizer.embed_sum.dtype == torch.float32
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
