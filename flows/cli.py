@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from flows.dvc import STAGES
+
 # Prefect's server tries to send telemetry at start; there is no network to send it to.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -76,7 +78,7 @@ def cmd_status(args) -> int:
     repo = Path(args.repo).resolve()
     if code := _check_params(repo):
         return code
-    from flows.dvc import STAGES, stage_status
+    from flows.dvc import stage_status
 
     stale = stage_status(repo)
     for stage in STAGES:
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline flow (DVC skips stages that are up to date)")
-    run.add_argument("--stage", action="append", help="only this stage (repeatable); default: all, in DAG order")
+    run.add_argument("--stage", action="append", choices=STAGES, help="only this stage (repeatable); default: all, in DAG order")
     run.add_argument("--force", action="store_true", help="rerun stages even when DVC finds them up to date")
     run.set_defaults(func=cmd_run)
 

@@ -47,10 +47,10 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
 
     root = Path(repo).resolve()
     load_params(root / "params.yaml")  # invalid params fail here, before any stage runs
-    chosen = [s for s in STAGES if stages is None or s in stages]
     unknown = set(stages or []) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)} (allowed: {', '.join(STAGES)})")
+    chosen = [s for s in STAGES if stages is None or s in stages]
 
     uri = tracking_uri(root)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)

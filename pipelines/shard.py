@@ -90,7 +90,8 @@ def _write_with_ray(source, partitions: list[Partition], out_dir: Path, cfg: Sha
         if len(pending) >= limit:
             done, pending = ray.wait(pending, num_returns=1)
             results += ray.get(done)
-        pending.append(write.remote(source_ref, partition, str(out_dir), cfg.image_size, source.classes))
+        # Absolute path: Ray workers do not share this process's working directory.
+        pending.append(write.remote(source_ref, partition, str(out_dir.resolve()), cfg.image_size, source.classes))
     results += ray.get(pending)
     return results
 

@@ -49,7 +49,9 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
         import mlflow
 
         shard_manifest = shard_io.read_manifest(paths.shards)
-        shards = [(s["split"], str(paths.shards / s["name"])) for s in shard_manifest["shards"]]
+        # Absolute paths: Ray workers of a cluster do not share this process's working directory.
+        shard_dir = paths.shards.resolve()
+        shards = [(s["split"], str(shard_dir / s["name"])) for s in shard_manifest["shards"]]
         tokenizer = Tokenizer.load(paths.tokenizer)
         out_dir = paths.tokens
         if out_dir.exists():
@@ -58,7 +60,10 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
 
         results = _tokenize_on_ray(cfg, paths.tokenizer, [url for _, url in shards], out_dir)
         split_of = {url: split for split, url in shards}
-        parts = [{"split": split_of[r.input_shard], **asdict(r)} for r in sorted(results, key=lambda r: r.part)]
+        parts = [
+            {**asdict(r), "split": split_of[r.input_shard], "input_shard": _portable(r.input_shard, paths.root)}
+            for r in sorted(results, key=lambda r: r.part)
+        ]
         manifest = {
             "tokenizer_fingerprint": tokenizer.fingerprint,
             "codebook_size": tokenizer.codebook_size,
@@ -75,6 +80,15 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", tokenizer.fingerprint)
         log.info("wrote %d parts (%s rows) to %s (run %s)", len(parts), manifest["rows"], out_dir, active.info.run_id)
         return TokenizeResult(out_dir, manifest)
+
+
+def _portable(path: str, root: Path) -> str:
+    """A shard path relative to the project when it lies inside it: manifests stay valid when
+    the project moves (and DVC sees the same output wherever it was made)."""
+    try:
+        return Path(path).relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path
 
 
 def _tokenize_on_ray(cfg: TokenizeConfig, tokenizer_dir: Path, shard_urls: list[str], out_dir: Path) -> list[ShardTokens]:

@@ -56,7 +56,8 @@ class ImageFolder:
     with class subfolders, files lying directly in PATH are rejected as unlabelled."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser()
+        # Absolute, so the source still finds its files when loaded in another process.
+        self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"shard.source: folder {self.root} does not exist or is not a directory")
         self.description = f"folder:{self.root}"

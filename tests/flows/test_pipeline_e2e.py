@@ -4,6 +4,7 @@ Then one train_prior param changes, and only the last three stages may run again
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,6 +54,11 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     for out in ("samples/grid.png", "eval/reconstructions.png", "metrics/evaluate.json", "models/tokenizer/model.safetensors", "data/tokens/_manifest.json"):
         assert (repo / out).exists(), out
     assert (repo / "dvc.lock").exists()
+    # The token shards come from this repo's shards (not from some other working directory).
+    shards = json.loads((repo / "data/shards/manifest.json").read_text())
+    tokens = json.loads((repo / "data/tokens/_manifest.json").read_text())
+    assert tokens["rows"] == shards["samples"]
+    assert sorted(p["input_shard"] for p in tokens["parts"]) == sorted(f"data/shards/{s['name']}" for s in shards["shards"])
 
     parent = mlflow.get_run(first["mlflow_run_id"])
     assert parent.data.tags["prefect.flow_run_id"] == first["flow_run_id"] != ""
