@@ -78,14 +78,19 @@ def cmd_status(args) -> int:
     repo = Path(args.repo).resolve()
     if code := _check_params(repo):
         return code
-    from flows.dvc import stage_status
+    from flows.dvc import downstream, stage_status
 
     stale = stage_status(repo)
+    waiting = downstream(repo, set(stale))
     for stage in STAGES:
-        reasons = stale.get(stage)
-        print(f"{stage:<17} {'stale' if reasons is not None else 'up to date'}")
-        for reason in reasons or []:
-            print(f"    {reason}")
+        if stage in stale:
+            print(f"{stage:<17} stale")
+            for reason in stale[stage]:
+                print(f"    {reason}")
+        elif stage in waiting:
+            print(f"{stage:<17} up to date, reruns if {', '.join(waiting[stage])} changes its outputs")
+        else:
+            print(f"{stage:<17} up to date")
     return 0
 
 

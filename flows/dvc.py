@@ -33,6 +33,27 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def downstream(repo: str | Path, stale: set[str]) -> dict[str, list[str]]:
+    """Stages that read an output of a stale stage (directly or through others), with the
+    stale stages they wait on: they rerun if those rewrite their outputs differently."""
+    import yaml
+
+    stages = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
+
+    def paths(stage: dict, key: str) -> set[str]:
+        return {next(iter(e)) if isinstance(e, dict) else e for e in stage.get(key, [])}
+
+    outs = {name: paths(st, "outs") | paths(st, "metrics") | paths(st, "plots") for name, st in stages.items()}
+    waiting: dict[str, set[str]] = {name: set() for name in stages}
+    for name in STAGES:  # DAG order: upstream waits are known before they are needed
+        for upstream in STAGES[: STAGES.index(name)]:
+            if outs[upstream] & paths(stages[name], "deps"):
+                if upstream in stale:
+                    waiting[name].add(upstream)
+                waiting[name] |= waiting[upstream]
+    return {name: sorted(w, key=STAGES.index) for name, w in waiting.items() if w and name not in stale}
+
+
 def _reasons(entries) -> list[str]:
     reasons = []
     for entry in entries:

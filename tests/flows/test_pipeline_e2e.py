@@ -42,7 +42,7 @@ def _children(parent_run_id: str) -> dict[str, str]:
 
 
 def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_cluster, mlflow_store):
-    from flows.dvc import STAGES, stage_status
+    from flows.dvc import STAGES, downstream, stage_status
     from flows.pipeline import pipeline
 
     repo = _make_repo(tmp_path / "repo")
@@ -74,6 +74,7 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     stale = stage_status(repo)
     assert set(stale) == {"train_prior"}  # sample/evaluate follow once the prior changes
     assert any("train_prior.lr" in reason for reason in stale["train_prior"])
+    assert downstream(repo, set(stale)) == {"sample": ["train_prior"], "evaluate": ["train_prior"]}
 
     second = pipeline(repo=str(repo))
     ran = [s["stage"] for s in second["stages"] if s["ran"]]
@@ -101,3 +102,17 @@ def test_status_lists_every_stage(tmp_path, capsys):
     for stage in ("shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate"):
         assert f"{stage}" in out
     assert "stale" in out and "params.yaml" in out
+
+
+def test_downstream_follows_outputs_through_the_dag():
+    from flows.dvc import downstream
+
+    assert downstream(ROOT, {"shard"}) == {
+        "train_tokenizer": ["shard"],
+        "tokenize": ["shard"],
+        "train_prior": ["shard"],
+        "sample": ["shard"],
+        "evaluate": ["shard"],
+    }
+    assert downstream(ROOT, {"tokenize"}) == {"train_prior": ["tokenize"], "sample": ["tokenize"], "evaluate": ["tokenize"]}
+    assert downstream(ROOT, {"sample"}) == {}
