@@ -19,9 +19,10 @@ class QuantizerOutput(NamedTuple):
     stats: dict[str, torch.Tensor]
 
 
-def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
-    """Share of the codebook used (%) and perplexity (exp of the code-distribution entropy)."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+def usage_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """From per-code counts (k,): share of the codebook used (%) and perplexity (exp of the
+    code-distribution entropy)."""
+    counts = counts.float()
     probs = counts / counts.sum().clamp(min=1)
     entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum()
     return {

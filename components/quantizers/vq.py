@@ -66,8 +66,13 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 819
     return out
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum over replicas, in place; returns the tensor."""
+    if _distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -123,10 +128,15 @@ class VectorQuantizer(nn.Module):
                 self._seed_codes(flat.detach(), torch.arange(self.codebook_size, device=z.device))
                 self.initialized.fill_(True)
         indices = nearest_codes(flat, self.codebook, self.search_chunk_size)
+        # Counted once per step: the stats, the EMA update and dead-code restart all use them.
+        counts = torch.bincount(indices, minlength=self.codebook_size)
+        stats = usage_stats(counts)
         if self.training:
+            # Replicas must see the same statistics or their codebooks drift apart.
+            global_counts = _all_reduce_sum(counts.clone())
             if self.ema:
-                self._ema_update(flat.detach(), indices)
-            self._restart_dead_codes(flat.detach(), indices)
+                self._ema_update(flat.detach(), indices, global_counts)
+            self._restart_dead_codes(flat.detach(), global_counts)
         quantized = self.indices_to_codes(indices).view_as(z).to(z.dtype)
         commitment = F.mse_loss(z, quantized.detach())
         if self.ema:
@@ -135,18 +145,13 @@ class VectorQuantizer(nn.Module):
             loss = F.mse_loss(quantized, z.detach()) + self.beta * commitment
         # Straight-through: forward gives the code, backward passes the gradient to z unchanged.
         quantized = z + (quantized - z).detach()
-        stats = usage_stats(indices, self.codebook_size)
         return QuantizerOutput(quantized, indices.view(z.shape[:-1]), loss, stats)
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        flat = flat.float()
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)
-        # Replicas must see the same statistics or their codebooks drift apart.
-        _all_reduce_sum(counts)
-        _all_reduce_sum(sums)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """counts: (k,) code counts, already summed over replicas."""
+        sums = _all_reduce_sum(torch.zeros_like(self.embed_sum).index_add_(0, indices, flat.float()))
+        self.cluster_size.mul_(self.decay).add_(counts.float(), alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         # Laplace smoothing keeps rarely used codes from dividing by ~0.
         total = self.cluster_size.sum()
@@ -154,12 +159,10 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+    def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
         if self.restart_after_steps <= 0:
             return
-        used = torch.bincount(indices, minlength=self.codebook_size)
-        _all_reduce_sum(used)
-        self.steps_unused.add_(1).masked_fill_(used > 0, 0)
+        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         dead = (self.steps_unused >= self.restart_after_steps).nonzero().squeeze(1)
         if dead.numel():
             self._seed_codes(flat, dead)
@@ -168,12 +171,10 @@ class VectorQuantizer(nn.Module):
     def _seed_codes(self, flat: torch.Tensor, which: torch.Tensor) -> None:
         """Re-seed codes `which` from random encoder outputs, their EMA statistics with them."""
         pick = torch.randint(0, flat.shape[0], (which.numel(),), device=flat.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        vectors = flat[pick].float().contiguous()
+        if _distributed():
             # Every replica takes rank 0's choice, so the codebooks stay identical.
-            vectors = flat[pick].float().contiguous()
             dist.broadcast(vectors, src=0)
-        else:
-            vectors = flat[pick].float()
         self.codebook.data[which] = vectors
         if self.ema:
             # A restarted code starts as a cluster of one at its new vector: resetting only the
