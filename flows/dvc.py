@@ -70,11 +70,11 @@ def _reasons(entries) -> list[str]:
     return reasons
 
 
-def repro_stage(repo: str | Path, stage: str, env: dict[str, str], on_line: Callable[[str], None], force: bool = False) -> tuple[bool, list[str]]:
+def repro_stage(repo: str | Path, stage: str, env: dict[str, str], on_line: Callable[[str], None], force: bool = False) -> bool:
     """`dvc repro --single-item STAGE`, streaming its output line by line.
 
-    Returns (whether DVC ran the stage's command, the output lines). Raises StageFailed when the
-    stage fails."""
+    Returns whether DVC ran the stage's command (False: skipped as unchanged). Raises
+    StageFailed, with the output's tail, when the stage fails."""
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     if force:
         cmd.append("--force")
@@ -88,8 +88,7 @@ def repro_stage(repo: str | Path, stage: str, env: dict[str, str], on_line: Call
         code = proc.wait()
     if code != 0:
         raise StageFailed(stage, code, lines)
-    ran = any(f"Running stage '{stage}'" in line for line in lines)
-    return ran, lines
+    return any(f"Running stage '{stage}'" in line for line in lines)
 
 
 class StageFailed(RuntimeError):

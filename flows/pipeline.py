@@ -33,7 +33,7 @@ def reproduce(stage: str, repo: str, env: dict[str, str], force: bool = False) -
     logger = get_run_logger()
     reasons = stage_status(repo, stage).get(stage, [])
     logger.info("%s: %s", stage, "; ".join(reasons) if reasons else "up to date per DVC")
-    ran, _ = repro_stage(repo, stage, env, on_line=lambda line: logger.info("[%s] %s", stage, line), force=force)
+    ran = repro_stage(repo, stage, env, on_line=lambda line: logger.info("[%s] %s", stage, line), force=force)
     logger.info("%s: %s", stage, "ran" if ran else "skipped by DVC (unchanged)")
     return {"stage": stage, "ran": ran, "reasons": reasons}
 

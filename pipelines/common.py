@@ -23,8 +23,6 @@ from pydantic import BaseModel
 
 from components.config import ConfigError, Params, load_params
 
-log = logging.getLogger("vqpipe")
-
 PARENT_RUN_ENV = "VQPIPE_MLFLOW_PARENT_RUN_ID"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "vqpipe"

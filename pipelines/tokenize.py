@@ -97,6 +97,8 @@ def _tokenize_on_ray(cfg: TokenizeConfig, tokenizer_dir: Path, shard_urls: list[
 
     actor_cls = ray.remote(TokenizeWorker).options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
     count = max(1, min(cfg.num_actors, len(shard_urls)))
+    # An actor with no GPU reserved stays on the CPU under `auto`: otherwise every actor on a
+    # GPU machine would pile onto the same device Ray never gave it.
     device = cfg.device if cfg.num_gpus_per_actor > 0 or cfg.device != "auto" else "cpu"
     actors = [actor_cls.remote(str(tokenizer_dir.resolve()), device, int(cfg.num_cpus_per_actor)) for _ in range(count)]
     pool = ActorPool(actors)
