@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -83,9 +84,12 @@ def test_stage_exits_2_before_any_work(tmp_path):
     import sys
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"shard": {"image_size": "big"}}))
+    # MLflow's default store (sqlite:///mlflow.db in the cwd): a stage that began its work
+    # would create it there.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.shard"], cwd=tmp_path, capture_output=True, text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        env={**env, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 2
     assert "shard.image_size" in proc.stderr

@@ -8,7 +8,7 @@ from PIL import Image
 
 from components.data import shapes
 from components.data import tokens as token_io
-from components.data.images import decode_image, resize_center_crop, to_rgb
+from components.data.images import DECODE_ERRORS, decode_image, resize_center_crop, to_rgb
 from components.data.shards import assign_split
 
 
@@ -51,7 +51,7 @@ def test_decode_rejects_truncated_and_non_images():
     data = buf.getvalue()
     assert decode_image(data, 16).size == (16, 16)
     for bad in (data[: len(data) // 2], b"hello, not an image", b""):
-        with pytest.raises(Exception):
+        with pytest.raises(DECODE_ERRORS):
             decode_image(bad)
 
 
