@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from components.quantizers import QUANTIZERS, QuantizerConfig
+from components.quantizers import QUANTIZERS, QuantizerConfig, options_of, types_with_option
 
 BUILTIN_SOURCES = ("shapes",)
 SOURCE_KINDS = ("builtin", "folder")
@@ -195,13 +195,18 @@ class Params(BaseModel):
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
-    def cross_section_problems(self) -> list[tuple[str, str]]:
-        """Constraints between sections, reported under the key to change."""
+    def relation_problems(self) -> list[tuple[str, str]]:
+        """Constraints between keys (across sections, or between the quantizer and the latent),
+        reported under the key to change."""
+        problems = []
         size, factor = self.shard.image_size, self.train_tokenizer.downsample
         if size % factor:
             allowed = ", ".join(str(2**i) for i in range(size.bit_length()) if size % 2**i == 0)
-            return [("train_tokenizer.downsample", f"{factor} does not divide shard.image_size={size} (allowed: {allowed})")]
-        return []
+            problems.append(("train_tokenizer.downsample", f"{factor} does not divide shard.image_size={size} (allowed: {allowed})"))
+        tok = self.train_tokenizer
+        for key, msg in tok.quantizer.latent_problems(tok.latent_dim):
+            problems.append((f"train_tokenizer.quantizer.{key}", msg))
+        return problems
 
 
 SECTIONS = tuple(Params.model_fields)
@@ -225,14 +230,30 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return sorted(getattr(model, "model_fields", {}))
 
 
-def _problems(err: ValidationError) -> list[tuple[str, str]]:
+def _quantizer_key_message(loc: tuple, raw: Any) -> str | None:
+    """For an unknown key inside a quantizer mapping: the options of its type, and which
+    types do take that key (`levels` on a `vq` is most likely meant for `fsq`)."""
+    node = raw
+    for part in loc[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    kind = node.get("type") if isinstance(node, dict) else None
+    if kind not in QUANTIZERS:
+        return None
+    msg = f"not an option of quantizer type {kind!r} (its options: {', '.join(options_of(kind))})"
+    owners = types_with_option(str(loc[-1]))
+    return msg + (f"; {loc[-1]} belongs to type {', '.join(owners)}" if owners else "")
+
+
+def _problems(err: ValidationError, raw: Any = None) -> list[tuple[str, str]]:
     problems = []
     for e in err.errors():
         loc = tuple(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc)
-            msg = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+            msg = _quantizer_key_message(loc, raw) or "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
         elif e["type"] != "value_error" and "input" in e and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         problems.append((_loc_to_key(loc), msg))
@@ -247,8 +268,8 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_problems(err), source) from None
-    problems = params.cross_section_problems()
+        raise ConfigError(_problems(err, raw), source) from None
+    problems = params.relation_problems()
     if problems:
         raise ConfigError(problems, source)
     return params

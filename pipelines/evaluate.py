@@ -13,13 +13,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from components.config import EvaluateConfig
 from components.data import tokens as token_io
 from components.data.shards import load_split, to_float
 from components.io import write_json
-from components.metrics import bits_per_token, code_counts, codebook_stats, make_grid, psnr, ssim
+from components.metrics import bits_per_token, codebook_stats, make_grid, psnr, ssim, used_code_counts
 from components.priors import load_prior
 from components.tokenizers import Tokenizer
 from pipelines.common import Paths, resolve_device, stage_main, stage_run
@@ -45,7 +46,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
 
         images = to_float(load_split(paths.shards, "val", limit=cfg.max_images)[0])
         recon = torch.cat([tokenizer.reconstruct(images[i : i + cfg.batch_size]).cpu() for i in range(0, len(images), cfg.batch_size)])
-        stats = codebook_stats(val.tokens, tokenizer.codebook_size)
+        stats = codebook_stats(val.tokens, tokenizer.codebook_size, tokenizer.tokens_per_position)
         labels = torch.from_numpy(val.labels) if prior.cfg.num_classes and val.labels is not None else None
         prior_bits = bits_per_token(prior, torch.from_numpy(val.tokens), labels, cfg.batch_size)
         metrics = {
@@ -61,7 +62,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         }
         metrics_path = paths.metrics / "evaluate.json"
         write_json(metrics_path, metrics)
-        _write_usage_csv(paths.plots / "codebook_usage.csv", code_counts(val.tokens, tokenizer.codebook_size))
+        _write_usage_csv(paths.plots / "codebook_usage.csv", val.tokens, tokenizer.codebook_size)
 
         n = min(GRID_COLUMNS * 2, len(images))
         rows = [t for i in range(0, n, GRID_COLUMNS) for t in (images[i : i + GRID_COLUMNS], recon[i : i + GRID_COLUMNS])]
@@ -80,9 +81,16 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         return EvaluateResult(metrics, metrics_path)
 
 
-def _write_usage_csv(path: Path, counts) -> None:
+def _write_usage_csv(path: Path, tokens, codebook_size: int) -> None:
+    """code,count over all token columns: every code up to 65,536 codes, the used ones past
+    that (a plot of 2^18 mostly empty rows says less than the list of used codes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("code,count\n" + "".join(f"{i},{int(c)}\n" for i, c in enumerate(counts)))
+    codes, counts = used_code_counts(tokens)
+    if codebook_size <= 65536:
+        dense = np.zeros(codebook_size, dtype=np.int64)
+        dense[codes] = counts
+        codes, counts = np.arange(codebook_size), dense
+    path.write_text("code,count\n" + "".join(f"{c},{n}\n" for c, n in zip(codes.tolist(), counts.tolist())))
 
 
 def main() -> None:

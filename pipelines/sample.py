@@ -59,7 +59,7 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
             tokens.append(sample(prior, count, batch_labels, cfg.temperature, cfg.top_k, generator=generator))
         tokens = torch.cat(tokens)
         elapsed = time.perf_counter() - started
-        images = tokenizer.decode(tokens.view(n, *tokenizer.grid)).cpu()
+        images = tokenizer.decode(tokenizer.unflatten(tokens)).cpu()
 
         grid_path = paths.samples / "grid.png"
         grid = save_grid(images, grid_path, nrow=per_row, upscale=2)

@@ -67,7 +67,7 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
         manifest = {
             "tokenizer_fingerprint": tokenizer.fingerprint,
             "codebook_size": tokenizer.codebook_size,
-            "grid": {"tokens": list(tokenizer.grid)},
+            "grid": {name: list(tokenizer.grid) for name in tokenizer.token_columns},
             "classes": shard_manifest.get("classes"),
             "rows": {split: sum(p["rows"] for p in parts if p["split"] == split) for split in ("train", "val")},
             "rejected": sum(len(p["rejects"]) for p in parts),

@@ -42,7 +42,9 @@ def tokenize_shard(tokenizer, shard_url: str, out_dir: str | Path, batch_size: i
     def flush() -> None:
         if batch:
             x = torch.from_numpy(np.stack(batch)).float().div_(255.0)
-            tokens.append(tokenizer.encode(x).reshape(len(batch), -1).cpu().numpy())
+            # (b, h, w[, m]) -> (b, h*w, m): one (h*w)-long row per token column.
+            indices = tokenizer.encode(x).cpu().reshape(len(batch), -1, tokenizer.tokens_per_position)
+            tokens.append(indices.numpy())
             batch.clear()
 
     for sample in iter_shard(shard_url):
@@ -63,11 +65,12 @@ def tokenize_shard(tokenizer, shard_url: str, out_dir: str | Path, batch_size: i
             flush()
     flush()
 
-    length = tokenizer.num_tokens
-    matrix = np.concatenate(tokens) if tokens else np.zeros((0, length), dtype=np.int64)
+    h, w = tokenizer.grid
+    stacked = np.concatenate(tokens) if tokens else np.zeros((0, h * w, tokenizer.tokens_per_position), dtype=np.int64)
+    columns = {name: stacked[:, :, i] for i, name in enumerate(tokenizer.token_columns)}
     label_array = np.asarray(labels, dtype=np.int32) if any(lbl >= 0 for lbl in labels) else None
     table = token_table(
-        keys, matrix, label_array,
+        keys, columns, label_array,
         fingerprint=tokenizer.fingerprint, codebook_size=tokenizer.codebook_size, grid=tokenizer.grid,
     )
     name = part_name(shard_url)

@@ -1,14 +1,22 @@
 """Token shards: Parquet (zstd) parts with the tokenizer's identity in the schema metadata.
 
-Columns: `key` string, `tokens` list<uint16> (list<uint32> past 65,536 codes), `label` int32
-when labelled. Schema metadata: `vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size`,
-`vqpipe.grid` (JSON, per level), `vqpipe.version`. Parts are written under a temporary name and
-renamed when complete, so a part that exists is whole. `_manifest.json` lists the parts.
+Columns: `key` string; the token columns, each list<uint16> (list<uint32> past 65,536 codes) of
+one image's h*w tokens in raster order: `tokens` for a quantizer with one token per position,
+one column per group or stage for product and residual quantizers (`tokens_group0`,
+`tokens_group1`, ... / `tokens_stage0` (coarsest), `tokens_stage1`, ...); `label` int32 when
+labelled. Schema metadata: `vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size`, `vqpipe.grid`
+(JSON: token column -> [h, w], in column order), `vqpipe.version`. Parts are written under a
+temporary name and renamed when complete, so a part that exists is whole. `_manifest.json`
+lists the parts.
 
 Read without a Python loop per row:
 
     data = read_tokens(parts, fingerprint=tokenizer.fingerprint)
-    data.tokens  # (n, h*w) int64, raster order
+    data.tokens  # (n, h*w*m) int64: the sequence a prior models
+
+Flattening order of several token columns (the order of `Tokenizer.flatten`): position by
+position in raster order, and within a position its m tokens in column order, so
+[p0 group0, p0 group1, p1 group0, p1 group1, ...].
 """
 
 from __future__ import annotations
@@ -50,20 +58,23 @@ def tokens_array(tokens: np.ndarray, codebook_size: int) -> pa.ListArray:
 
 def token_table(
     keys: list[str],
-    tokens: np.ndarray,
+    tokens: dict[str, np.ndarray],
     labels: np.ndarray | None,
     *,
     fingerprint: str,
     codebook_size: int,
     grid: tuple[int, int],
 ) -> pa.Table:
-    columns = {"key": pa.array(keys, type=pa.string()), "tokens": tokens_array(tokens, codebook_size)}
+    """tokens: column name -> (n, h*w) array, in column order; every column has grid `grid`."""
+    columns = {"key": pa.array(keys, type=pa.string())}
+    for name, matrix in tokens.items():
+        columns[name] = tokens_array(matrix, codebook_size)
     if labels is not None:
         columns["label"] = pa.array(np.asarray(labels, dtype=np.int32), type=pa.int32())
     metadata = {
         META_FINGERPRINT: fingerprint.encode(),
         META_CODEBOOK: str(codebook_size).encode(),
-        META_GRID: json.dumps({"tokens": list(grid)}).encode(),
+        META_GRID: json.dumps({name: list(grid) for name in tokens}).encode(),
         META_VERSION: __version__.encode(),
     }
     return pa.table(columns).replace_schema_metadata(metadata)
@@ -78,8 +89,12 @@ def write_part(table: pa.Table, path: str | Path) -> None:
 class PartInfo:
     fingerprint: str
     codebook_size: int
-    grid: dict
+    grid: dict  # token column -> [h, w], in column order
     rows: int
+
+    @property
+    def token_columns(self) -> list[str]:
+        return list(self.grid)
 
 
 def part_info(path: str | Path) -> PartInfo:
@@ -98,10 +113,11 @@ def part_info(path: str | Path) -> PartInfo:
 @dataclass
 class TokenData:
     keys: list[str]
-    tokens: np.ndarray  # (n, L) int64
+    tokens: np.ndarray  # (n, L) int64, L = h*w*m flattened position by position (see the module doc)
     labels: np.ndarray | None  # (n,) int64, -1 where unlabelled; None when no part has labels
     codebook_size: int
     grid: dict
+    columns: list[str]
 
 
 def list_to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -128,12 +144,18 @@ def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> Toke
                 f"{path} was made by tokenizer {info.fingerprint[:12]}, not {expected[:12]}: "
                 "re-tokenize (dvc repro tokenize) or use the matching tokenizer"
             )
+    columns = infos[0].token_columns
+    for path, info in zip(paths, infos):
+        if info.token_columns != columns or info.grid != infos[0].grid:
+            raise TokenShardMismatch(f"{path} has token columns {info.grid}, {paths[0]} has {infos[0].grid}")
     tables = [pq.read_table(p) for p in paths]
     keys, tokens, labels = [], [], []
     has_labels = any("label" in t.column_names for t in tables)
     for table in tables:
         keys.extend(table.column("key").to_pylist())
-        tokens.append(list_to_matrix(table.column("tokens")))
+        matrices = [list_to_matrix(table.column(name)) for name in columns]
+        # (n, h*w, m) -> (n, h*w*m): a position's m tokens side by side.
+        tokens.append(np.stack(matrices, axis=-1).reshape(table.num_rows, -1))
         if has_labels:
             labels.append(
                 table.column("label").to_numpy().astype(np.int64)
@@ -146,6 +168,7 @@ def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> Toke
         labels=np.concatenate(labels) if has_labels else None,
         codebook_size=infos[0].codebook_size,
         grid=infos[0].grid,
+        columns=columns,
     )
 
 

@@ -6,22 +6,47 @@ import math
 
 import numpy as np
 
+# Past this many codes counts are kept sparse (used codes only): LFQ/FSQ may have 2^31.
+DENSE_LIMIT = 1 << 20
+
 
 def code_counts(tokens: np.ndarray, codebook_size: int) -> np.ndarray:
+    """(codebook_size,) occurrences of each code; for codebooks past DENSE_LIMIT use
+    `used_code_counts`."""
+    if codebook_size > DENSE_LIMIT:
+        raise ValueError(f"a dense count of {codebook_size} codes is too large; use used_code_counts")
     return np.bincount(np.asarray(tokens).reshape(-1), minlength=codebook_size)[:codebook_size]
 
 
-def codebook_stats(tokens: np.ndarray, codebook_size: int) -> dict[str, float]:
+def used_code_counts(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, counts) of the codes that occur, for any codebook size."""
+    return np.unique(np.asarray(tokens).reshape(-1), return_counts=True)
+
+
+def _column_stats(tokens: np.ndarray, codebook_size: int) -> tuple[float, float]:
+    """(usage %, entropy in nats) of one token column."""
+    _, counts = used_code_counts(tokens)
+    if counts.sum() == 0:
+        return 0.0, 0.0
+    probs = counts / counts.sum()
+    return len(counts) / codebook_size * 100.0, float(-(probs * np.log(probs)).sum())
+
+
+def codebook_stats(tokens: np.ndarray, codebook_size: int, tokens_per_position: int = 1) -> dict[str, float]:
     """Usage (% of codes that appear), perplexity (exp entropy, in codes) and the unigram
-    entropy in bits per token: the cost of coding the tokens by frequency alone."""
-    counts = code_counts(tokens, codebook_size).astype(np.float64)
-    total = counts.sum()
-    if total == 0:
+    entropy in bits per token: the cost of coding the tokens by frequency alone.
+
+    tokens: (n, L) flattened sequences. With m tokens per position (product groups, residual
+    stages; see `Tokenizer.flatten`) each of the m columns is its own distribution: the figures
+    are their means, and the unigram entropy is what coding each column by its own
+    frequencies costs per token (the baseline a prior that knows the position must beat)."""
+    tokens = np.asarray(tokens)
+    if tokens.size == 0:
         return {"codebook_usage": 0.0, "perplexity": 0.0, "unigram_bits_per_token": 0.0}
-    probs = counts[counts > 0] / total
-    entropy = float(-(probs * np.log(probs)).sum())
+    columns = tokens.reshape(-1, tokens_per_position)
+    usage, entropy = zip(*(_column_stats(columns[:, i], codebook_size) for i in range(tokens_per_position)))
     return {
-        "codebook_usage": float((counts > 0).mean() * 100.0),
-        "perplexity": math.exp(entropy),
-        "unigram_bits_per_token": entropy / math.log(2),
+        "codebook_usage": float(np.mean(usage)),
+        "perplexity": float(np.mean([math.exp(e) for e in entropy])),
+        "unigram_bits_per_token": float(np.mean(entropy)) / math.log(2),
     }

@@ -47,6 +47,8 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu", tokenizer=N
             problems.append(f"tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]} != {tokenizer.fingerprint[:12]}")
         if cfg.vocab_size != tokenizer.codebook_size:
             problems.append(f"codebook size {cfg.vocab_size} != {tokenizer.codebook_size}")
+        if cfg.seq_len != tokenizer.num_tokens:
+            problems.append(f"{cfg.seq_len} tokens per image != {tokenizer.num_tokens}")
         if tuple(meta["grid"]) != tuple(tokenizer.grid):
             problems.append(f"grid {tuple(meta['grid'])} != {tuple(tokenizer.grid)}")
         if problems:

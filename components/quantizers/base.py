@@ -1,15 +1,34 @@
-"""What every quantizer returns, and helpers they share."""
+"""What every quantizer returns, and helpers they share.
+
+The interface every registered quantizer module implements:
+
+    out = quantizer(z)               # z: (b, h, w, d) or (b, n, d)
+    out.quantized                    # same shape as z; straight-through to z in training
+    out.indices                      # (b, h, w) or (b, n) int64; with several tokens per position
+                                     # (product groups, residual stages) (b, h, w, m) / (b, n, m)
+    quantizer.indices_to_codes(out.indices) == out.quantized   # forward values
+    quantizer.codebook_size          # tokens lie in [0, codebook_size)
+    quantizer.tokens_per_position    # m above (1 for vq, gumbel, fsq, lfq)
+    quantizer.token_names            # one name per token of a position, for Parquet columns
+    quantizer.index_dtype            # torch.int64
+"""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
+
+# Past this many codes a dense count vector (and its all-reduce) costs more than it tells:
+# usage is then counted from the distinct indices of the local batch instead.
+DENSE_COUNT_LIMIT = 1 << 20
 
 
 class QuantizerOutput(NamedTuple):
     """quantized: same shape as the input, straight-through to it in training.
-    indices: input shape without the last dim, int64 in [0, codebook_size).
+    indices: input shape without the last dim (plus a trailing tokens-per-position dim for
+    product/residual), int64 in [0, codebook_size).
     loss: scalar to add to the training loss.
     stats: detached scalars for logging (`codebook_usage` in %, `perplexity`)."""
 
@@ -17,6 +36,24 @@ class QuantizerOutput(NamedTuple):
     indices: torch.Tensor
     loss: torch.Tensor
     stats: dict[str, torch.Tensor]
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over replicas, in place (a no-op outside torch.distributed); returns the tensor."""
+    if distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def code_counts(indices: torch.Tensor, codebook_size: int, reduce: bool) -> torch.Tensor:
+    """(k,) count of each code in `indices`; summed over replicas when `reduce` (training:
+    every replica then logs and acts on the same numbers)."""
+    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size)
+    return all_reduce_sum(counts) if reduce else counts
 
 
 def usage_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -31,8 +68,32 @@ def usage_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def index_stats(indices: torch.Tensor, codebook_size: int, reduce: bool) -> dict[str, torch.Tensor]:
+    """Usage and perplexity of a batch of indices, for codebooks of any size.
+
+    Up to DENSE_COUNT_LIMIT codes: dense counts, all-reduced when `reduce`. Beyond (LFQ/FSQ
+    with 2^21+ codes) a dense vector would be megabytes per step: the distinct indices of the
+    local batch are counted instead."""
+    if codebook_size <= DENSE_COUNT_LIMIT:
+        return usage_stats(code_counts(indices, codebook_size, reduce))
+    _, counts = torch.unique(indices.reshape(-1), return_counts=True)
+    stats = usage_stats(counts)
+    stats["codebook_usage"] = torch.tensor(counts.numel() / codebook_size * 100.0)
+    return stats
+
+
+def mean_stats(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Average per-codebook stats (product groups, residual stages) into one set."""
+    return {key: torch.stack([p[key] for p in parts]).mean() for key in parts[0]}
+
+
 def check_finite(z: torch.Tensor, what: str = "encoder output") -> None:
     """A NaN would silently poison an EMA codebook for good: stop at the step it appears."""
     if not torch.isfinite(z).all():
         bad = (~torch.isfinite(z)).sum().item()
         raise FloatingPointError(f"{what} has {bad} non-finite values (NaN/inf); refusing to quantize")
+
+
+def check_last_dim(z: torch.Tensor, dim: int) -> None:
+    if z.ndim not in (3, 4) or z.shape[-1] != dim:
+        raise ValueError(f"expected input (b, h, w, {dim}) or (b, n, {dim}), got shape {tuple(z.shape)}")

@@ -1,12 +1,20 @@
-"""Vector quantization (van den Oord et al. 2017) with EMA codebook updates and dead-code restart.
+"""Vector quantization (van den Oord et al. 2017): nearest code by squared distance.
 
-Nearest code by squared distance, computed without autograd in row chunks so the full
-N x K distance matrix never exists; quantized vectors are gathered by index (no one-hot matmul).
+Codebook learned by EMA (decay, Laplace-smoothed counts) or by gradient (codebook loss);
+optional cosine codes (inputs and codes l2-normalised) and a low-dimensional codebook behind
+in/out projections (Yu et al. 2021); k-means initialisation from the first batches; dead-code
+restart that resets a code's EMA statistics along with its vector.
+
+Nearest-code search runs without autograd in row chunks, so the full N x K distance matrix
+never exists; quantized vectors are gathered by index (no one-hot matmul); k-means and the
+restart use the same search. Under torch.distributed every statistic that moves the codebook
+(code counts, EMA sums, k-means sums, restart vectors) is all-reduced or broadcast, so replicas
+keep identical codebooks.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -14,36 +22,62 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from components.quantizers.base import QuantizerOutput, check_finite, usage_stats
+from components.quantizers.base import (
+    QuantizerOutput,
+    all_reduce_sum,
+    check_finite,
+    check_last_dim,
+    code_counts,
+    distributed,
+    usage_stats,
+)
 from components.quantizers.registry import QuantizerConfig, register
 
+# k-means runs on at most this many pooled encoder outputs (64 MB at d=64).
+KMEANS_MAX_ROWS = 1 << 18
 
-@register("vq")
-class VQConfig(QuantizerConfig):
-    type: Literal["vq"] = "vq"
-    codebook_size: int = Field(128, ge=2)
+
+class VQOptions(QuantizerConfig):
+    """Options of a nearest-code codebook, shared by `vq`, `product` (per group) and `residual`
+    (per stage)."""
+
+    codebook_size: int = Field(128, ge=2, le=2**31)
     # Commitment weight: how hard the encoder is pulled towards its code.
     beta: float = Field(0.25, ge=0)
     # EMA codebook (stable, no codebook gradient) or codebook learned by gradient.
     ema: bool = True
     decay: float = Field(0.99, gt=0, lt=1)
     eps: float = Field(1e-5, gt=0)
+    # l2-normalised inputs and codes: nearest by cosine similarity.
+    cosine: bool = False
+    # Search in a lower-dimensional space behind learned in/out projections (None: latent width).
+    codebook_dim: int | None = Field(None, ge=1)
+    # Lloyd iterations initialising the codebook from the first batches (0: random encoder outputs).
+    kmeans_iters: int = Field(10, ge=0)
+    kmeans_init_batches: int = Field(1, ge=1)
     # Codes unused for this many training steps are re-seeded from encoder outputs (0: never).
     restart_after_steps: int = Field(100, ge=0)
     # Rows per chunk of the nearest-code search: bounds memory at chunk x codebook_size floats.
     search_chunk_size: int = Field(8192, ge=1)
 
+    def latent_problems(self, latent_dim: int) -> list[tuple[str, str]]:
+        if self.codebook_dim is not None and self.codebook_dim > latent_dim:
+            return [("codebook_dim", f"{self.codebook_dim} is larger than the latent it quantizes (latent_dim={latent_dim})")]
+        return []
+
+    def build_codebook(self, dim: int) -> "VectorQuantizer":
+        """One nearest-code codebook over vectors of width `dim` with these options."""
+        options = self.model_dump(exclude={"type", "groups", "stages", "shared_codebook", "dropout"})
+        return VectorQuantizer(dim=dim, **options)
+
+
+@register("vq")
+class VQConfig(VQOptions):
+    type: Literal["vq"] = "vq"
+
     def build(self, dim: int) -> "VectorQuantizer":
-        return VectorQuantizer(
-            codebook_size=self.codebook_size,
-            dim=dim,
-            beta=self.beta,
-            ema=self.ema,
-            decay=self.decay,
-            eps=self.eps,
-            restart_after_steps=self.restart_after_steps,
-            search_chunk_size=self.search_chunk_size,
-        )
+        self.check_latent(dim)
+        return self.build_codebook(dim)
 
 
 @torch.no_grad()
@@ -53,11 +87,11 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 819
     z: (n, d), codebook: (k, d) -> (n,) int64. Ties go to the lowest index. Computed in fp32 in
     chunks of `chunk_size` rows: memory is chunk_size x k, never n x k.
     """
-    z = z.float()
-    codebook = codebook.float()
-    code_sq = (codebook * codebook).sum(dim=1)
-    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
     with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        codebook = codebook.float()
+        code_sq = (codebook * codebook).sum(dim=1)
+        out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
         for start in range(0, z.shape[0], chunk_size):
             rows = z[start : start + chunk_size]
             # |z|^2 is constant per row, so it does not change the argmin.
@@ -66,19 +100,51 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 819
     return out
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+@torch.no_grad()
+def kmeans(
+    data: torch.Tensor, k: int, iters: int, chunk_size: int = 8192, cosine: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means: (n, d) -> centroids (k, d), counts (k,) of the final assignment.
+
+    Assignments use the chunked search. Under torch.distributed the initial centroids come from
+    rank 0 and every iteration's sums and counts are all-reduced: the result is the k-means of
+    all replicas' data, identical on each. A cluster that empties keeps its previous centroid
+    (dead-code restart takes care of it later)."""
+    data = data.float()
+    n = data.shape[0]
+    pick = torch.randperm(n, device=data.device)[:k] if n >= k else torch.randint(0, n, (k,), device=data.device)
+    centroids = data[pick].clone()
+    if distributed():
+        dist.broadcast(centroids, src=0)
+    counts = torch.zeros(k, device=data.device)
+    for _ in range(iters):
+        assign = nearest_codes(data, centroids, chunk_size)
+        counts = all_reduce_sum(torch.bincount(assign, minlength=k).float())
+        sums = all_reduce_sum(torch.zeros_like(centroids).index_add_(0, assign, data))
+        means = sums / counts.clamp(min=1).unsqueeze(1)
+        if cosine:
+            means = F.normalize(means, dim=1)
+        centroids = torch.where((counts > 0).unsqueeze(1), means, centroids)
+    return centroids, counts
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over replicas, in place; returns the tensor."""
-    if _distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+class Lookup(NamedTuple):
+    """One search: h (n, c) the (projected, normalised) inputs, indices (n,), codes (n, c)."""
+
+    h: torch.Tensor
+    indices: torch.Tensor
+    codes: torch.Tensor
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-code quantizer. Input (b, h, w, d) or (b, n, d); indices (b, h, w) or (b, n)."""
+    """Nearest-code quantizer. Input (b, h, w, d) or (b, n, d); indices (b, h, w) or (b, n).
+
+    `forward` = `lookup` (search) + `learn` (EMA, restart) + `loss` + `output`; the residual
+    quantizer calls the parts itself to share one codebook between stages."""
+
+    index_dtype = torch.int64
+    tokens_per_position = 1
+    token_names = ("code",)
 
     def __init__(
         self,
@@ -88,6 +154,10 @@ class VectorQuantizer(nn.Module):
         ema: bool = True,
         decay: float = 0.99,
         eps: float = 1e-5,
+        cosine: bool = False,
+        codebook_dim: int | None = None,
+        kmeans_iters: int = 10,
+        kmeans_init_batches: int = 1,
         restart_after_steps: int = 100,
         search_chunk_size: int = 8192,
     ):
@@ -98,59 +168,92 @@ class VectorQuantizer(nn.Module):
         self.ema = ema
         self.decay = decay
         self.eps = eps
+        self.cosine = cosine
+        self.kmeans_iters = kmeans_iters
+        self.kmeans_init_batches = kmeans_init_batches
         self.restart_after_steps = restart_after_steps
         self.search_chunk_size = search_chunk_size
-        init = torch.randn(codebook_size, dim) / dim**0.5
+        self.code_dim = codebook_dim or dim
+        projected = self.code_dim != dim
+        self.project_in = nn.Linear(dim, self.code_dim) if projected else nn.Identity()
+        self.project_out = nn.Linear(self.code_dim, dim) if projected else nn.Identity()
+        init = torch.randn(codebook_size, self.code_dim) / self.code_dim**0.5
         if ema:
             self.register_buffer("codebook", init)
             self.register_buffer("cluster_size", torch.zeros(codebook_size))
-            self.register_buffer("embed_sum", torch.zeros(codebook_size, dim))
+            self.register_buffer("embed_sum", torch.zeros(codebook_size, self.code_dim))
         else:
             self.codebook = nn.Parameter(init)
         # Steps since each code was last chosen, for dead-code restart.
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
-        # Codebook seeded from the first training batch's encoder outputs.
+        # Set once the codebook has been initialised from encoder outputs.
         self.register_buffer("initialized", torch.tensor(False))
+        self._init_pool: list[torch.Tensor] = []
 
-    index_dtype = torch.int64
+    def code_vectors(self) -> torch.Tensor:
+        """(k, c) the codes as searched: unit vectors in cosine mode."""
+        return F.normalize(self.codebook, dim=1) if self.cosine else self.codebook
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """(...,) int -> (..., d) code vectors."""
-        return F.embedding(indices, self.codebook)
+        """(...,) int -> (..., d) code vectors in the input space."""
+        return self.project_out(F.embedding(indices, self.code_vectors()))
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        if z.shape[-1] != self.dim:
-            raise ValueError(f"expected last dim {self.dim}, got input of shape {tuple(z.shape)}")
-        flat = z.reshape(-1, self.dim)
+        check_last_dim(z, self.dim)
+        found = self.lookup(z)
+        if self.training:
+            counts = self.learn([found.h], [found.indices])
+        else:
+            counts = code_counts(found.indices, self.codebook_size, reduce=False)
+        quantized = self.output(found).view_as(z).to(z.dtype)
+        return QuantizerOutput(quantized, found.indices.view(z.shape[:-1]), self.loss(found), usage_stats(counts))
+
+    def lookup(self, z: torch.Tensor) -> Lookup:
+        """(..., d) -> the nearest codes of its rows. In training, initialises the codebook on
+        the first batches."""
+        flat = z.reshape(-1, self.dim).float()
         if self.training:
             check_finite(flat)
-            if not bool(self.initialized):
-                self._seed_codes(flat.detach(), torch.arange(self.codebook_size, device=z.device))
-                self.initialized.fill_(True)
-        indices = nearest_codes(flat, self.codebook, self.search_chunk_size)
-        # Counted once per step: the stats, the EMA update and dead-code restart all use them.
-        counts = torch.bincount(indices, minlength=self.codebook_size)
-        stats = usage_stats(counts)
-        if self.training:
-            # Replicas must see the same statistics or their codebooks drift apart.
-            global_counts = _all_reduce_sum(counts.clone())
-            if self.ema:
-                self._ema_update(flat.detach(), indices, global_counts)
-            self._restart_dead_codes(flat.detach(), global_counts)
-        quantized = self.indices_to_codes(indices).view_as(z).to(z.dtype)
-        commitment = F.mse_loss(z, quantized.detach())
+        h = self.project_in(flat)
+        if self.cosine:
+            h = F.normalize(h, dim=1)
+        if self.training and not bool(self.initialized):
+            self._initialise(h.detach())
+        indices = nearest_codes(h, self.code_vectors(), self.search_chunk_size)
+        return Lookup(h, indices, F.embedding(indices, self.code_vectors()))
+
+    def loss(self, found: Lookup, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Commitment (beta), plus the codebook term when codes learn by gradient; over the
+        rows selected by the boolean mask `rows` (all by default)."""
+        h, codes = (found.h, found.codes) if rows is None else (found.h[rows], found.codes[rows])
+        if h.numel() == 0:
+            return found.h.sum() * 0.0
+        commitment = F.mse_loss(h, codes.detach())
         if self.ema:
-            loss = self.beta * commitment
-        else:
-            loss = F.mse_loss(quantized, z.detach()) + self.beta * commitment
-        # Straight-through: forward gives the code, backward passes the gradient to z unchanged.
-        quantized = z + (quantized - z).detach()
-        return QuantizerOutput(quantized, indices.view(z.shape[:-1]), loss, stats)
+            return self.beta * commitment
+        return F.mse_loss(codes, h.detach()) + self.beta * commitment
+
+    def output(self, found: Lookup) -> torch.Tensor:
+        """(n, d) quantized vectors: exactly the codes forward, the identity backward (straight-
+        through), written so the forward value is the code itself, not h + (code - h)."""
+        return self.project_out(found.codes.detach() + (found.h - found.h.detach()))
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
-        """counts: (k,) code counts, already summed over replicas."""
-        sums = _all_reduce_sum(torch.zeros_like(self.embed_sum).index_add_(0, indices, flat.float()))
+    def learn(self, hs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+        """One training step's codebook update from searched rows (several lists when stages
+        share this codebook): EMA and dead-code restart. Returns the code counts, summed over
+        replicas: counted once, they serve the stats, the EMA and the restart alike."""
+        h = torch.cat([x.detach().float() for x in hs])
+        idx = torch.cat(indices)
+        counts = code_counts(idx, self.codebook_size, reduce=True)
+        if self.ema:
+            self._ema_update(h, idx, counts)
+        self._restart_dead_codes(h, counts)
+        return counts
+
+    @torch.no_grad()
+    def _ema_update(self, h: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        sums = all_reduce_sum(torch.zeros_like(self.embed_sum).index_add_(0, indices, h))
         self.cluster_size.mul_(self.decay).add_(counts.float(), alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         # Laplace smoothing keeps rarely used codes from dividing by ~0.
@@ -159,26 +262,50 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
+    def _restart_dead_codes(self, h: torch.Tensor, counts: torch.Tensor) -> None:
         if self.restart_after_steps <= 0:
             return
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         dead = (self.steps_unused >= self.restart_after_steps).nonzero().squeeze(1)
         if dead.numel():
-            self._seed_codes(flat, dead)
+            pick = torch.randint(0, h.shape[0], (dead.numel(),), device=h.device)
+            vectors = h[pick].contiguous()
+            if distributed():
+                # Every replica takes rank 0's choice, so the codebooks stay identical.
+                dist.broadcast(vectors, src=0)
+            self._set_codes(dead, vectors, torch.ones(dead.numel(), device=h.device))
 
     @torch.no_grad()
-    def _seed_codes(self, flat: torch.Tensor, which: torch.Tensor) -> None:
-        """Re-seed codes `which` from random encoder outputs, their EMA statistics with them."""
-        pick = torch.randint(0, flat.shape[0], (which.numel(),), device=flat.device)
-        vectors = flat[pick].float().contiguous()
-        if _distributed():
-            # Every replica takes rank 0's choice, so the codebooks stay identical.
-            dist.broadcast(vectors, src=0)
+    def _set_codes(self, which: torch.Tensor, vectors: torch.Tensor, sizes: torch.Tensor) -> None:
+        """Put `vectors` at codes `which`, their EMA statistics with them: each becomes a
+        cluster of `sizes` at its new vector. Resetting only the vector would let the old EMA
+        sums drag it straight back on the next update."""
         self.codebook.data[which] = vectors
         if self.ema:
-            # A restarted code starts as a cluster of one at its new vector: resetting only the
-            # vector would let the old (empty) EMA sums drag it straight back.
-            self.cluster_size[which] = 1.0
-            self.embed_sum[which] = vectors
+            self.cluster_size[which] = sizes
+            self.embed_sum[which] = vectors * sizes.unsqueeze(1)
         self.steps_unused[which] = 0
+
+    @torch.no_grad()
+    def _initialise(self, h: torch.Tensor) -> None:
+        """Random encoder outputs at once (so the first steps quantize sensibly), then k-means
+        over the pooled outputs of the first `kmeans_init_batches` batches."""
+        everything = torch.arange(self.codebook_size, device=h.device)
+        if not self._init_pool:
+            pick = torch.randint(0, h.shape[0], (self.codebook_size,), device=h.device)
+            vectors = h[pick].contiguous()
+            if distributed():
+                dist.broadcast(vectors, src=0)
+            self._set_codes(everything, vectors, torch.ones(self.codebook_size, device=h.device))
+        if self.kmeans_iters == 0:
+            self.initialized.fill_(True)
+            return
+        per_batch = max(1, KMEANS_MAX_ROWS // self.kmeans_init_batches)
+        self._init_pool.append(h[torch.randperm(h.shape[0], device=h.device)[:per_batch]])
+        if len(self._init_pool) < self.kmeans_init_batches:
+            return
+        centroids, counts = kmeans(torch.cat(self._init_pool), self.codebook_size, self.kmeans_iters, self.search_chunk_size, self.cosine)
+        # EMA counts at the rate of one batch, at least one, so every code starts as a cluster.
+        self._set_codes(everything, centroids, (counts / len(self._init_pool)).clamp(min=1))
+        self._init_pool = []
+        self.initialized.fill_(True)

@@ -79,16 +79,48 @@ class Tokenizer:
 
     @property
     def codebook_size(self) -> int:
+        """Tokens lie in [0, codebook_size) (per group or stage for product and residual)."""
         return self.model.quantizer.codebook_size
 
     @property
+    def tokens_per_position(self) -> int:
+        """1, or the groups (product) / stages (residual) of each grid position."""
+        return self.model.quantizer.tokens_per_position
+
+    @property
+    def token_columns(self) -> list[str]:
+        """Parquet token columns: `tokens`, or one per group/stage (`tokens_group0`, ...)."""
+        if self.tokens_per_position == 1:
+            return ["tokens"]
+        return [f"tokens_{name}" for name in self.model.quantizer.token_names]
+
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        """Shape of one image's indices: (h, w), or (h, w, m) with m tokens per position."""
+        m = self.tokens_per_position
+        return self.grid if m == 1 else (*self.grid, m)
+
+    @property
     def num_tokens(self) -> int:
+        """Length of one image's flattened token sequence (what a prior models)."""
         h, w = self.grid
-        return h * w
+        return h * w * self.tokens_per_position
+
+    def flatten(self, indices: torch.Tensor) -> torch.Tensor:
+        """(b, *index_shape) -> (b, num_tokens). The documented order: raster over the grid
+        (row by row), and within a position its m tokens in order (group 0..M-1, or stage 0
+        (coarsest) .. N-1) before the next position's."""
+        return indices.reshape(indices.shape[0], -1)
+
+    def unflatten(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(b, num_tokens) -> (b, *index_shape): the inverse of `flatten`."""
+        if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens:
+            raise ValueError(f"expected token sequences of shape (b, {self.num_tokens}), got {tuple(tokens.shape)}")
+        return tokens.reshape(tokens.shape[0], *self.index_shape)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(b, 3, H, W) in [0, 1] -> (b, h, w) int64 code indices."""
+        """(b, 3, H, W) in [0, 1] -> (b, *index_shape) int64 code indices."""
         expected = (3, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"expected images of shape (b, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
@@ -97,9 +129,9 @@ class Tokenizer:
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """(b, h, w) code indices -> (b, 3, H, W) in [0, 1]."""
-        if indices.ndim != 3 or tuple(indices.shape[1:]) != self.grid:
-            raise ValueError(f"expected indices of shape (b, {self.grid[0]}, {self.grid[1]}), got {tuple(indices.shape)}")
+        """(b, *index_shape) code indices -> (b, 3, H, W) in [0, 1]."""
+        if indices.ndim != 1 + len(self.index_shape) or tuple(indices.shape[1:]) != self.index_shape:
+            raise ValueError(f"expected indices of shape (b, {', '.join(map(str, self.index_shape))}), got {tuple(indices.shape)}")
         indices = indices.to(self.device, torch.long)
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
             raise ValueError(f"indices outside [0, {self.codebook_size})")

@@ -46,7 +46,49 @@ def test_codebook_too_small():
 
 def test_unknown_quantizer_lists_registered():
     problems = _problems({"train_tokenizer": {"quantizer": {"type": "kmeans"}}})
-    assert "allowed: vq" in problems["train_tokenizer.quantizer"]
+    message = problems["train_tokenizer.quantizer"]
+    for kind in ("vq", "gumbel", "product", "residual", "fsq", "lfq"):
+        assert kind in message
+
+
+def _quantizer_problems(quantizer: dict, latent_dim: int = 32) -> dict[str, str]:
+    return _problems({"train_tokenizer": {"latent_dim": latent_dim, "quantizer": quantizer}})
+
+
+def test_option_of_another_quantizer_names_key_and_owner():
+    problems = _quantizer_problems({"type": "vq", "levels": [8, 5, 5]})
+    assert "fsq" in problems["train_tokenizer.quantizer.levels"]
+    assert "codebook_size" in problems["train_tokenizer.quantizer.levels"]  # vq's own options listed
+
+
+@pytest.mark.parametrize(
+    "quantizer, latent_dim, key",
+    [
+        ({"type": "vq", "codebook_dim": 64}, 32, "codebook_dim"),
+        ({"type": "product", "groups": 4, "codebook_dim": 16}, 32, "codebook_dim"),
+        ({"type": "product", "groups": 3}, 32, "groups"),
+        ({"type": "residual", "codebook_dim": 40}, 32, "codebook_dim"),
+        ({"type": "fsq", "levels": [8, 1, 5]}, 32, "levels"),
+        ({"type": "fsq", "levels": [5] * 8}, 4, "levels"),
+        ({"type": "lfq", "codebook_size": 2**32}, 64, "codebook_size"),
+        ({"type": "lfq", "codebook_size": 1000}, 32, "codebook_size"),
+        ({"type": "lfq", "codebook_size": 2**18}, 16, "codebook_size"),
+        ({"type": "gumbel", "temperature_start": 0.5, "temperature_end": 1.0}, 32, ""),
+    ],
+)
+def test_quantizer_options_that_cannot_work_fail_at_load(quantizer, latent_dim, key):
+    problems = _quantizer_problems(quantizer, latent_dim)
+    expected = "train_tokenizer.quantizer" + (f".{key}" if key else "")
+    assert expected in problems, problems
+
+
+def test_every_quantizer_type_loads_with_defaults():
+    from components.quantizers import QUANTIZERS
+
+    for kind in QUANTIZERS:
+        params = parse_params({"train_tokenizer": {"quantizer": {"type": kind}}})
+        assert params.train_tokenizer.quantizer.type == kind
+        assert params.train_tokenizer.quantizer.codebook_size >= 2
 
 
 def test_unknown_source():

@@ -61,7 +61,7 @@ def test_token_parquet_round_trip_with_metadata(tmp_path, codebook_size, arrow_t
     tokens = rng.integers(0, codebook_size, (5, 12))
     labels = np.array([0, 1, 2, 1, 0])
     table = token_io.token_table(
-        [f"k{i}" for i in range(5)], tokens, labels, fingerprint="f" * 64, codebook_size=codebook_size, grid=(3, 4)
+        [f"k{i}" for i in range(5)], {"tokens": tokens}, labels, fingerprint="f" * 64, codebook_size=codebook_size, grid=(3, 4)
     )
     token_io.write_part(table, tmp_path / "part-train-000000.parquet")
     assert [p.name for p in tmp_path.iterdir()] == ["part-train-000000.parquet"]  # no temporary left behind
@@ -74,3 +74,20 @@ def test_token_parquet_round_trip_with_metadata(tmp_path, codebook_size, arrow_t
     assert data.keys == [f"k{i}" for i in range(5)] and data.codebook_size == codebook_size
     with pytest.raises(token_io.TokenShardMismatch, match="re-tokenize"):
         token_io.read_tokens([tmp_path / "part-train-000000.parquet"], fingerprint="0" * 64)
+
+
+def test_several_token_columns_flatten_position_by_position(tmp_path):
+    """Product/residual parts carry one column per group/stage; the reader interleaves them
+    position by position: [p0 g0, p0 g1, p1 g0, p1 g1, ...]."""
+    group0 = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    group1 = group0 + 100
+    table = token_io.token_table(
+        ["a", "b"], {"tokens_group0": group0, "tokens_group1": group1}, None, fingerprint="f" * 64, codebook_size=70000, grid=(2, 2)
+    )
+    token_io.write_part(table, tmp_path / "part-x.parquet")
+    schema = pq.read_schema(tmp_path / "part-x.parquet")
+    assert str(schema.field("tokens_group1").type) == "list<element: uint32>"
+    assert list(json.loads(schema.metadata[b"vqpipe.grid"])) == ["tokens_group0", "tokens_group1"]
+    data = token_io.read_tokens([tmp_path / "part-x.parquet"])
+    assert data.columns == ["tokens_group0", "tokens_group1"] and data.labels is None
+    assert data.tokens.tolist() == [[1, 101, 2, 102, 3, 103, 4, 104], [5, 105, 6, 106, 7, 107, 8, 108]]

@@ -63,7 +63,7 @@ def test_prior_export_refuses_another_tokenizer(tmp_path):
     model = _prior()
 
     class FakeTokenizer:
-        fingerprint, codebook_size, grid = "a" * 64, 11, (3, 3)
+        fingerprint, codebook_size, grid, num_tokens = "a" * 64, 11, (3, 3), 9
 
     save_prior(tmp_path, model, tokenizer_fingerprint="a" * 64, grid=(3, 3), class_names=["x", "y", "z"])
     loaded, meta = load_prior(tmp_path, tokenizer=FakeTokenizer())
