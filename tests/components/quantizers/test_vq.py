@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from components.quantizers import VectorQuantizer, VQConfig, nearest_codes
+from components.quantizers import VectorQuantizer, VQConfig, kmeans, nearest_codes
 
 
 def test_nearest_code_on_hand_built_codebook():
@@ -105,3 +105,78 @@ def test_eval_is_deterministic_and_does_not_update():
     z = torch.randn(2, 5, 4)
     assert torch.equal(vq(z).indices, vq(z).indices)
     assert torch.equal(vq.codebook, before)
+
+
+def _mixture(n: int, centres: torch.Tensor, spread: float = 0.1) -> torch.Tensor:
+    return centres[torch.randint(0, len(centres), (n,))] + spread * torch.randn(n, centres.shape[1])
+
+
+def test_kmeans_reaches_a_fixed_point_of_lloyd():
+    """Converged k-means: every centroid is the mean of the points nearest to it."""
+    torch.manual_seed(0)
+    data = _mixture(2000, torch.randn(6, 3) * 4)
+    centroids, counts = kmeans(data, 6, iters=30, chunk_size=128)
+    assign = nearest_codes(data, centroids)
+    assert torch.equal(torch.bincount(assign, minlength=6).float(), counts)
+    for k in range(6):
+        if counts[k] > 0:
+            assert torch.allclose(centroids[k], data[assign == k].mean(0), atol=1e-5)
+
+
+def _distortion(vq: VectorQuantizer, z: torch.Tensor) -> float:
+    vq.eval()
+    return (vq(z).quantized - z).pow(2).mean().item()
+
+
+def test_kmeans_init_quantizes_better_than_random_encoder_outputs():
+    torch.manual_seed(0)
+    z = _mixture(4096, torch.randn(32, 8) * 3, spread=0.5).view(1, -1, 8)
+    # Gradient codebooks: no EMA step after the initialisation, so only the initialisations differ.
+    random_init = VectorQuantizer(codebook_size=32, dim=8, ema=False, kmeans_iters=0, restart_after_steps=0).train()
+    kmeans_init = VectorQuantizer(codebook_size=32, dim=8, ema=False, kmeans_iters=10, restart_after_steps=0).train()
+    random_init(z), kmeans_init(z)
+    assert _distortion(kmeans_init, z) < 0.7 * _distortion(random_init, z)
+
+
+def test_kmeans_over_several_batches_waits_for_them():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=8, dim=2, kmeans_init_batches=3, restart_after_steps=0).train()
+    vq(torch.randn(1, 64, 2))
+    vq(torch.randn(1, 64, 2))
+    assert not bool(vq.initialized)
+    vq(torch.randn(1, 64, 2))
+    assert bool(vq.initialized) and not vq._init_pool
+
+
+def test_cosine_codes_are_unit_vectors():
+    vq = VQConfig(codebook_size=8, cosine=True).build(4).train()
+    out = vq(torch.randn(2, 16, 4) * 5)
+    assert torch.allclose(out.quantized.norm(dim=-1), torch.ones(2, 16), atol=1e-5)
+    # Nearest by cosine: the code with the largest dot product with the normalised input.
+    vq.eval()
+    z = torch.randn(1, 10, 4)
+    expected = (torch.nn.functional.normalize(z[0], dim=1) @ vq.code_vectors().t()).argmax(dim=1)
+    assert torch.equal(vq(z).indices[0], expected)
+
+
+def test_low_dimensional_codebook_searches_in_the_projected_space():
+    vq = VQConfig(codebook_size=8, codebook_dim=2).build(6).eval()
+    assert vq.codebook.shape == (8, 2)
+    z = torch.randn(3, 5, 6)
+    expected = nearest_codes(vq.project_in(z.reshape(-1, 6)), vq.codebook)
+    assert torch.equal(vq(z).indices.reshape(-1), expected)
+
+
+def test_gradient_codebook_moves_towards_its_data():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=2, dim=2, ema=False, kmeans_iters=0, restart_after_steps=0).train()
+    vq.codebook.data = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    vq.initialized.fill_(True)
+    optimizer = torch.optim.SGD(vq.parameters(), lr=0.5)
+    centres = torch.tensor([[3.0, 3.0], [-3.0, -3.0]])
+    for _ in range(100):
+        out = vq(_mixture(256, centres).view(1, -1, 2))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert torch.allclose(vq.codebook, centres, atol=0.1)
