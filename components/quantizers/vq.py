@@ -33,6 +33,8 @@ from components.quantizers.base import (
 )
 from components.quantizers.registry import QuantizerConfig, register
 
+# Distances of one search chunk: rows x codes x 4 bytes stay under this, whatever the codebook.
+SEARCH_BUDGET_BYTES = 256 * 2**20
 # k-means runs on at most this many pooled encoder outputs (64 MB at d=64).
 KMEANS_MAX_ROWS = 1 << 18
 
@@ -85,18 +87,25 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 819
     """Index of the nearest code for each row of z.
 
     z: (n, d), codebook: (k, d) -> (n,) int64. Ties go to the lowest index. Computed in fp32 in
-    chunks of `chunk_size` rows: memory is chunk_size x k, never n x k.
+    chunks of at most `chunk_size` rows, and never more than SEARCH_BUDGET_BYTES of distances:
+    memory is one reused chunk x k buffer, never n x k.
     """
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
         codebook = codebook.float()
+        k = codebook.shape[0]
+        rows_per_chunk = max(1, min(chunk_size, SEARCH_BUDGET_BYTES // (4 * k), z.shape[0]))
         code_sq = (codebook * codebook).sum(dim=1)
+        codebook_t = codebook.t()
         out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-        for start in range(0, z.shape[0], chunk_size):
-            rows = z[start : start + chunk_size]
+        # One buffer for every chunk: a fresh n x k allocation per chunk costs page faults.
+        buffer = torch.empty(rows_per_chunk, k, device=z.device)
+        for start in range(0, z.shape[0], rows_per_chunk):
+            rows = z[start : start + rows_per_chunk]
+            dist_sq = buffer[: rows.shape[0]]
             # |z|^2 is constant per row, so it does not change the argmin.
-            dist_sq = torch.addmm(code_sq, rows, codebook.t(), alpha=-2.0)
-            out[start : start + chunk_size] = dist_sq.argmin(dim=1)
+            torch.addmm(code_sq, rows, codebook_t, alpha=-2.0, out=dist_sq)
+            torch.argmin(dist_sq, dim=1, out=out[start : start + rows.shape[0]])
     return out
 
 
