@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from components.quantizers import QUANTIZERS, QuantizerConfig, options_of, types_with_option
 
@@ -85,7 +85,9 @@ class TrainTokenizerConfig(_Section):
     # Spatial downsampling factor of the encoder: a power of two; image_size / downsample = grid.
     downsample: int = Field(4, ge=1)
     latent_dim: int = Field(32, ge=1)
-    quantizer: QuantizerConfig = Field(default_factory=lambda: QUANTIZERS["vq"]())
+    # SerializeAsAny: dumps (MLflow params, the export's config.json) carry the chosen type's
+    # options, not only the base class's `type`.
+    quantizer: SerializeAsAny[QuantizerConfig] = Field(default_factory=lambda: QUANTIZERS["vq"]())
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)

@@ -82,6 +82,13 @@ def test_quantizer_options_that_cannot_work_fail_at_load(quantizer, latent_dim, 
     assert expected in problems, problems
 
 
+def test_dumps_carry_the_chosen_quantizers_options():
+    """MLflow params and exports come from dumps: they must hold `levels`, not only `type`."""
+    params = parse_params({"train_tokenizer": {"quantizer": {"type": "fsq", "levels": [3, 5]}}})
+    assert params.model_dump()["train_tokenizer"]["quantizer"] == {"type": "fsq", "levels": [3, 5]}
+    assert parse_params(params.model_dump()) == params
+
+
 def test_every_quantizer_type_loads_with_defaults():
     from components.quantizers import QUANTIZERS
 
