@@ -33,6 +33,7 @@ log = logging.getLogger("vqpipe.train_prior")
 class TrainPriorResult:
     out_dir: Path
     metrics: dict
+    run_id: str  # the stage's MLflow run
 
 
 def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
@@ -86,7 +87,7 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
         mlflow.log_metrics({f"final_{k}": v for k, v in summary.items()})
         mlflow.log_artifacts(str(paths.prior), artifact_path="prior")
         log.info("prior written to %s", paths.prior)
-        return TrainPriorResult(paths.prior, summary)
+        return TrainPriorResult(paths.prior, summary, active.info.run_id)
 
 
 def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, train: token_io.TokenData, class_names) -> TransformerPrior:

@@ -36,6 +36,7 @@ class TrainTokenizerResult:
     out_dir: Path
     fingerprint: str
     metrics: dict
+    run_id: str  # the stage's MLflow run
 
 
 def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResult:
@@ -102,7 +103,7 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         mlflow.log_artifacts(str(paths.tokenizer), artifact_path="tokenizer")
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", tokenizer.fingerprint)
         log.info("tokenizer %s written to %s", tokenizer.fingerprint[:12], paths.tokenizer)
-        return TrainTokenizerResult(paths.tokenizer, tokenizer.fingerprint, summary)
+        return TrainTokenizerResult(paths.tokenizer, tokenizer.fingerprint, summary, active.info.run_id)
 
 
 def _build_model(cfg: TrainTokenizerConfig) -> VQVAE:

@@ -39,10 +39,13 @@ def test_train_tokenizer(tiny_project):
     metrics = json.loads((paths.metrics / "train_tokenizer.json").read_text())
     assert metrics["steps"] == 8 and np.isfinite(metrics["val_psnr"])
     assert (paths.plots / "train_tokenizer.csv").read_text().startswith("step,loss,recon_loss,codebook_usage")
-    run = _stage_runs("train_tokenizer").iloc[0]
-    history = mlflow.tracking.MlflowClient().get_metric_history(run.run_id, "loss")
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(results["train_tokenizer"].run_id)
+    assert run.data.tags["vqpipe.stage"] == "train_tokenizer"
+    history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, 9))  # every step logged
-    assert run["tags.vqpipe.tokenizer_fingerprint"] == tok.fingerprint
+    assert run.data.tags["vqpipe.tokenizer_fingerprint"] == tok.fingerprint
+    assert run.data.params["train_tokenizer.quantizer.codebook_size"] == "16"  # the type's options, not only its name
 
 
 def test_tokenize(tiny_project):
@@ -73,7 +76,7 @@ def test_train_prior(tiny_project):
     assert prior.cfg.num_classes == 4 and prior.cfg.vocab_size == 16 and prior.cfg.seq_len == 16
     metrics = results["train_prior"].metrics
     assert np.isfinite(metrics["val_bits_per_token"]) and metrics["val_bits_per_token"] > 0
-    history = mlflow.tracking.MlflowClient().get_metric_history(_stage_runs("train_prior").iloc[0].run_id, "val_bits_per_token")
+    history = mlflow.tracking.MlflowClient().get_metric_history(results["train_prior"].run_id, "val_bits_per_token")
     assert [m.step for m in history] == [4, 8]
 
 
