@@ -22,7 +22,6 @@ commonly trained this way (two factorised 2^9 sub-codebooks).
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
