@@ -22,9 +22,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 def _check_params(repo: Path) -> int:
     from components.config import ConfigError, load_params
+    from flows.dvc import missing_params
 
     try:
         load_params(repo / "params.yaml")
+        missing = missing_params(repo)
+        if missing:
+            raise ConfigError(missing, str(repo / "params.yaml"))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,6 +26,31 @@ def stage_status(repo: str | Path, stage: str | None = None) -> dict[str, list[s
     return {name.removeprefix("dvc.yaml:"): _reasons(entries) for name, entries in raw.items()}
 
 
+def missing_params(repo: str | Path) -> list[tuple[str, str]]:
+    """Keys dvc.yaml tracks in params.yaml that params.yaml lacks. The typed params fill in
+    defaults, but DVC refuses to run with a tracked key missing (and says so cryptically), so
+    `vqpipe validate`/`run` name them first."""
+    import yaml
+
+    repo = Path(repo)
+    if not (repo / "dvc.yaml").is_file() or not (repo / "params.yaml").is_file():
+        return []
+    stages = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
+    raw = yaml.safe_load((repo / "params.yaml").read_text()) or {}
+    problems = []
+    for stage, spec in stages.items():
+        for key in spec.get("params", []):
+            if not isinstance(key, str):
+                continue  # {other_file.yaml: [...]}: not ours to check
+            node = raw
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    problems.append((key, f"missing from params.yaml; dvc.yaml's stage {stage!r} tracks it (add it back, e.g. with its default)"))
+                    break
+                node = node[part]
+    return problems
+
+
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The stages' `python` must be this interpreter (the project's venv), wherever PATH points."""
     env = {**os.environ, **(extra or {}), "PYTHONUNBUFFERED": "1"}

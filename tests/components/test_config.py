@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,19 @@ def test_cli_validate_exit_status(tmp_path, capsys):
     assert "sample.top_k" in capsys.readouterr().err
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
     assert main(["--repo", str(tmp_path), "validate"]) == 0
+
+
+def test_cli_validate_names_keys_dvc_tracks_but_params_lack(tmp_path, capsys):
+    """The typed params would fill in a default, but DVC refuses to run without the key."""
+    from flows.cli import main
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert main(["--repo", str(tmp_path), "validate"]) == 2  # no params.yaml at all
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--repo", str(tmp_path), "validate"]) == 0
+    del params["train_prior"]["lr"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    capsys.readouterr()
+    assert main(["--repo", str(tmp_path), "validate"]) == 2
+    assert "train_prior.lr: missing from params.yaml" in capsys.readouterr().err
