@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 # Past this many codes a dense count vector (and its all-reduce) costs more than it tells:
 # usage is then counted from the distinct indices of the local batch instead.
@@ -85,6 +86,14 @@ def index_stats(indices: torch.Tensor, codebook_size: int, reduce: bool) -> dict
 def mean_stats(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Average per-codebook stats (product groups, residual stages) into one set."""
     return {key: torch.stack([p[key] for p in parts]).mean() for key in parts[0]}
+
+
+def projections(dim: int, code_dim: int) -> tuple[nn.Module, nn.Module]:
+    """Learned in/out projections between the latent (dim) and the space a quantizer works in
+    (code_dim); identities when the two are the same width."""
+    if dim == code_dim:
+        return nn.Identity(), nn.Identity()
+    return nn.Linear(dim, code_dim), nn.Linear(code_dim, dim)
 
 
 def check_finite(z: torch.Tensor, what: str = "encoder output") -> None:

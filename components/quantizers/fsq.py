@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from components.quantizers.base import QuantizerOutput, check_finite, check_last_dim, index_stats
+from components.quantizers.base import QuantizerOutput, check_finite, check_last_dim, index_stats, projections
 from components.quantizers.registry import QuantizerConfig, register
 
 MAX_CODES = 2**31
@@ -70,9 +70,7 @@ class FSQ(nn.Module):
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
         self.register_buffer("radix", torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=torch.long), persistent=False)
         self.register_buffer("half_width", torch.tensor([lvl // 2 for lvl in levels], dtype=torch.float32), persistent=False)
-        projected = dim != self.code_dim
-        self.project_in = nn.Linear(dim, self.code_dim) if projected else nn.Identity()
-        self.project_out = nn.Linear(self.code_dim, dim) if projected else nn.Identity()
+        self.project_in, self.project_out = projections(dim, self.code_dim)
 
     def bound(self, h: torch.Tensor) -> torch.Tensor:
         """Squash each channel into a range that rounds to exactly levels[i] integers: (-L/2, L/2)

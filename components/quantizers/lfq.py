@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from components.quantizers.base import QuantizerOutput, check_finite, check_last_dim, index_stats
+from components.quantizers.base import QuantizerOutput, check_finite, check_last_dim, index_stats, projections
 from components.quantizers.registry import QuantizerConfig, register
 
 
@@ -102,9 +102,7 @@ class LFQ(nn.Module):
         self.entropy_temperature = entropy_temperature
         self.entropy_group_bits = entropy_group_bits
         self.register_buffer("powers", 2 ** torch.arange(bits - 1, -1, -1, dtype=torch.long), persistent=False)
-        projected = dim != bits
-        self.project_in = nn.Linear(dim, bits) if projected else nn.Identity()
-        self.project_out = nn.Linear(bits, dim) if projected else nn.Identity()
+        self.project_in, self.project_out = projections(dim, bits)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(...,) -> (..., d)"""

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from components.quantizers.base import QuantizerOutput, check_finite, check_last_dim, code_counts, mean_stats, usage_stats
+from components.quantizers.base import QuantizerOutput, check_finite, check_last_dim, code_counts, mean_stats, projections, usage_stats
 from components.quantizers.registry import register
 from components.quantizers.vq import VectorQuantizer, VQOptions
 
@@ -61,9 +61,7 @@ class ResidualQuantizer(nn.Module):
         self.dim = dim
         self.code_dim = codebooks[0].dim
         self.dropout = dropout
-        projected = self.code_dim != dim
-        self.project_in = nn.Linear(dim, self.code_dim) if projected else nn.Identity()
-        self.project_out = nn.Linear(self.code_dim, dim) if projected else nn.Identity()
+        self.project_in, self.project_out = projections(dim, self.code_dim)
         self.codebook_size = codebooks[0].codebook_size
         self.tokens_per_position = stages
         self.token_names = tuple(f"stage{s}" for s in range(stages))

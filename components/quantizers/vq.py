@@ -29,6 +29,7 @@ from components.quantizers.base import (
     check_last_dim,
     code_counts,
     distributed,
+    projections,
     usage_stats,
 )
 from components.quantizers.registry import QuantizerConfig, register
@@ -183,9 +184,7 @@ class VectorQuantizer(nn.Module):
         self.restart_after_steps = restart_after_steps
         self.search_chunk_size = search_chunk_size
         self.code_dim = codebook_dim or dim
-        projected = self.code_dim != dim
-        self.project_in = nn.Linear(dim, self.code_dim) if projected else nn.Identity()
-        self.project_out = nn.Linear(self.code_dim, dim) if projected else nn.Identity()
+        self.project_in, self.project_out = projections(dim, self.code_dim)
         init = torch.randn(codebook_size, self.code_dim) / self.code_dim**0.5
         if ema:
             self.register_buffer("codebook", init)
