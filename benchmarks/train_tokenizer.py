@@ -1,0 +1,106 @@
+"""Is the data loader the bottleneck of tokenizer training? Prints a table (not a timed test).
+
+    .venv/bin/python benchmarks/train_tokenizer.py [--steps 150] [--images 8000]
+
+Steps per second of the default tokenizer's training step fed by the stage's real WebDataset
+loader (shards on disk, decoded in `num_workers` DataLoader processes), against the same model
+and step fed from an in-memory tensor of the same images. Goal: loader >= 0.9 of in-memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _step(model, optimizer, images, device, amp_dtype) -> None:
+    """The stage's training step: uint8 images -> [-1, 1], channels-last, autocast, Adam."""
+    import torch
+
+    from components.data.shards import to_float
+
+    x = (to_float(images).to(device) * 2.0 - 1.0).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(x)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+
+
+def _steps_per_second(batches, cfg, steps: int, warmup: int) -> float:
+    """Median over 3 windows of steps/s, after `warmup` steps (k-means init, worker start-up)."""
+    import torch
+
+    from pipelines.common import autocast_dtype, resolve_device
+    from pipelines.train_tokenizer import _build_model
+
+    torch.manual_seed(0)
+    device = resolve_device(cfg.device)
+    model = _build_model(cfg).to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    batches = iter(batches)
+    for images in itertools.islice(batches, warmup):
+        _step(model, optimizer, images, device, amp_dtype)
+    rates = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for images in itertools.islice(batches, steps // 3):
+            _step(model, optimizer, images, device, amp_dtype)
+        rates.append((steps // 3) / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--images", type=int, default=8000)
+    args = parser.parse_args()
+    logging.disable(logging.INFO)
+
+    import torch
+
+    from components.config import parse_params
+    from components.data.shards import load_split
+    from pipelines import shard
+    from pipelines.common import Paths
+    from pipelines.train_tokenizer import _build_loader
+
+    work = Path(tempfile.mkdtemp(prefix="vqpipe-bench-loader-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    paths = Paths(work)
+    shard.run(parse_params({"shard": {"num_images": args.images}}).shard, paths)
+    cfg = parse_params({}).train_tokenizer
+    images = load_split(paths.shards, "train")[0]
+    generator = torch.Generator().manual_seed(0)
+
+    def in_memory():
+        while True:
+            yield images[torch.randint(0, len(images), (cfg.batch_size,), generator=generator)]
+
+    print(f"\n## Tokenizer training: default model, batch {cfg.batch_size}, {images.shape[-1]}x{images.shape[-1]} images, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores\n")
+    print("| fed by | steps/s | vs in-memory |")
+    print("|---|---|---|")
+    reference = _steps_per_second(in_memory(), cfg, args.steps, args.warmup)
+    print(f"| in-memory tensor | {reference:.2f} | 1.00 |", flush=True)
+    for workers in (0, 1, 2):
+        loader_cfg = cfg.model_copy(update={"num_workers": workers})
+        loader = (batch for batch, _labels in _build_loader(loader_cfg, paths))
+        rate = _steps_per_second(loader, loader_cfg, args.steps, args.warmup)
+        print(f"| WebDataset loader, num_workers={workers} | {rate:.2f} | {rate / reference:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
