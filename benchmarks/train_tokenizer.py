@@ -23,26 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _step(model, optimizer, images, device, amp_dtype) -> None:
-    """The stage's training step: uint8 images -> [-1, 1], channels-last, autocast, Adam."""
-    import torch
-
-    from components.data.shards import to_float
-
-    x = (to_float(images).to(device) * 2.0 - 1.0).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        out = model(x)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    optimizer.step()
-
-
 def _steps_per_second(batches, cfg, steps: int, warmup: int) -> float:
     """Median over 3 windows of steps/s, after `warmup` steps (k-means init, worker start-up)."""
     import torch
 
     from pipelines.common import autocast_dtype, resolve_device
-    from pipelines.train_tokenizer import _build_model
+    from pipelines.train_tokenizer import _build_model, train_step
 
     torch.manual_seed(0)
     device = resolve_device(cfg.device)
@@ -51,12 +37,12 @@ def _steps_per_second(batches, cfg, steps: int, warmup: int) -> float:
     amp_dtype = autocast_dtype(cfg.precision, device)
     batches = iter(batches)
     for images in itertools.islice(batches, warmup):
-        _step(model, optimizer, images, device, amp_dtype)
+        train_step(model, optimizer, images, device, amp_dtype)
     rates = []
     for _ in range(3):
         started = time.perf_counter()
         for images in itertools.islice(batches, steps // 3):
-            _step(model, optimizer, images, device, amp_dtype)
+            train_step(model, optimizer, images, device, amp_dtype)
         rates.append((steps // 3) / (time.perf_counter() - started))
     return statistics.median(rates)
 

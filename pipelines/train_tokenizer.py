@@ -23,7 +23,7 @@ from components.config import TrainTokenizerConfig
 from components.data.shards import image_stream, load_split, read_manifest, shard_paths, to_float
 from components.io import write_json
 from components.metrics import make_grid, psnr
-from components.tokenizers import VQVAE, Tokenizer, export_config
+from components.tokenizers import VQVAE, Tokenizer, VQVAEOutput, export_config
 from pipelines.common import MetricLogger, Paths, autocast_dtype, resolve_device, seed_everything, stage_main, stage_run
 
 log = logging.getLogger("vqpipe.train_tokenizer")
@@ -69,12 +69,7 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         started = time.perf_counter()
         val = {}
         for step, (images, _labels) in enumerate(itertools.islice(loader, cfg.steps), start=1):
-            x = (to_float(images).to(device) * 2.0 - 1.0).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = model(x)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+            out = train_step(model, optimizer, images, device, amp_dtype)
             metrics.log(step, {"loss": out.loss.item(), **{k: v.item() for k, v in out.parts.items()}})
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val = _validate(model, val_images, device)
@@ -104,6 +99,18 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", tokenizer.fingerprint)
         log.info("tokenizer %s written to %s", tokenizer.fingerprint[:12], paths.tokenizer)
         return TrainTokenizerResult(paths.tokenizer, tokenizer.fingerprint, summary, active.info.run_id)
+
+
+def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, device: torch.device, amp_dtype) -> VQVAEOutput:
+    """One optimisation step on a uint8 batch (b, 3, H, W): to [-1, 1], channels-last, autocast
+    (the quantizer stays fp32 inside the model), backward, step."""
+    x = (to_float(images).to(device) * 2.0 - 1.0).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(x)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    return out
 
 
 def _build_model(cfg: TrainTokenizerConfig) -> VQVAE:
