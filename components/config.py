@@ -77,8 +77,73 @@ class ShardConfig(_Section):
         return self.source.partition(":")[2]
 
 
+def _pick_quantizer(value: Any) -> QuantizerConfig:
+    if isinstance(value, QuantizerConfig):
+        return value
+    if not isinstance(value, dict) or "type" not in value:
+        raise ValueError(f"needs a mapping with a `type` (allowed: {', '.join(sorted(QUANTIZERS))})")
+    kind = value["type"]
+    if kind not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer type {kind!r} (allowed: {', '.join(sorted(QUANTIZERS))})")
+    return QUANTIZERS[kind].model_validate(value)
+
+
+class VQVAE2Options(_Section):
+    """Only read when `arch: vqvae2`."""
+
+    # The top level's grid is the bottom grid divided by this.
+    top_downsample: int = Field(2, ge=2)
+    # The top level's quantizer; null: the same settings as `quantizer` (the bottom level's).
+    top_quantizer: SerializeAsAny[QuantizerConfig] | None = None
+
+    @field_validator("top_quantizer", mode="before")
+    @classmethod
+    def _pick(cls, value: Any) -> QuantizerConfig | None:
+        return None if value is None else _pick_quantizer(value)
+
+    @field_validator("top_downsample")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"must be a power of two (2, 4, 8, ...), got {value}")
+        return value
+
+
+class VQGANOptions(_Section):
+    """Only read when `arch: vqgan`."""
+
+    # Steps before the discriminator trains and the adversarial term joins the loss.
+    disc_start: int = Field(500, ge=0)
+    # Factor on the adaptive adversarial weight.
+    disc_weight: float = Field(0.8, ge=0)
+    disc_loss: Literal["hinge", "non_saturating"] = "hinge"
+    disc_channels: int = Field(64, ge=8)
+    # Stride-2 layers of the PatchGAN; images need at least 2^(layers+2) pixels a side.
+    disc_layers: int = Field(3, ge=1)
+    # null: the generator's lr.
+    disc_lr: float | None = Field(None, gt=0)
+    adaptive_weight_max: float = Field(1e4, gt=0)
+    lecam_weight: float = Field(0.0, ge=0)
+    lecam_decay: float = Field(0.999, gt=0, lt=1)
+
+    @field_validator("disc_channels")
+    @classmethod
+    def _group_norm_friendly(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {value}")
+        return value
+
+
+# Settings a run can change and still resume another run's checkpoint: they change how long
+# or where it runs, or what it logs, not what it learns.
+RESUMABLE_CHANGES = (
+    "steps", "val_every", "log_every", "checkpoint_every", "checkpoint_dir", "resume",
+    "device", "precision", "compile", "num_workers", "workers", "use_gpu",
+)
+
+
 class TrainTokenizerConfig(_Section):
-    arch: Literal["vqvae"] = "vqvae"
+    arch: Literal["vqvae", "vqvae2", "vqgan"] = "vqvae"
     # Width of the first stage; it doubles at each downsampling, up to 4x.
     channels: int = Field(32, ge=8)
     num_res_blocks: int = Field(0, ge=0)
@@ -88,6 +153,12 @@ class TrainTokenizerConfig(_Section):
     # SerializeAsAny: dumps (MLflow params, the export's config.json) carry the chosen type's
     # options, not only the base class's `type`.
     quantizer: SerializeAsAny[QuantizerConfig] = Field(default_factory=lambda: QUANTIZERS["vq"]())
+    vqvae2: VQVAE2Options = VQVAE2Options()
+    vqgan: VQGANOptions = VQGANOptions()
+    recon_loss: Literal["l2", "l1"] = "l2"
+    # LPIPS (VGG16) weight; > 0 needs `perceptual_weights`, a local file (never downloaded).
+    perceptual_weight: float = Field(0.0, ge=0)
+    perceptual_weights: str | None = None
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -95,25 +166,41 @@ class TrainTokenizerConfig(_Section):
     # bf16 autocast for the encoder/decoder (the quantizer always runs in fp32). auto: bf16
     # where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Compile the model with torch.compile (minutes of compilation, then faster steps).
+    compile: bool = False
     shuffle_buffer: int = Field(1000, ge=0)
-    # DataLoader worker processes decoding shards; 0 decodes in the training process.
+    # DataLoader worker processes decoding shards, per training worker; 0 decodes in the
+    # training process.
     num_workers: int = Field(1, ge=0)
+    # Training workers: 1 trains in the stage's process; N > 1 on N Ray Train workers (DDP),
+    # each taking batch_size / N images per step.
+    workers: int = Field(1, ge=1)
+    # Ray Train workers on GPUs: auto when the Ray cluster has `workers` GPUs.
+    use_gpu: bool | Literal["auto"] = "auto"
     val_every: int = Field(200, ge=1)
     log_every: int = Field(25, ge=1)
+    # A full training state every this many steps (and at the end), in `checkpoint_dir`.
+    checkpoint_every: int = Field(200, ge=1)
+    # Outside DVC's outs on purpose: see README, "Checkpoints and resuming".
+    checkpoint_dir: str = "checkpoints/train_tokenizer"
+    # Resume an interrupted run from its checkpoint; false always starts over.
+    resume: bool = True
     seed: int = 0
     device: Device = "auto"
 
     @field_validator("quantizer", mode="before")
     @classmethod
     def _pick_quantizer(cls, value: Any) -> QuantizerConfig:
-        if isinstance(value, QuantizerConfig):
-            return value
-        if not isinstance(value, dict) or "type" not in value:
-            raise ValueError(f"needs a mapping with a `type` (allowed: {', '.join(sorted(QUANTIZERS))})")
-        kind = value["type"]
-        if kind not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer type {kind!r} (allowed: {', '.join(sorted(QUANTIZERS))})")
-        return QUANTIZERS[kind].model_validate(value)
+        return _pick_quantizer(value)
+
+    @property
+    def top_quantizer(self) -> QuantizerConfig:
+        """The vqvae2 top level's quantizer (the bottom's settings unless given)."""
+        return self.vqvae2.top_quantizer or self.quantizer
+
+    def training_settings(self) -> dict:
+        """What a checkpoint must agree on to be resumed (everything but RESUMABLE_CHANGES)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
 
     @field_validator("downsample")
     @classmethod
@@ -208,6 +295,28 @@ class Params(BaseModel):
         tok = self.train_tokenizer
         for key, msg in tok.quantizer.latent_problems(tok.latent_dim):
             problems.append((f"train_tokenizer.quantizer.{key}", msg))
+        if tok.arch == "vqvae2":
+            top = factor * tok.vqvae2.top_downsample
+            if size % top:
+                problems.append(
+                    ("train_tokenizer.vqvae2.top_downsample", f"downsample x top_downsample = {top} does not divide shard.image_size={size}")
+                )
+            if tok.vqvae2.top_quantizer is not None:
+                for key, msg in tok.vqvae2.top_quantizer.latent_problems(tok.latent_dim):
+                    problems.append((f"train_tokenizer.vqvae2.top_quantizer.{key}", msg))
+        if tok.arch == "vqgan" and size < 2 ** (tok.vqgan.disc_layers + 2):
+            problems.append(
+                ("train_tokenizer.vqgan.disc_layers", f"{tok.vqgan.disc_layers} layers need images of at least {2 ** (tok.vqgan.disc_layers + 2)} pixels, shard.image_size is {size}")
+            )
+        if tok.perceptual_weight > 0:
+            if not tok.perceptual_weights:
+                problems.append(
+                    ("train_tokenizer.perceptual_weights", f"perceptual_weight is {tok.perceptual_weight} but no LPIPS weights file is given (a local path; nothing is downloaded)")
+                )
+            elif not Path(tok.perceptual_weights).is_file():
+                problems.append(("train_tokenizer.perceptual_weights", f"{tok.perceptual_weights} not found"))
+        if tok.batch_size % tok.workers:
+            problems.append(("train_tokenizer.batch_size", f"{tok.batch_size} does not split evenly over workers={tok.workers}"))
         return problems
 
 

@@ -201,8 +201,9 @@ def load_split(shard_dir: str | Path, split: str, limit: int | None = None) -> t
 
 
 def iter_shard(url: str) -> Iterator[dict]:
-    """Raw samples of one shard, in order (bytes per field plus `__key__`)."""
-    yield from wds.WebDataset(url, shardshuffle=False, empty_check=False)
+    """Raw samples of one shard, in order (bytes per field plus `__key__`). The shard is read
+    whole wherever this runs: no splitting by DataLoader worker or torch.distributed rank."""
+    yield from wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ def tokenize_shard(tokenizer, shard_url: str, out_dir: str | Path, batch_size: i
     """Encode every image of a shard; rows written + samples rejected = samples read."""
     keys: list[str] = []
     labels: list[int] = []
-    tokens: list[np.ndarray] = []
+    tokens: dict[str, list[np.ndarray]] = {name: [] for name in tokenizer.token_columns}
     rejects: list[dict] = []
     batch: list[np.ndarray] = []
     samples = 0
@@ -42,9 +42,8 @@ def tokenize_shard(tokenizer, shard_url: str, out_dir: str | Path, batch_size: i
     def flush() -> None:
         if batch:
             x = torch.from_numpy(np.stack(batch)).float().div_(255.0)
-            # (b, h, w[, m]) -> (b, h*w, m): one (h*w)-long row per token column.
-            indices = tokenizer.encode(x).cpu().reshape(len(batch), -1, tokenizer.tokens_per_position)
-            tokens.append(indices.numpy())
+            for name, column in tokenizer.encode_columns(x).items():
+                tokens[name].append(column.cpu().numpy())
             batch.clear()
 
     for sample in iter_shard(shard_url):
@@ -65,13 +64,16 @@ def tokenize_shard(tokenizer, shard_url: str, out_dir: str | Path, batch_size: i
             flush()
     flush()
 
-    h, w = tokenizer.grid
-    stacked = np.concatenate(tokens) if tokens else np.zeros((0, h * w, tokenizer.tokens_per_position), dtype=np.int64)
-    columns = {name: stacked[:, :, i] for i, name in enumerate(tokenizer.token_columns)}
+    grids = tokenizer.column_grids
+    columns = {
+        name: np.concatenate(chunks) if chunks else np.zeros((0, grids[name][0] * grids[name][1]), dtype=np.int64)
+        for name, chunks in tokens.items()
+    }
     label_array = np.asarray(labels, dtype=np.int32) if any(lbl >= 0 for lbl in labels) else None
     table = token_table(
         keys, columns, label_array,
-        fingerprint=tokenizer.fingerprint, codebook_size=tokenizer.codebook_size, grid=tokenizer.grid,
+        fingerprint=tokenizer.fingerprint, codebook_size=tokenizer.codebook_size, grid=grids,
+        levels=[tokenizer.level_columns(level) for level in tokenizer.levels],
     )
     name = part_name(shard_url)
     write_part(table, Path(out_dir) / name)

@@ -3,20 +3,23 @@
 Columns: `key` string; the token columns, each list<uint16> (list<uint32> past 65,536 codes) of
 one image's h*w tokens in raster order: `tokens` for a quantizer with one token per position,
 one column per group or stage for product and residual quantizers (`tokens_group0`,
-`tokens_group1`, ... / `tokens_stage0` (coarsest), `tokens_stage1`, ...); `label` int32 when
-labelled. Schema metadata: `vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size`, `vqpipe.grid`
-(JSON: token column -> [h, w], in column order), `vqpipe.version`. Parts are written under a
-temporary name and renamed when complete, so a part that exists is whole. `_manifest.json`
-lists the parts.
+`tokens_group1`, ... / `tokens_stage0` (coarsest), `tokens_stage1`, ...), one per level for a
+hierarchical tokenizer (`tokens_top`, `tokens_bottom`; `tokens_top_group0`, ... when a level has
+several tokens per position); `label` int32 when labelled. Schema metadata:
+`vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size` (the largest level's), `vqpipe.grid`
+(JSON: token column -> [h, w], in column order), `vqpipe.levels` (JSON: the columns of each
+level, coarsest first), `vqpipe.version`. Parts are written under a temporary name and renamed
+when complete, so a part that exists is whole. `_manifest.json` lists the parts.
 
 Read without a Python loop per row:
 
     data = read_tokens(parts, fingerprint=tokenizer.fingerprint)
     data.tokens  # (n, h*w*m) int64: the sequence a prior models
 
-Flattening order of several token columns (the order of `Tokenizer.flatten`): position by
-position in raster order, and within a position its m tokens in column order, so
-[p0 group0, p0 group1, p1 group0, p1 group1, ...].
+Flattening order of several token columns (the order of `Tokenizer.flatten`): level by level,
+coarsest first; within a level position by position in raster order, and within a position its
+m tokens in column order, so [p0 group0, p0 group1, p1 group0, p1 group1, ...], or
+[top p0, top p1, ..., bottom p0, bottom p1, ...].
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ MANIFEST = "_manifest.json"
 META_FINGERPRINT = b"vqpipe.tokenizer_fingerprint"
 META_CODEBOOK = b"vqpipe.codebook_size"
 META_GRID = b"vqpipe.grid"
+META_LEVELS = b"vqpipe.levels"
 META_VERSION = b"vqpipe.version"
 
 
@@ -63,9 +67,15 @@ def token_table(
     *,
     fingerprint: str,
     codebook_size: int,
-    grid: tuple[int, int],
+    grid: tuple[int, int] | dict[str, tuple[int, int]],
+    levels: list[list[str]] | None = None,
 ) -> pa.Table:
-    """tokens: column name -> (n, h*w) array, in column order; every column has grid `grid`."""
+    """tokens: column name -> (n, h*w) array, in column order. grid: every column's (h, w), or
+    one per column; levels: the columns of each level, coarsest first (default: one level)."""
+    grids = grid if isinstance(grid, dict) else {name: grid for name in tokens}
+    levels = levels or [list(tokens)]
+    if [c for level in levels for c in level] != list(tokens) or list(grids) != list(tokens):
+        raise ValueError(f"levels {levels} and grids {list(grids)} must list the token columns {list(tokens)} in order")
     columns = {"key": pa.array(keys, type=pa.string())}
     for name, matrix in tokens.items():
         columns[name] = tokens_array(matrix, codebook_size)
@@ -74,7 +84,8 @@ def token_table(
     metadata = {
         META_FINGERPRINT: fingerprint.encode(),
         META_CODEBOOK: str(codebook_size).encode(),
-        META_GRID: json.dumps({name: list(grid) for name in tokens}).encode(),
+        META_GRID: json.dumps({name: list(grids[name]) for name in tokens}).encode(),
+        META_LEVELS: json.dumps(levels).encode(),
         META_VERSION: __version__.encode(),
     }
     return pa.table(columns).replace_schema_metadata(metadata)
@@ -91,6 +102,7 @@ class PartInfo:
     codebook_size: int
     grid: dict  # token column -> [h, w], in column order
     rows: int
+    levels: list  # the token columns of each level, coarsest first
 
     @property
     def token_columns(self) -> list[str]:
@@ -107,17 +119,32 @@ def part_info(path: str | Path) -> PartInfo:
         codebook_size=int(schema_meta[META_CODEBOOK]),
         grid=json.loads(schema_meta[META_GRID]),
         rows=meta.num_rows,
+        # Parts written before hierarchical tokenizers have one level.
+        levels=json.loads(schema_meta[META_LEVELS]) if META_LEVELS in schema_meta else [list(json.loads(schema_meta[META_GRID]))],
     )
 
 
 @dataclass
 class TokenData:
     keys: list[str]
-    tokens: np.ndarray  # (n, L) int64, L = h*w*m flattened position by position (see the module doc)
+    tokens: np.ndarray  # (n, L) int64, flattened level by level, position by position (see the module doc)
     labels: np.ndarray | None  # (n,) int64, -1 where unlabelled; None when no part has labels
     codebook_size: int
     grid: dict
     columns: list[str]
+    levels: list
+
+    def column(self, name: str) -> np.ndarray:
+        """(n, h*w) tokens of one token column: a strided view into `tokens`."""
+        start = 0
+        for level in self.levels:
+            h, w = self.grid[level[0]]
+            width = h * w * len(level)
+            if name in level:
+                block = self.tokens[:, start : start + width].reshape(len(self.tokens), h * w, len(level))
+                return block[:, :, level.index(name)]
+            start += width
+        raise KeyError(f"no token column {name!r} (columns: {', '.join(self.columns)})")
 
 
 def list_to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -145,17 +172,19 @@ def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> Toke
                 "re-tokenize (dvc repro tokenize) or use the matching tokenizer"
             )
     columns = infos[0].token_columns
+    levels = infos[0].levels
     for path, info in zip(paths, infos):
-        if info.token_columns != columns or info.grid != infos[0].grid:
+        if info.token_columns != columns or info.grid != infos[0].grid or info.levels != levels:
             raise TokenShardMismatch(f"{path} has token columns {info.grid}, {paths[0]} has {infos[0].grid}")
     tables = [pq.read_table(p) for p in paths]
     keys, tokens, labels = [], [], []
     has_labels = any("label" in t.column_names for t in tables)
     for table in tables:
         keys.extend(table.column("key").to_pylist())
-        matrices = [list_to_matrix(table.column(name)) for name in columns]
-        # (n, h*w, m) -> (n, h*w*m): a position's m tokens side by side.
-        tokens.append(np.stack(matrices, axis=-1).reshape(table.num_rows, -1))
+        # Per level (n, h*w, m) -> (n, h*w*m): a position's m tokens side by side; then the
+        # levels one after the other, coarsest first.
+        blocks = [np.stack([list_to_matrix(table.column(name)) for name in level], axis=-1).reshape(table.num_rows, -1) for level in levels]
+        tokens.append(np.concatenate(blocks, axis=1))
         if has_labels:
             labels.append(
                 table.column("label").to_numpy().astype(np.int64)
@@ -169,6 +198,7 @@ def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> Toke
         codebook_size=infos[0].codebook_size,
         grid=infos[0].grid,
         columns=columns,
+        levels=levels,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import numpy as np
 
@@ -32,21 +33,27 @@ def _column_stats(tokens: np.ndarray, codebook_size: int) -> tuple[float, float]
     return len(counts) / codebook_size * 100.0, float(-(probs * np.log(probs)).sum())
 
 
-def codebook_stats(tokens: np.ndarray, codebook_size: int, tokens_per_position: int = 1) -> dict[str, float]:
+def codebook_stats(columns: Mapping[str, np.ndarray], codebook_sizes: Mapping[str, int]) -> dict[str, float]:
     """Usage (% of codes that appear), perplexity (exp entropy, in codes) and the unigram
     entropy in bits per token: the cost of coding the tokens by frequency alone.
 
-    tokens: (n, L) flattened sequences. With m tokens per position (product groups, residual
-    stages; see `Tokenizer.flatten`) each of the m columns is its own distribution: the figures
-    are their means, and the unigram entropy is what coding each column by its own
-    frequencies costs per token (the baseline a prior that knows the position must beat)."""
-    tokens = np.asarray(tokens)
-    if tokens.size == 0:
+    columns: token column -> (n, L_c) tokens (`TokenData.column`). Each column (a product
+    group, residual stage or hierarchical level) is its own distribution over its own codebook:
+    usage and perplexity are the columns' means, and the unigram entropy is what coding each
+    column by its own frequencies costs per token, weighted by the column's tokens per image
+    (the baseline a prior that knows the position must beat)."""
+    stats, weights = [], []
+    for name, tokens in columns.items():
+        tokens = np.asarray(tokens)
+        if tokens.size == 0:
+            continue
+        stats.append(_column_stats(tokens, codebook_sizes[name]))
+        weights.append(tokens.shape[1] if tokens.ndim == 2 else 1)
+    if not stats:
         return {"codebook_usage": 0.0, "perplexity": 0.0, "unigram_bits_per_token": 0.0}
-    columns = tokens.reshape(-1, tokens_per_position)
-    usage, entropy = zip(*(_column_stats(columns[:, i], codebook_size) for i in range(tokens_per_position)))
+    usage, entropy = zip(*stats)
     return {
         "codebook_usage": float(np.mean(usage)),
         "perplexity": float(np.mean([math.exp(e) for e in entropy])),
-        "unigram_bits_per_token": float(np.mean(entropy)) / math.log(2),
+        "unigram_bits_per_token": float(np.average(entropy, weights=weights)) / math.log(2),
     }

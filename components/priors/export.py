@@ -17,7 +17,8 @@ class PriorMismatch(ValueError):
     """A prior trained on another tokenizer's tokens."""
 
 
-def save_prior(path: str | Path, model: TransformerPrior, *, tokenizer_fingerprint: str, grid: tuple[int, int], class_names: list[str] | None) -> None:
+def save_prior(path: str | Path, model: TransformerPrior, *, tokenizer_fingerprint: str, grid: dict[str, tuple[int, int]], class_names: list[str] | None) -> None:
+    """grid: token column -> (h, w) of the tokenizer the prior models (`Tokenizer.column_grids`)."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp))
@@ -26,7 +27,7 @@ def save_prior(path: str | Path, model: TransformerPrior, *, tokenizer_fingerpri
         {
             "model": model.cfg.to_dict(),
             "tokenizer_fingerprint": tokenizer_fingerprint,
-            "grid": list(grid),
+            "grid": {name: list(g) for name, g in grid.items()},
             "class_names": class_names,
             "vqpipe_version": __version__,
         },
@@ -49,8 +50,11 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu", tokenizer=N
             problems.append(f"codebook size {cfg.vocab_size} != {tokenizer.codebook_size}")
         if cfg.seq_len != tokenizer.num_tokens:
             problems.append(f"{cfg.seq_len} tokens per image != {tokenizer.num_tokens}")
-        if tuple(meta["grid"]) != tuple(tokenizer.grid):
-            problems.append(f"grid {tuple(meta['grid'])} != {tuple(tokenizer.grid)}")
+        grids = {name: list(g) for name, g in tokenizer.column_grids.items()}
+        # Priors saved before per-column grids stored one [h, w].
+        saved = meta["grid"] if isinstance(meta["grid"], dict) else {name: list(meta["grid"]) for name in grids}
+        if saved != grids:
+            problems.append(f"token grids {saved} != {grids}")
         if problems:
             raise PriorMismatch(f"prior {path} does not match the tokenizer: " + "; ".join(problems))
     model = TransformerPrior(cfg)

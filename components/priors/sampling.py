@@ -30,11 +30,14 @@ def sample(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    vocab_limits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw n token sequences: (n, L) int64. `labels` (n,) for a conditional prior.
 
     With `use_cache` each step feeds one token and reuses every earlier key/value; without it
-    each step recomputes the whole prefix (the reference the cache is tested against)."""
+    each step recomputes the whole prefix (the reference the cache is tested against).
+    `vocab_limits` (L,): position i draws only from [0, vocab_limits[i]) (`Tokenizer.vocab_limits`:
+    a hierarchical level whose codebook is smaller than the vocabulary)."""
     model.eval()
     device = next(model.parameters()).device
     length = model.cfg.seq_len
@@ -46,7 +49,11 @@ def sample(
             logits, cache = model.forward_tokens(idx[:, -1:] if i else idx, start=i, cache=cache)
         else:
             logits, _ = model.forward_tokens(idx)
-        probs = torch.softmax(filter_logits(logits[:, -1], temperature, top_k), dim=-1)
+        step_logits = logits[:, -1]
+        if vocab_limits is not None and int(vocab_limits[i]) < step_logits.shape[-1]:
+            step_logits = step_logits.clone()
+            step_logits[:, int(vocab_limits[i]) :] = float("-inf")
+        probs = torch.softmax(filter_logits(step_logits, temperature, top_k), dim=-1)
         nxt = torch.multinomial(probs, 1, generator=generator)
         out[:, i] = nxt[:, 0]
         idx = torch.cat([idx, nxt], dim=1)

@@ -6,22 +6,28 @@ An export is a directory with `config.json` (architecture and quantizer settings
     tok = Tokenizer.load("models/tokenizer")
     indices = tok.encode(images)        # (b, 3, H, W) float in [0, 1] -> (b, h, w) int64
     images = tok.decode(indices)        # -> (b, 3, H, W) float in [0, 1]
+    tokens = tok.flatten(indices)       # (b, num_tokens): the sequence a prior models
+
+A hierarchical (vqvae2) tokenizer gives and takes a dict of indices per level instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from components import __version__
 from components.io import atomic_write, write_json
 from components.quantizers import QUANTIZERS
 from components.tokenizers.vqvae import VQVAE
+from components.tokenizers.vqvae2 import VQVAE2
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,26 +49,46 @@ def state_fingerprint(config: dict, state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def build_model(config: dict) -> VQVAE:
-    if config.get("arch") != "vqvae":
-        raise ValueError(f"unknown tokenizer arch {config.get('arch')!r} in config (allowed: vqvae)")
-    quant = dict(config["quantizer"])
+ARCHS = ("vqvae", "vqvae2", "vqgan")
+
+
+def _quantizer(config: dict, where: str):
+    quant = dict(config)
     kind = quant.get("type")
     if kind not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer type {kind!r} in config (allowed: {', '.join(sorted(QUANTIZERS))})")
-    return VQVAE(
-        quantizer=QUANTIZERS[kind].model_validate(quant),
-        channels=config["channels"],
-        num_downsamples=config["num_downsamples"],
-        num_res_blocks=config["num_res_blocks"],
-        latent_dim=config["latent_dim"],
-    )
+        raise ValueError(f"unknown quantizer type {kind!r} in {where} (allowed: {', '.join(sorted(QUANTIZERS))})")
+    return QUANTIZERS[kind].model_validate(quant)
+
+
+def build_model(config: dict) -> nn.Module:
+    """The architecture an export's config.json describes (`vqgan` exports its generator, a VQVAE)."""
+    arch = config.get("arch")
+    common = {k: config[k] for k in ("channels", "num_downsamples", "num_res_blocks", "latent_dim")}
+    if arch in ("vqvae", "vqgan"):
+        return VQVAE(quantizer=_quantizer(config["quantizer"], "config quantizer"), **common)
+    if arch == "vqvae2":
+        return VQVAE2(
+            quantizer=_quantizer(config["quantizer"], "config quantizer"),
+            top_quantizer=_quantizer(config["top_quantizer"], "config top_quantizer"),
+            top_downsamples=int(math.log2(config["top_downsample"])),
+            **common,
+        )
+    raise ValueError(f"unknown tokenizer arch {arch!r} in config (allowed: {', '.join(ARCHS)})")
+
+
+def _column_prefix(level: str) -> str:
+    return f"tokens_{level}" if level else "tokens"
 
 
 class Tokenizer:
-    """A trained VQ tokenizer in eval mode. Images are (b, 3, H, W) floats in [0, 1]."""
+    """A trained VQ tokenizer in eval mode. Images are (b, 3, H, W) floats in [0, 1].
 
-    def __init__(self, model: VQVAE, config: dict, device: str | torch.device = "cpu"):
+    Indices: for a one-level tokenizer (vqvae, vqgan) a tensor (b, h, w), or (b, h, w, m) with
+    m tokens per position (product groups, residual stages). For a hierarchical one (vqvae2) a
+    dict level -> such a tensor, levels coarsest first (`levels`: top, bottom). `flatten` turns
+    either into the (b, num_tokens) sequence a prior models."""
+
+    def __init__(self, model: nn.Module, config: dict, device: str | torch.device = "cpu"):
         self.model = model.eval().to(device)
         self.config = config
         self.device = torch.device(device)
@@ -73,70 +99,147 @@ class Tokenizer:
         return self.config["image_size"]
 
     @property
-    def grid(self) -> tuple[int, int]:
-        side = self.config["image_size"] // 2 ** self.config["num_downsamples"]
+    def levels(self) -> tuple[str, ...]:
+        """Token levels, coarsest first: ("",) for one level, ("top", "bottom") for vqvae2."""
+        return tuple(self.model.levels)
+
+    @property
+    def hierarchical(self) -> bool:
+        return len(self.levels) > 1
+
+    def level_grid(self, level: str) -> tuple[int, int]:
+        side = self.config["image_size"] // self.model.level_downsample[level]
         return (side, side)
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """The finest level's grid (the only one of a one-level tokenizer)."""
+        return self.level_grid(self.levels[-1])
+
+    def _quantizer(self, level: str):
+        return self.model.quantizers[level]
+
+    @property
     def codebook_size(self) -> int:
-        """Tokens lie in [0, codebook_size) (per group or stage for product and residual)."""
-        return self.model.quantizer.codebook_size
+        """Tokens lie in [0, codebook_size): the prior's vocabulary (the largest level's
+        codebook; per group or stage for product and residual)."""
+        return max(self._quantizer(level).codebook_size for level in self.levels)
 
     @property
     def tokens_per_position(self) -> int:
-        """1, or the groups (product) / stages (residual) of each grid position."""
-        return self.model.quantizer.tokens_per_position
+        """1, or the groups (product) / stages (residual) of each grid position (of the finest level)."""
+        return self._quantizer(self.levels[-1]).tokens_per_position
+
+    def level_columns(self, level: str) -> list[str]:
+        q, prefix = self._quantizer(level), _column_prefix(level)
+        return [prefix] if q.tokens_per_position == 1 else [f"{prefix}_{name}" for name in q.token_names]
 
     @property
     def token_columns(self) -> list[str]:
-        """Parquet token columns: `tokens`, or one per group/stage (`tokens_group0`, ...)."""
-        if self.tokens_per_position == 1:
-            return ["tokens"]
-        return [f"tokens_{name}" for name in self.model.quantizer.token_names]
+        """Parquet token columns, coarsest level first: `tokens`, one per group/stage
+        (`tokens_group0`, ...), or per level (`tokens_top`, `tokens_bottom`, ...)."""
+        return [c for level in self.levels for c in self.level_columns(level)]
 
     @property
-    def index_shape(self) -> tuple[int, ...]:
-        """Shape of one image's indices: (h, w), or (h, w, m) with m tokens per position."""
-        m = self.tokens_per_position
-        return self.grid if m == 1 else (*self.grid, m)
+    def column_grids(self) -> dict[str, tuple[int, int]]:
+        return {c: self.level_grid(level) for level in self.levels for c in self.level_columns(level)}
+
+    @property
+    def column_codebook_sizes(self) -> dict[str, int]:
+        return {c: self._quantizer(level).codebook_size for level in self.levels for c in self.level_columns(level)}
+
+    def level_index_shape(self, level: str) -> tuple[int, ...]:
+        m = self._quantizer(level).tokens_per_position
+        return self.level_grid(level) if m == 1 else (*self.level_grid(level), m)
+
+    @property
+    def index_shape(self) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+        """Shape of one image's indices: (h, w) or (h, w, m); a dict per level when hierarchical."""
+        shapes = {level: self.level_index_shape(level) for level in self.levels}
+        return shapes if self.hierarchical else shapes[self.levels[0]]
+
+    def _level_tokens(self, level: str) -> int:
+        return math.prod(self.level_index_shape(level))
 
     @property
     def num_tokens(self) -> int:
         """Length of one image's flattened token sequence (what a prior models)."""
-        h, w = self.grid
-        return h * w * self.tokens_per_position
+        return sum(self._level_tokens(level) for level in self.levels)
 
-    def flatten(self, indices: torch.Tensor) -> torch.Tensor:
-        """(b, *index_shape) -> (b, num_tokens). The documented order: raster over the grid
-        (row by row), and within a position its m tokens in order (group 0..M-1, or stage 0
-        (coarsest) .. N-1) before the next position's."""
-        return indices.reshape(indices.shape[0], -1)
+    def vocab_limits(self) -> torch.Tensor:
+        """(num_tokens,) codebook size at each position of the flattened sequence: a level with
+        a smaller codebook than `codebook_size` must not be sampled past its own."""
+        return torch.cat([torch.full((self._level_tokens(lv),), self._quantizer(lv).codebook_size) for lv in self.levels])
 
-    def unflatten(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(b, num_tokens) -> (b, *index_shape): the inverse of `flatten`."""
+    def _as_levels(self, indices) -> dict[str, torch.Tensor]:
+        if isinstance(indices, dict):
+            if set(indices) != set(self.levels):
+                raise ValueError(f"expected indices for levels {list(self.levels)}, got {list(indices)}")
+            return indices
+        if self.hierarchical:
+            raise ValueError(f"a hierarchical tokenizer takes a dict of indices per level ({', '.join(self.levels)})")
+        return {self.levels[0]: indices}
+
+    def _from_levels(self, by_level: dict[str, torch.Tensor]):
+        return by_level if self.hierarchical else by_level[self.levels[0]]
+
+    def flatten(self, indices) -> torch.Tensor:
+        """indices (see the class doc) -> (b, num_tokens). The documented order: level by level,
+        coarsest first; within a level raster over the grid (row by row), and within a position
+        its m tokens in order (group 0..M-1, or stage 0 (coarsest) .. N-1) before the next
+        position's."""
+        by_level = self._as_levels(indices)
+        return torch.cat([by_level[lv].reshape(by_level[lv].shape[0], -1) for lv in self.levels], dim=1)
+
+    def unflatten(self, tokens: torch.Tensor):
+        """(b, num_tokens) -> indices: the inverse of `flatten`."""
         if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens:
             raise ValueError(f"expected token sequences of shape (b, {self.num_tokens}), got {tuple(tokens.shape)}")
-        return tokens.reshape(tokens.shape[0], *self.index_shape)
+        out, start = {}, 0
+        for level in self.levels:
+            n = self._level_tokens(level)
+            out[level] = tokens[:, start : start + n].reshape(tokens.shape[0], *self.level_index_shape(level))
+            start += n
+        return self._from_levels(out)
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(b, 3, H, W) in [0, 1] -> (b, *index_shape) int64 code indices."""
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"expected images of shape (b, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        x = images.to(self.device, torch.float32) * 2.0 - 1.0
-        return self.model.quantizer(self.model.encode_latent(x)).indices
+        return images.to(self.device, torch.float32) * 2.0 - 1.0
 
     @torch.no_grad()
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """(b, *index_shape) code indices -> (b, 3, H, W) in [0, 1]."""
-        if indices.ndim != 1 + len(self.index_shape) or tuple(indices.shape[1:]) != self.index_shape:
-            raise ValueError(f"expected indices of shape (b, {', '.join(map(str, self.index_shape))}), got {tuple(indices.shape)}")
-        indices = indices.to(self.device, torch.long)
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
-            raise ValueError(f"indices outside [0, {self.codebook_size})")
-        codes = self.model.quantizer.indices_to_codes(indices)
-        return ((self.model.decode_codes(codes) + 1.0) / 2.0).clamp(0.0, 1.0)
+    def encode(self, images: torch.Tensor):
+        """(b, 3, H, W) in [0, 1] -> int64 indices (see the class doc)."""
+        return self._from_levels(self.model.encode_indices(self._check_images(images)))
+
+    @torch.no_grad()
+    def encode_columns(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(b, 3, H, W) in [0, 1] -> token column -> (b, h*w) indices, in `token_columns` order."""
+        by_level = self.model.encode_indices(self._check_images(images))
+        out = {}
+        for level in self.levels:
+            idx = by_level[level].reshape(images.shape[0], -1, self._quantizer(level).tokens_per_position)
+            for i, column in enumerate(self.level_columns(level)):
+                out[column] = idx[:, :, i]
+        return out
+
+    @torch.no_grad()
+    def decode(self, indices) -> torch.Tensor:
+        """indices (see the class doc) -> (b, 3, H, W) in [0, 1]."""
+        by_level = self._as_levels(indices)
+        checked = {}
+        for level in self.levels:
+            idx, shape = by_level[level], self.level_index_shape(level)
+            where = f" of level {level!r}" if level else ""
+            if idx.ndim != 1 + len(shape) or tuple(idx.shape[1:]) != shape:
+                raise ValueError(f"expected indices{where} of shape (b, {', '.join(map(str, shape))}), got {tuple(idx.shape)}")
+            size = self._quantizer(level).codebook_size
+            idx = idx.to(self.device, torch.long)
+            if idx.numel() and (idx.min() < 0 or idx.max() >= size):
+                raise ValueError(f"indices{where} outside [0, {size})")
+            checked[level] = idx
+        return ((self.model.decode_indices(checked) + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -182,4 +285,9 @@ def export_config(cfg, image_size: int) -> dict:
         "num_res_blocks": cfg.num_res_blocks,
         "latent_dim": cfg.latent_dim,
         "quantizer": cfg.quantizer.model_dump(),
+        **(
+            {"top_downsample": cfg.vqvae2.top_downsample, "top_quantizer": cfg.top_quantizer.model_dump()}
+            if cfg.arch == "vqvae2"
+            else {}
+        ),
     }

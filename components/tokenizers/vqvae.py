@@ -1,28 +1,44 @@
-"""VQ-VAE: convolutional encoder -> quantizer -> convolutional decoder."""
+"""VQ-VAE: convolutional encoder -> quantizer -> convolutional decoder.
+
+Every tokenizer architecture offers the same interface to training and to `Tokenizer`:
+`levels` (names of its token levels, coarsest first; "" for a single level), `quantizers`
+(level -> quantizer), `level_downsample` (level -> spatial factor), `encode_indices`,
+`decode_indices`, `last_layer` (the decoder's last weight, for VQ-GAN's adaptive weight) and
+`forward(x) -> TokenizerOutput`.
+"""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from components.quantizers import QuantizerConfig
 from components.tokenizers.blocks import Decoder, Encoder
 
 
-class VQVAEOutput(NamedTuple):
-    """reconstruction: (b, 3, H, W) in model space [-1, 1]; indices: (b, h, w);
-    loss: total (reconstruction + quantizer); parts: detached scalars for logging."""
+class TokenizerOutput(NamedTuple):
+    """reconstruction: (b, 3, H, W) in model space [-1, 1]; indices: level -> (b, h, w[, m]);
+    quant_loss: the quantizers' codebook/commitment terms (the reconstruction loss is the
+    training objective's, see `losses.py`); parts: detached scalars for logging."""
 
     reconstruction: torch.Tensor
-    indices: torch.Tensor
-    loss: torch.Tensor
+    indices: dict[str, torch.Tensor]
+    quant_loss: torch.Tensor
     parts: dict[str, torch.Tensor]
 
 
+def quantize_fp32(quantizer: nn.Module, z: torch.Tensor):
+    """Under an autocast context the convolutions run in reduced precision; the quantizer
+    (distances, EMA statistics) always runs in fp32."""
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        return quantizer(z.float())
+
+
 class VQVAE(nn.Module):
+    levels: tuple[str, ...] = ("",)
+
     def __init__(
         self,
         quantizer: QuantizerConfig,
@@ -38,6 +54,18 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(in_channels, channels, num_downsamples, num_res_blocks, latent_dim)
         self.downsample = 2**num_downsamples
 
+    @property
+    def quantizers(self) -> dict[str, nn.Module]:
+        return {"": self.quantizer}
+
+    @property
+    def level_downsample(self) -> dict[str, int]:
+        return {"": self.downsample}
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.net[-1].weight
+
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """(b, 3, H, W) -> channels-last latent (b, h, w, d), the quantizer's input."""
         return self.encoder(x).permute(0, 2, 3, 1)
@@ -46,14 +74,14 @@ class VQVAE(nn.Module):
         """(b, h, w, d) code vectors -> (b, 3, H, W)."""
         return self.decoder(codes.permute(0, 3, 1, 2).contiguous())
 
-    def forward(self, x: torch.Tensor) -> VQVAEOutput:
-        """Under an autocast context the convolutions run in reduced precision; the quantizer
-        (distances, EMA statistics) always runs in fp32."""
-        z = self.encode_latent(x)
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            q = self.quantizer(z.float())
+    def encode_indices(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"": self.quantizer(self.encode_latent(x)).indices}
+
+    def decode_indices(self, indices: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.decode_codes(self.quantizer.indices_to_codes(indices[""]))
+
+    def forward(self, x: torch.Tensor) -> TokenizerOutput:
+        q = quantize_fp32(self.quantizer, self.encode_latent(x))
         reconstruction = self.decode_codes(q.quantized)
-        recon_loss = F.mse_loss(reconstruction.float(), x.float())
-        loss = recon_loss + q.loss
-        parts = {"recon_loss": recon_loss.detach(), "quant_loss": q.loss.detach(), **q.stats}
-        return VQVAEOutput(reconstruction, q.indices, loss, parts)
+        parts = {"quant_loss": q.loss.detach(), **q.stats}
+        return TokenizerOutput(reconstruction, {"": q.indices}, q.loss, parts)

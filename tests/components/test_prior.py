@@ -63,12 +63,15 @@ def test_prior_export_refuses_another_tokenizer(tmp_path):
     model = _prior()
 
     class FakeTokenizer:
-        fingerprint, codebook_size, grid, num_tokens = "a" * 64, 11, (3, 3), 9
+        fingerprint, codebook_size, column_grids, num_tokens = "a" * 64, 11, {"tokens": (3, 3)}, 9
 
-    save_prior(tmp_path, model, tokenizer_fingerprint="a" * 64, grid=(3, 3), class_names=["x", "y", "z"])
+    save_prior(tmp_path, model, tokenizer_fingerprint="a" * 64, grid={"tokens": (3, 3)}, class_names=["x", "y", "z"])
     loaded, meta = load_prior(tmp_path, tokenizer=FakeTokenizer())
     assert meta["class_names"] == ["x", "y", "z"]
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     FakeTokenizer.fingerprint = "b" * 64
     with pytest.raises(PriorMismatch, match="fingerprint"):
+        load_prior(tmp_path, tokenizer=FakeTokenizer())
+    FakeTokenizer.fingerprint, FakeTokenizer.column_grids = "a" * 64, {"tokens_top": (3, 3)}
+    with pytest.raises(PriorMismatch, match="grids"):
         load_prior(tmp_path, tokenizer=FakeTokenizer())

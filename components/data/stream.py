@@ -1,0 +1,116 @@
+"""The training stream: endless, shuffled, deterministic batches from WebDataset shards, split
+over distributed ranks and DataLoader workers, and resumable at a batch.
+
+Every (rank, loader worker) pair plays a *role* g of G = world_size x loader workers. Per epoch
+the shard order is shuffled from (seed, epoch), the same for every role; role g then reads the
+shards g, g+G, ... of that order, or, when there are fewer shards than roles, every shard
+keeping the samples g, g+G, ... Samples pass a shuffle buffer seeded from (seed, g), undecoded,
+and are decoded only once they are kept, so skipping ahead costs reading, not decoding.
+
+Resuming at batch B: a DataLoader hands out batch i from worker i mod W. The resumed loader's
+worker w takes role (w + B) mod W, so its first batch is the one role B mod W would have made
+next, and each role skips the samples of the batches it had made before B. The batch sequence
+is then the uninterrupted run's, exactly, when the number of roles and the per-rank batch size
+are unchanged (`resumable_position`).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from components.data.images import decode_image, to_array
+from components.data.shards import iter_shard, sample_image_bytes, sample_label
+
+
+def batches_made_by(role: int, batches: int, workers: int) -> int:
+    """How many of the first `batches` batches DataLoader worker `role` (of `workers`) made."""
+    return max(0, (batches - role + workers - 1) // workers)
+
+
+class TrainingStream(IterableDataset):
+    """Yields (uint8 (b, 3, H, W), int64 (b,) labels) batches forever; use with
+    `DataLoader(stream, batch_size=None, num_workers=loader_workers)`."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        batch_size: int,
+        *,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        loader_workers: int = 0,
+        start_batch: int = 0,
+    ):
+        if not urls:
+            raise ValueError("no shards to read")
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.loader_workers = max(loader_workers, 1)
+        self.start_batch = start_batch
+
+    @property
+    def roles(self) -> int:
+        return self.world_size * self.loader_workers
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        local_role = (worker + self.start_batch) % self.loader_workers
+        role = self.rank * self.loader_workers + local_role
+        skip = batches_made_by(local_role, self.start_batch, self.loader_workers) * self.batch_size
+        images, labels = [], []
+        for i, sample in enumerate(self._shuffled(role)):
+            if i < skip:
+                continue
+            data = sample_image_bytes(sample)
+            if data is None:
+                raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+            images.append(torch.from_numpy(to_array(decode_image(data))))
+            labels.append(sample_label(sample))
+            if len(images) == self.batch_size:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+                images, labels = [], []
+
+    def _epochs(self, role: int) -> Iterator[dict]:
+        epoch = 0
+        while True:
+            order = list(self.urls)
+            random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
+            by_shard = len(order) >= self.roles
+            got = seen = 0
+            for n, url in enumerate(order):
+                if by_shard and n % self.roles != role:
+                    continue
+                for sample in iter_shard(url):
+                    seen += 1
+                    if not by_shard and (seen - 1) % self.roles != role:
+                        continue
+                    got += 1
+                    yield sample
+            if not got:
+                raise ValueError(f"training role {role} of {self.roles} got no samples from {len(order)} shards")
+            epoch += 1
+
+    def _shuffled(self, role: int) -> Iterator[dict]:
+        if not self.shuffle_buffer:
+            yield from self._epochs(role)
+            return
+        rng = random.Random(f"{self.seed}:buffer:{role}")
+        buffer: list[dict] = []
+        for sample in self._epochs(role):
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], sample = sample, buffer[j]
+            yield sample
