@@ -205,7 +205,9 @@ def quality_table(steps: int, images: int) -> None:
         with torch.no_grad():
             indices = torch.cat([tok.encode(val[i : i + 256]) for i in range(0, len(val), 256)])
             recon = torch.cat([tok.decode(indices[i : i + 256]) for i in range(0, len(val), 256)])
-        stats = codebook_stats(tok.flatten(indices).numpy(), tok.codebook_size, tok.tokens_per_position)
+            columns = [tok.encode_columns(val[i : i + 256]) for i in range(0, len(val), 256)]
+        columns = {c: torch.cat([part[c] for part in columns]).numpy() for c in tok.token_columns}
+        stats = codebook_stats(columns, tok.column_codebook_sizes)
         bits = tok.tokens_per_position * torch.log2(torch.tensor(float(tok.codebook_size))).item()
         print(
             f"| {name} | {tok.tokens_per_position} | {bits:.0f} | {psnr(recon, val).mean().item():.2f} dB | "

@@ -27,22 +27,19 @@ def _steps_per_second(batches, cfg, steps: int, warmup: int) -> float:
     """Median over 3 windows of steps/s, after `warmup` steps (k-means init, worker start-up)."""
     import torch
 
-    from pipelines.common import autocast_dtype, resolve_device
-    from pipelines.train_tokenizer import _build_model, train_step
+    from pipelines.common import resolve_device
+    from pipelines.train_tokenizer import build_trainer
 
     torch.manual_seed(0)
-    device = resolve_device(cfg.device)
-    model = _build_model(cfg).to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    amp_dtype = autocast_dtype(cfg.precision, device)
+    trainer = build_trainer(cfg, resolve_device(cfg.device))
     batches = iter(batches)
-    for images in itertools.islice(batches, warmup):
-        train_step(model, optimizer, images, device, amp_dtype)
+    for step, images in enumerate(itertools.islice(batches, warmup), start=1):
+        trainer.step(images, step)
     rates = []
     for _ in range(3):
         started = time.perf_counter()
         for images in itertools.islice(batches, steps // 3):
-            train_step(model, optimizer, images, device, amp_dtype)
+            trainer.step(images, warmup + 1)
         rates.append((steps // 3) / (time.perf_counter() - started))
     return statistics.median(rates)
 
@@ -61,7 +58,7 @@ def main() -> None:
     from components.data.shards import load_split
     from pipelines import shard
     from pipelines.common import Paths
-    from pipelines.train_tokenizer import _build_loader
+    from pipelines.train_tokenizer import build_loader
 
     work = Path(tempfile.mkdtemp(prefix="vqpipe-bench-loader-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -83,7 +80,7 @@ def main() -> None:
     print(f"| in-memory tensor | {reference:.2f} | 1.00 |", flush=True)
     for workers in (0, 1, 2):
         loader_cfg = cfg.model_copy(update={"num_workers": workers})
-        loader = (batch for batch, _labels in _build_loader(loader_cfg, paths))
+        loader = (batch for batch, _labels in build_loader(loader_cfg, paths.shards, loader_cfg.batch_size))
         rate = _steps_per_second(loader, loader_cfg, args.steps, args.warmup)
         print(f"| WebDataset loader, num_workers={workers} | {rate:.2f} | {rate / reference:.2f} |", flush=True)
 

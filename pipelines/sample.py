@@ -51,12 +51,13 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
             per_row = math.ceil(math.sqrt(cfg.num_images))
         n = len(labels) if labels is not None else cfg.num_images
 
+        limits = tokenizer.vocab_limits()
         started = time.perf_counter()
         tokens = []
         for start in range(0, n, cfg.batch_size):
             batch_labels = labels[start : start + cfg.batch_size] if labels is not None else None
             count = len(batch_labels) if batch_labels is not None else min(cfg.batch_size, n - start)
-            tokens.append(sample(prior, count, batch_labels, cfg.temperature, cfg.top_k, generator=generator))
+            tokens.append(sample(prior, count, batch_labels, cfg.temperature, cfg.top_k, generator=generator, vocab_limits=limits))
         tokens = torch.cat(tokens)
         elapsed = time.perf_counter() - started
         images = tokenizer.decode(tokenizer.unflatten(tokens)).cpu()

@@ -67,7 +67,8 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
         manifest = {
             "tokenizer_fingerprint": tokenizer.fingerprint,
             "codebook_size": tokenizer.codebook_size,
-            "grid": {name: list(tokenizer.grid) for name in tokenizer.token_columns},
+            "grid": {name: list(grid) for name, grid in tokenizer.column_grids.items()},
+            "levels": [tokenizer.level_columns(level) for level in tokenizer.levels],
             "classes": shard_manifest.get("classes"),
             "rows": {split: sum(p["rows"] for p in parts if p["split"] == split) for split in ("train", "val")},
             "rejected": sum(len(p["rejects"]) for p in parts),

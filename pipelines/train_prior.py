@@ -75,7 +75,7 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
                 log.info("step %d/%d  train %.3f  val %.3f bits/token  (%.1f steps/s)", step, cfg.steps, loss.item() / math.log(2), val_bits, step / (time.perf_counter() - started))
         metrics.flush()
 
-        save_prior(paths.prior, model.cpu(), tokenizer_fingerprint=tokenizer.fingerprint, grid=tokenizer.grid, class_names=class_names)
+        save_prior(paths.prior, model.cpu(), tokenizer_fingerprint=tokenizer.fingerprint, grid=tokenizer.column_grids, class_names=class_names)
         summary = {
             "steps": cfg.steps,
             "steps_per_second": cfg.steps / (time.perf_counter() - started),
