@@ -33,6 +33,7 @@ GRID_COLUMNS = 16
 class EvaluateResult:
     metrics: dict
     metrics_path: Path
+    run_id: str  # the stage's MLflow run
 
 
 def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
@@ -78,7 +79,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
             metrics["psnr"], metrics["ssim"], metrics["codebook_usage"], metrics["perplexity"],
             prior_bits, stats["unigram_bits_per_token"], active.info.run_id,
         )
-        return EvaluateResult(metrics, metrics_path)
+        return EvaluateResult(metrics, metrics_path, active.info.run_id)
 
 
 def _write_usage_csv(path: Path, tokens, codebook_size: int) -> None:

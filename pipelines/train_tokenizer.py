@@ -243,7 +243,7 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
     roles = world_size * max(loader_workers, 1)
     settings = {**cfg.training_settings(), "image_size": job.image_size, "data": job.data_fingerprint}
 
-    start, history, data_start = _restore(cfg, job, trainer, settings, rank, world_size, roles, per_rank, device)
+    start, history, data_start, previous_run = _restore(cfg, job, trainer, settings, rank, world_size, roles, per_rank, device)
     if rank > 0 and start == 0:
         torch.manual_seed(cfg.seed + 7919 * rank)  # replicas draw their own noise (dropout, Gumbel)
 
@@ -282,7 +282,9 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
             params["disc.parameters"] = sum(p.numel() for p in trainer.disc.parameters())
         metrics.client.log_batch(job.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
         if start:
+            # The steps before `start` were logged to the run that wrote the checkpoint.
             metrics.client.set_tag(job.run_id, "vqpipe.resumed_from_step", str(start))
+            metrics.client.set_tag(job.run_id, "vqpipe.resumed_from_run", previous_run)
         monitor = _system_metrics(job)
         val_images = to_float(load_split(job.shards, "val", limit=VAL_IMAGES)[0])
 
@@ -310,6 +312,10 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _checkpoint(job, trainer, settings, step, step == cfg.steps, roles, per_rank, metrics, world_size)
     finally:
+        # Stop the loader's worker processes now, not whenever the iterator is collected.
+        shutdown = getattr(locals().get("batches"), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
         if monitor is not None:
             monitor.finish()
     identical = _replicas_identical(trainer, world_size)
@@ -395,20 +401,22 @@ def _system_metrics(job: Job):
 
 
 def _restore(cfg, job: Job, trainer: TokenizerTrainer, settings: dict, rank: int, world_size: int, roles: int, per_rank: int, device):
-    """(start step, metric history, data position or None) from job.checkpoint_dir's checkpoint."""
+    """(start step, metric history, data position or None, MLflow run of the checkpoint) from
+    job.checkpoint_dir's checkpoint."""
     path = Path(job.checkpoint_dir)
+    fresh = 0, [], 0, ""
     if not cfg.resume:
-        return 0, [], 0
+        return fresh
     state = load_checkpoint(path, map_location=device)
     if state is None:
-        return 0, [], 0
+        return fresh
     diffs = compare_settings(state["settings"], settings)
     if state["complete"] and (diffs or state["step"] >= cfg.steps):
         # A finished run's checkpoint: its result is the stage's output (and in DVC's cache).
         # It is extended when only `steps` grew, else this is another run: start over.
         if rank == 0:
             log.info("checkpoint in %s is of a finished run (step %d); starting over", path, state["step"])
-        return 0, [], 0
+        return fresh
     if diffs:
         raise CheckpointMismatch(
             f"{path} holds an unfinished run (step {state['step']}) with other training settings:\n  "
@@ -425,7 +433,7 @@ def _restore(cfg, job: Job, trainer: TokenizerTrainer, settings: dict, rank: int
     if rank == 0:
         log.info("resuming from %s at step %d%s", path, state["step"],
                  "" if exact else " (workers or batch layout changed: continuing on fresh samples rather than the exact data position)")
-    return state["step"], list(state.get("history", [])), state["step"] if exact else None
+    return state["step"], list(state.get("history", [])), state["step"] if exact else None, state.get("mlflow_run_id", "")
 
 
 def _checkpoint(job: Job, trainer: TokenizerTrainer, settings: dict, step: int, complete: bool, roles: int, per_rank: int, metrics, world_size: int) -> None:

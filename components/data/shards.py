@@ -1,5 +1,7 @@
 """WebDataset shards: writing partitions atomically, the manifest, and streaming for training.
 
+Training reads them through `components.data.stream.TrainingStream`.
+
 Layout: `{split}-{n:06d}.tar`, each sample `__key__`, `png`, `cls` (class id as text, when
 labelled), `json` (source path and class name, when known); `manifest.json` and
 `rejects.jsonl` beside them.
@@ -161,34 +163,10 @@ def _decode_training_sample(sample: dict) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(to_array(decode_image(data))), sample_label(sample)
 
 
-def image_stream(urls: list[str], shuffle_buffer: int = 0, seed: int = 0, repeat: bool = False) -> wds.WebDataset:
-    """Samples as (uint8 (3, H, W) tensor, label) from shards, split by node and by DataLoader worker.
-
-    Shard order is shuffled per epoch and samples through a `shuffle_buffer`-sized buffer when it
-    is > 0; `repeat` streams epoch after epoch, for step-based training."""
-    if not urls:
-        raise ValueError("no shards to read")
-    ds = wds.WebDataset(
-        urls,
-        shardshuffle=len(urls) if shuffle_buffer else False,
-        nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker,
-        seed=seed,
-        empty_check=False,
-    )
-    if repeat:
-        # WebDataset(repeat=True) is accepted but ignored in webdataset 1.0.2; the pipeline's
-        # own repeat() re-iterates it (reshuffling the shards) epoch after epoch.
-        ds = ds.repeat()
-    if shuffle_buffer:
-        ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100))
-    return ds.map(_decode_training_sample)
-
-
 def load_split(shard_dir: str | Path, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A whole split in memory, in shard order: (n, 3, H, W) uint8, (n,) int64 labels, keys."""
     images, labels, keys = [], [], []
-    for sample in wds.WebDataset(shard_paths(shard_dir, split), shardshuffle=False, empty_check=False):
+    for sample in wds.WebDataset(shard_paths(shard_dir, split), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None):
         img, label = _decode_training_sample(sample)
         images.append(img)
         labels.append(label)
@@ -215,7 +193,6 @@ __all__ = [
     "Partition",
     "PartitionResult",
     "assign_split",
-    "image_stream",
     "iter_shard",
     "load_split",
     "plan_partitions",

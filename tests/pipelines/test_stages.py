@@ -119,5 +119,6 @@ def test_evaluate(tiny_project):
     counts = (paths.plots / "codebook_usage.csv").read_text().splitlines()
     assert len(counts) == 17 and sum(int(line.split(",")[1]) for line in counts[1:]) == metrics["val_images"] * 16
     assert (paths.eval / "reconstructions.png").exists()
-    logged = _stage_runs("evaluate").iloc[0]
+    runs = _stage_runs("evaluate")
+    logged = runs[runs.run_id == results["evaluate"].run_id].iloc[0]
     assert logged["metrics.psnr"] == pytest.approx(metrics["psnr"])

@@ -1,0 +1,160 @@
+"""VQ-VAE-2 and VQ-GAN through the pipeline, kill-and-resume, and two Ray Train workers."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from components.checkpoint import CheckpointMismatch, load_checkpoint
+from components.config import parse_params
+from components.data import tokens as token_io
+from components.tokenizers import Tokenizer
+from pipelines import evaluate, sample, tokenize, train_prior, train_tokenizer
+from pipelines.common import Paths
+from tests.components.test_architectures import _lpips_file
+from tests.conftest import TINY
+
+ARCHS = {
+    "vqvae2": (
+        {"arch": "vqvae2", "vqvae2": {"top_downsample": 2, "top_quantizer": {"type": "fsq", "levels": [3, 3]}}},
+        {"tokens_top": [2, 2], "tokens_bottom": [4, 4]},
+    ),
+    "vqgan": (
+        {"arch": "vqgan", "recon_loss": "l1", "perceptual_weight": 0.1,
+         "vqgan": {"disc_start": 2, "disc_channels": 8, "disc_layers": 2, "disc_loss": "non_saturating", "lecam_weight": 0.01}},
+        {"tokens": [4, 4]},
+    ),
+}
+
+
+def _params(tmp_path, **tokenizer):
+    raw = {
+        **TINY,
+        "train_tokenizer": {**TINY["train_tokenizer"], "steps": 4, "val_every": 4, "checkpoint_dir": str(tmp_path / "ckpt"), **tokenizer},
+        "train_prior": {**TINY["train_prior"], "steps": 2, "val_every": 2},
+        "sample": {"num_per_class": 1, "batch_size": 4},
+    }
+    return raw, parse_params(raw)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_pipeline_with_each_architecture(arch, tiny_project, tmp_path, mlflow_store):
+    options, grids = ARCHS[arch]
+    if options.get("perceptual_weight"):
+        _lpips_file(tmp_path / "lpips.safetensors", "lpips")
+        options = {**options, "perceptual_weights": str(tmp_path / "lpips.safetensors")}
+    _, params = _params(tmp_path, **options)
+    built, _ = tiny_project
+    paths = Paths(tmp_path)
+    shutil.copytree(built.shards, paths.shards)
+
+    result = train_tokenizer.run(params.train_tokenizer, paths)
+    tok = Tokenizer.load(paths.tokenizer)
+    assert tok.config["arch"] == arch and tok.token_columns == list(grids)
+
+    tokenized = tokenize.run(params.tokenize, paths)
+    assert tokenized.manifest["grid"] == grids
+    part = tokenized.manifest["parts"][0]
+    table = pq.read_table(paths.tokens / part["part"])
+    for name, (h, w) in grids.items():
+        assert len(table.column(name)[0]) == h * w
+    val = token_io.read_tokens(token_io.split_parts(paths.tokens, "val"), fingerprint=tok.fingerprint)
+    assert val.levels == [[c] for c in grids] and val.tokens.shape[1] == tok.num_tokens
+    assert val.column(list(grids)[0]).max() < tok.column_codebook_sizes[list(grids)[0]]
+
+    train_prior.run(params.train_prior, paths)
+    drawn = sample.run(params.sample, paths)  # decoding checks every level's range
+    assert drawn.images.shape == (4, 3, 16, 16)
+    metrics = evaluate.run(params.evaluate, paths).metrics
+    assert 0 < metrics["codebook_usage"] <= 100
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(mlflow_store).get_run(result.run_id)
+    assert {"loss", "recon_loss", "codebook_usage", "perplexity", "lr", "val_psnr", "val_ssim"} <= set(run.data.metrics)
+    if arch == "vqgan":
+        assert {"g_loss", "d_loss", "adaptive_weight", "lecam_penalty", "perceptual_loss", "lr_disc"} <= set(run.data.metrics)
+        assert run.data.params["train_tokenizer.vqgan.disc_start"] == "2"
+    else:
+        assert {"codebook_usage_top", "codebook_usage_bottom"} <= set(run.data.metrics)
+
+
+def _tokenizer_state(root):
+    return Tokenizer.load(Paths(root).tokenizer).model.state_dict()
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path):
+    built, _ = tiny_project
+    tokenizer = {"arch": "vqgan", "steps": 24, "checkpoint_every": 3, "num_workers": 2, "val_every": 12, "log_every": 4,
+                 "vqgan": {"disc_start": 4, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.01},
+                 "checkpoint_dir": "checkpoints/train_tokenizer"}
+    raw, params = _params(tmp_path, **tokenizer)
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    for root in (killed, straight):
+        shutil.copytree(built.shards, Paths(root).shards)
+    (killed / "params.yaml").write_text(yaml.safe_dump(raw))
+    ckpt_dir = killed / "checkpoints" / "train_tokenizer"
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_tokenizer"], cwd=killed, env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (ckpt_dir / "checkpoint.pt").is_file():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    state = load_checkpoint(ckpt_dir)
+    assert 3 <= state["step"] < 24 and not state["complete"]
+    assert not Paths(killed).tokenizer.exists()
+
+    # Another setting for the unfinished run: refused, naming what differs; nothing is lost.
+    changed = params.train_tokenizer.model_copy(update={"lr": 1e-3})
+    with pytest.raises(CheckpointMismatch, match=r"lr: 0.002 -> 0.001"):
+        train_tokenizer.run(changed, Paths(killed))
+    assert load_checkpoint(ckpt_dir)["step"] == state["step"]
+
+    resumed = train_tokenizer.run(params.train_tokenizer, Paths(killed))
+    assert resumed.metrics["resumed_from_step"] == state["step"]
+    assert load_checkpoint(ckpt_dir)["complete"] and load_checkpoint(ckpt_dir)["step"] == 24
+    fresh = train_tokenizer.run(params.train_tokenizer, Paths(straight))
+    assert fresh.metrics["resumed_from_step"] == 0
+
+    a, b = _tokenizer_state(killed), _tokenizer_state(straight)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-4, atol=1e-5), name
+    # The finished run's checkpoint is not resumed by a run that wants the same steps: it starts over.
+    again = train_tokenizer.run(params.train_tokenizer, Paths(killed))
+    assert again.metrics["resumed_from_step"] == 0
+
+
+def test_two_ray_train_workers_train_one_run_with_identical_replicas(tiny_project, tmp_path, mlflow_store, ray_cluster):
+    from mlflow.tracking import MlflowClient
+
+    built, _ = tiny_project
+    _, params = _params(tmp_path, workers=2, steps=6, checkpoint_every=3, log_every=1, use_gpu=False)
+    paths = Paths(tmp_path)
+    shutil.copytree(built.shards, paths.shards)
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("vqpipe")
+    stage_runs = lambda: client.search_runs([experiment.experiment_id], "tags.`vqpipe.stage` = 'train_tokenizer'", max_results=1000)  # noqa: E731
+    before = len(stage_runs())
+
+    result = train_tokenizer.run(params.train_tokenizer, paths)
+    assert result.metrics["workers"] == 2 and result.metrics["replicas_identical"] is True
+    assert len(stage_runs()) == before + 1
+    history = client.get_metric_history(result.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 7))  # logged once per step: by rank 0 only
+    assert client.get_run(result.run_id).data.params["train.world_size"] == "2"
+    tok = Tokenizer.load(paths.tokenizer)
+    assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 4, 4)
+    assert load_checkpoint(params.train_tokenizer.checkpoint_dir)["step"] == 6
