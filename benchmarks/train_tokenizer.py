@@ -5,6 +5,11 @@
 Steps per second of the default tokenizer's training step fed by the stage's real WebDataset
 loader (shards on disk, decoded in `num_workers` DataLoader processes), against the same model
 and step fed from an in-memory tensor of the same images. Goal: loader >= 0.9 of in-memory.
+
+Then the whole stage (`train_tokenizer.run`) with `workers: 1` (in process) and `workers: 2`
+(two Ray Train workers, DDP over gloo, or NCCL on GPUs), the same global batch: steps/s and
+images/s from its summary, which counts from the first batch (k-means init and one validation
+included).
 """
 
 from __future__ import annotations
@@ -83,6 +88,23 @@ def main() -> None:
         loader = (batch for batch, _labels in build_loader(loader_cfg, paths.shards, loader_cfg.batch_size))
         rate = _steps_per_second(loader, loader_cfg, args.steps, args.warmup)
         print(f"| WebDataset loader, num_workers={workers} | {rate:.2f} | {rate / reference:.2f} |", flush=True)
+
+    from pipelines import train_tokenizer
+    from pipelines.common import init_ray
+
+    init_ray()
+    print(f"\n## The train_tokenizer stage, {args.steps} steps, global batch {cfg.batch_size}\n")
+    print("| training workers | steps/s | images/s | replicas identical |")
+    print("|---|---|---|---|")
+    for workers in (1, 2):
+        run_paths = Paths(work / f"workers{workers}")
+        run_paths.shards.parent.mkdir(parents=True, exist_ok=True)
+        run_paths.shards.symlink_to(paths.shards.resolve(), target_is_directory=True)
+        stage_cfg = cfg.model_copy(update={"workers": workers, "steps": args.steps, "val_every": args.steps, "checkpoint_every": args.steps,
+                                           "checkpoint_dir": str(work / f"ckpt{workers}")})
+        summary = train_tokenizer.run(stage_cfg, run_paths).metrics
+        print(f"| {workers}{' (Ray Train)' if workers > 1 else ' (in process)'} | {summary['steps_per_second']:.2f} | "
+              f"{summary['images_per_second']:.0f} | {summary['replicas_identical']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -170,8 +170,9 @@ class TrainTokenizerConfig(_Section):
     compile: bool = False
     shuffle_buffer: int = Field(1000, ge=0)
     # DataLoader worker processes decoding shards, per training worker; 0 decodes in the
-    # training process.
-    num_workers: int = Field(1, ge=0)
+    # training process: best where training already uses every core (a CPU-only laptop);
+    # on a GPU machine give it several.
+    num_workers: int = Field(0, ge=0)
     # Training workers: 1 trains in the stage's process; N > 1 on N Ray Train workers (DDP),
     # each taking batch_size / N images per step.
     workers: int = Field(1, ge=1)
