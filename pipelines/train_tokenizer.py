@@ -315,7 +315,10 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
         # Stop the loader's worker processes now, not whenever the iterator is collected.
         shutdown = getattr(locals().get("batches"), "_shutdown_workers", None)
         if shutdown is not None:
-            shutdown()
+            try:
+                shutdown()
+            except RuntimeError as err:  # a loader process that ended badly while being stopped
+                log.warning("stopping the data loader: %s", err)
         if monitor is not None:
             monitor.finish()
     identical = _replicas_identical(trainer, world_size)

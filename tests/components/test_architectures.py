@@ -231,7 +231,11 @@ def _labels(urls, n, **kwargs):
     workers = kwargs.pop("loader_workers", 0)
     stream = TrainingStream(urls, 4, shuffle_buffer=kwargs.pop("shuffle_buffer", 6), seed=3, loader_workers=workers, **kwargs)
     it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
-    return [next(it)[1].tolist() for _ in range(n)]
+    try:
+        return [next(it)[1].tolist() for _ in range(n)]
+    finally:
+        if workers:
+            it._shutdown_workers()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

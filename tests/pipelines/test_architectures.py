@@ -102,12 +102,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path
     (killed / "params.yaml").write_text(yaml.safe_dump(raw))
     ckpt_dir = killed / "checkpoints" / "train_tokenizer"
 
+    # Its own process group: the kill takes the stage and its loader processes, like a lost machine.
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_tokenizer"], cwd=killed, env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         if (ckpt_dir / "checkpoint.pt").is_file():
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait(timeout=60)
