@@ -27,4 +27,4 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf data models samples eval metrics plots mlflow.db mlruns dvc.lock
+	rm -rf data models samples eval metrics plots checkpoints mlflow.db mlruns dvc.lock
