@@ -180,26 +180,21 @@ def step_table(repeats: int) -> None:
 def quality_table(steps: int, images: int) -> None:
     import torch
 
+    from benchmarks.common import shapes_project, sibling
     from components.config import parse_params
     from components.data.shards import load_split, to_float
     from components.metrics import codebook_stats, psnr
     from components.tokenizers import Tokenizer
-    from pipelines import shard, train_tokenizer
-    from pipelines.common import Paths
+    from pipelines import train_tokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="vqpipe-bench-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    base = Paths(work / "base")
-    shard.run(parse_params({"shard": {"num_images": images}}).shard, base)
+    base = shapes_project(images, "vqpipe-bench-")
     val = to_float(load_split(base.shards, "val")[0])
     print(f"\n## Quality: default tokenizer, {steps} steps, built-in shapes ({images:,} images, {len(val):,} validation)\n")
     print("| quantizer | tokens/position | bits/position | val PSNR | codebook usage | perplexity | steps/s |")
     print("|---|---|---|---|---|---|---|")
     for name, raw in QUALITY_CONFIGS.items():
         params = parse_params({"train_tokenizer": {"quantizer": raw, "steps": steps, "val_every": steps}})
-        paths = Paths(work / raw["type"] / name.replace(" ", "_").replace("/", "_"))
-        paths.shards.parent.mkdir(parents=True, exist_ok=True)
-        paths.shards.symlink_to(base.shards.resolve(), target_is_directory=True)
+        paths = sibling(base, name.replace(" ", "_").replace("/", "_").replace(",", ""))
         result = train_tokenizer.run(params.train_tokenizer, paths)
         tok = Tokenizer.load(paths.tokenizer)
         with torch.no_grad():

@@ -20,7 +20,6 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,16 +58,12 @@ def main() -> None:
 
     import torch
 
+    from benchmarks.common import shapes_project, sibling
     from components.config import parse_params
     from components.data.shards import load_split
-    from pipelines import shard
-    from pipelines.common import Paths
     from pipelines.train_tokenizer import build_loader
 
-    work = Path(tempfile.mkdtemp(prefix="vqpipe-bench-loader-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    paths = Paths(work)
-    shard.run(parse_params({"shard": {"num_images": args.images}}).shard, paths)
+    paths = shapes_project(args.images, "vqpipe-bench-loader-")
     cfg = parse_params({}).train_tokenizer
     images = load_split(paths.shards, "train")[0]
     generator = torch.Generator().manual_seed(0)
@@ -97,11 +92,9 @@ def main() -> None:
     print("| training workers | steps/s | images/s | replicas identical |")
     print("|---|---|---|---|")
     for workers in (1, 2):
-        run_paths = Paths(work / f"workers{workers}")
-        run_paths.shards.parent.mkdir(parents=True, exist_ok=True)
-        run_paths.shards.symlink_to(paths.shards.resolve(), target_is_directory=True)
+        run_paths = sibling(paths, f"workers{workers}")
         stage_cfg = cfg.model_copy(update={"workers": workers, "steps": args.steps, "val_every": args.steps, "checkpoint_every": args.steps,
-                                           "checkpoint_dir": str(work / f"ckpt{workers}")})
+                                           "checkpoint_dir": str(run_paths.root / "checkpoints")})
         summary = train_tokenizer.run(stage_cfg, run_paths).metrics
         print(f"| {workers}{' (Ray Train)' if workers > 1 else ' (in process)'} | {summary['steps_per_second']:.2f} | "
               f"{summary['images_per_second']:.0f} | {summary['replicas_identical']} |", flush=True)

@@ -1,7 +1,6 @@
 """VQ-VAE-2, VQ-GAN's losses and discriminator schedule, LPIPS loading, checkpoints, and the
 resumable training stream."""
 
-import json
 import math
 
 import numpy as np
