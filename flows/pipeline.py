@@ -17,6 +17,8 @@ from components.config import load_params
 from flows.dvc import STAGES, repro_stage, stage_status
 from pipelines.common import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, PARENT_RUN_ENV
 
+RESUMABLE_STAGES = ("train_tokenizer",)
+
 
 def tracking_uri(repo: Path) -> str:
     """MLFLOW_TRACKING_URI, or the project's sqlite store made absolute so every stage shares it."""
@@ -62,7 +64,10 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
         env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, PARENT_RUN_ENV: parent.info.run_id}
         results = []
         for stage in chosen:
-            results.append(reproduce(stage, str(root), env, force))
+            # A stage that resumes from its checkpoint gets retried: a lost worker or a killed
+            # process costs the steps since the last checkpoint, not the run.
+            task_ = reproduce.with_options(retries=1, retry_delay_seconds=10) if stage in RESUMABLE_STAGES else reproduce
+            results.append(task_(stage, str(root), env, force))
         mlflow.set_tag("vqpipe.stages_ran", ",".join(r["stage"] for r in results if r["ran"]) or "none")
     return {"mlflow_run_id": parent.info.run_id, "flow_run_id": flow_run_id, "stages": results}
 

@@ -374,7 +374,7 @@ def _replicas_identical(trainer: TokenizerTrainer, world_size: int) -> bool:
     import torch.distributed as dist
 
     h = hashlib.sha256()
-    for module in (trainer.model, trainer.disc):
+    for module in (trainer.model, trainer.disc, trainer.lecam):
         if module is not None:
             for name, tensor in sorted(module.state_dict().items()):
                 h.update(name.encode())
@@ -507,6 +507,8 @@ def _train_on_ray(cfg: TrainTokenizerConfig, job: Job) -> None:
         raise RuntimeError(f"Ray Train finished without rank 0's export: {result.error}")
     with result.checkpoint.as_directory() as directory:
         shutil.copytree(directory, job.staging, dirs_exist_ok=True)
+    # Ray's copy of the export served its purpose; the training checkpoint is ours.
+    shutil.rmtree(Path(job.checkpoint_dir) / "ray" / f"train_tokenizer-{job.run_id}", ignore_errors=True)
 
 
 def _ray_train_loop(config: dict) -> None:

@@ -142,7 +142,9 @@ def test_two_ray_train_workers_train_one_run_with_identical_replicas(tiny_projec
     from mlflow.tracking import MlflowClient
 
     built, _ = tiny_project
-    _, params = _params(tmp_path, workers=2, steps=6, checkpoint_every=3, log_every=1, use_gpu=False)
+    # VQ-GAN: DDP with two optimizers, the adaptive weight and LeCAM's averages across replicas.
+    _, params = _params(tmp_path, workers=2, steps=6, checkpoint_every=3, log_every=1, use_gpu=False, arch="vqgan",
+                        vqgan={"disc_start": 2, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.01})
     paths = Paths(tmp_path)
     shutil.copytree(built.shards, paths.shards)
     client = MlflowClient(mlflow_store)
@@ -155,7 +157,8 @@ def test_two_ray_train_workers_train_one_run_with_identical_replicas(tiny_projec
     assert len(stage_runs()) == before + 1
     history = client.get_metric_history(result.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 7))  # logged once per step: by rank 0 only
-    assert client.get_run(result.run_id).data.params["train.world_size"] == "2"
+    run = client.get_run(result.run_id)
+    assert run.data.params["train.world_size"] == "2" and "d_loss" in run.data.metrics
     tok = Tokenizer.load(paths.tokenizer)
     assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 4, 4)
     assert load_checkpoint(params.train_tokenizer.checkpoint_dir)["step"] == 6
