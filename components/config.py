@@ -200,8 +200,10 @@ class TrainTokenizerConfig(_Section):
         return self.vqvae2.top_quantizer or self.quantizer
 
     def training_settings(self) -> dict:
-        """What a checkpoint must agree on to be resumed (everything but RESUMABLE_CHANGES)."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+        """What a checkpoint must agree on to be resumed: everything but RESUMABLE_CHANGES and
+        the options of the architectures not in use."""
+        unused = {"vqvae2", "vqgan"} - {self.arch}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES and k not in unused}
 
     @field_validator("downsample")
     @classmethod

@@ -289,6 +289,7 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
         val_images = to_float(load_split(job.shards, "val", limit=VAL_IMAGES)[0])
 
     started, step, parts, val = time.perf_counter(), start, {}, {}
+    batches = None
     try:
         batches = iter(loader)
         while step < cfg.steps:
@@ -313,7 +314,7 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
                 _checkpoint(job, trainer, settings, step, step == cfg.steps, roles, per_rank, metrics, world_size)
     finally:
         # Stop the loader's worker processes now, not whenever the iterator is collected.
-        shutdown = getattr(locals().get("batches"), "_shutdown_workers", None)
+        shutdown = getattr(batches, "_shutdown_workers", None)  # only multi-process iterators have it
         if shutdown is not None:
             try:
                 shutdown()
