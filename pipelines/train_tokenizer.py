@@ -257,9 +257,7 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
         if trainer.disc is not None:
             trainer.discriminator = DDP(trainer.disc, device_ids=ids, broadcast_buffers=False)
     if cfg.compile:
-        trainer.generator = torch.compile(trainer.generator)
-        if trainer.disc is not None:
-            trainer.discriminator = torch.compile(trainer.discriminator)
+        compile_convolutions(trainer)
 
     # A stream that cannot be replayed exactly continues on fresh samples instead.
     loader = build_loader(cfg, job.shards, per_rank, rank, world_size, start_batch=data_start or 0,
@@ -348,6 +346,23 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
     }
     write_json(staging / "summary.json", summary)
     metrics.write_csv(staging / "train_tokenizer.csv", PLOT_KEYS)
+
+
+def compile_convolutions(trainer: TokenizerTrainer) -> None:
+    """torch.compile the convolutional parts in place (`Module.compile`: state-dict names, and so
+    checkpoints and exports, stay the same). The quantizers stay eager: their search is no-grad,
+    data-dependent and fp32 by design, and inductor in torch 2.13 fails on it."""
+    quantizers = set(map(id, trainer.model.quantizers.values()))
+    for child in trainer.model.children():
+        if id(child) not in quantizers:
+            child.compile()
+    if trainer.disc is not None:
+        # The adaptive weight differentiates the reconstruction and adversarial losses with
+        # retain_graph=True, which compiled backwards with donated buffers refuse.
+        import torch._functorch.config
+
+        torch._functorch.config.donated_buffer = False
+        trainer.disc.compile()
 
 
 def build_loader(cfg: TrainTokenizerConfig, shards: str | Path, per_rank: int, rank: int = 0, world_size: int = 1,

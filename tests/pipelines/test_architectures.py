@@ -162,3 +162,15 @@ def test_two_ray_train_workers_train_one_run_with_identical_replicas(tiny_projec
     tok = Tokenizer.load(paths.tokenizer)
     assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 4, 4)
     assert load_checkpoint(params.train_tokenizer.checkpoint_dir)["step"] == 6
+
+
+def test_compiled_training_keeps_checkpoint_and_export_names(tiny_project, tmp_path):
+    built, _ = tiny_project
+    _, params = _params(tmp_path, compile=True, steps=3, arch="vqgan",
+                        vqgan={"disc_start": 1, "disc_channels": 8, "disc_layers": 2})
+    paths = Paths(tmp_path)
+    shutil.copytree(built.shards, paths.shards)
+    train_tokenizer.run(params.train_tokenizer, paths)
+    state = load_checkpoint(params.train_tokenizer.checkpoint_dir)
+    assert not any("_orig_mod" in k for k in [*state["model"], *state["disc"]])
+    assert Tokenizer.load(paths.tokenizer).encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
