@@ -101,7 +101,7 @@ class VQVAE2(nn.Module):
 
     def _quantize(self, x: torch.Tensor, fp32: bool):
         h_b = self.encoder(x)
-        run = (lambda q, z: quantize_fp32(q, z)) if fp32 else (lambda q, z: q(z))
+        run = quantize_fp32 if fp32 else (lambda quantizer, z: quantizer(z))
         q_t = run(self.top_quantizer, _cl(self.top_encoder(h_b)))
         d_t = self.top_decoder(_cf(q_t.quantized).to(h_b.dtype))
         q_b = run(self.quantizer, _cl(self.bottom_in(torch.cat([h_b, d_t.to(h_b.dtype)], dim=1))))
