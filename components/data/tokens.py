@@ -16,6 +16,11 @@ Read without a Python loop per row:
     data = read_tokens(parts, fingerprint=tokenizer.fingerprint)
     data.tokens  # (n, h*w*m) int64: the sequence a prior models
 
+or stream a corpus larger than memory, for a language model's sequences:
+
+    for batch in iter_token_batches(parts, 1024, vocab_offset=32000, boi=48384, eoi=48385):
+        batch.tokens  # (b, 2 + L) int64: [boi, codes + 32000 ..., eoi]
+
 Flattening order of several token columns (the order of `Tokenizer.flatten`): level by level,
 coarsest first; within a level position by position in raster order, and within a position its
 m tokens in column order, so [p0 group0, p0 group1, p1 group0, p1 group1, ...], or
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -159,8 +165,9 @@ def list_to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.flatten().to_numpy().astype(np.int64).reshape(n, int(lengths[0]))
 
 
-def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> TokenData:
-    """Read token parts; refuses parts whose fingerprint differs from `fingerprint` (when given)."""
+def _check_parts(paths: list, fingerprint: str | None) -> list[PartInfo]:
+    """Part infos, all from the tokenizer `fingerprint` (the first part's when None) and with
+    one token layout; raises TokenShardMismatch naming the first part that differs."""
     if not paths:
         raise ValueError("no token parts to read")
     infos = [part_info(p) for p in paths]
@@ -171,35 +178,99 @@ def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> Toke
                 f"{path} was made by tokenizer {info.fingerprint[:12]}, not {expected[:12]}: "
                 "re-tokenize (dvc repro tokenize) or use the matching tokenizer"
             )
-    columns = infos[0].token_columns
-    levels = infos[0].levels
-    for path, info in zip(paths, infos):
-        if info.token_columns != columns or info.grid != infos[0].grid or info.levels != levels:
+        if info.token_columns != infos[0].token_columns or info.grid != infos[0].grid or info.levels != infos[0].levels:
             raise TokenShardMismatch(f"{path} has token columns {info.grid}, {paths[0]} has {infos[0].grid}")
+    return infos
+
+
+def _sequences(table: pa.Table | pa.RecordBatch, levels: list) -> np.ndarray:
+    """(n, L) int64 in the documented order: per level (n, h*w, m) -> (n, h*w*m), a position's m
+    tokens side by side; then the levels one after the other, coarsest first."""
+    n = table.num_rows
+    blocks = [np.stack([list_to_matrix(table.column(name)) for name in level], axis=-1).reshape(n, -1) for level in levels]
+    return np.concatenate(blocks, axis=1)
+
+
+def _labels(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    if "label" in table.column_names:
+        return table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.full(table.num_rows, -1, dtype=np.int64)
+
+
+def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> TokenData:
+    """Read token parts into memory; refuses parts whose fingerprint differs from `fingerprint`
+    (when given). For corpora larger than memory, stream them with `iter_token_batches`."""
+    infos = _check_parts(paths, fingerprint)
+    levels = infos[0].levels
     tables = [pq.read_table(p) for p in paths]
-    keys, tokens, labels = [], [], []
     has_labels = any("label" in t.column_names for t in tables)
-    for table in tables:
-        keys.extend(table.column("key").to_pylist())
-        # Per level (n, h*w, m) -> (n, h*w*m): a position's m tokens side by side; then the
-        # levels one after the other, coarsest first.
-        blocks = [np.stack([list_to_matrix(table.column(name)) for name in level], axis=-1).reshape(table.num_rows, -1) for level in levels]
-        tokens.append(np.concatenate(blocks, axis=1))
-        if has_labels:
-            labels.append(
-                table.column("label").to_numpy().astype(np.int64)
-                if "label" in table.column_names
-                else np.full(table.num_rows, -1, dtype=np.int64)
-            )
     return TokenData(
-        keys=keys,
-        tokens=np.concatenate(tokens),
-        labels=np.concatenate(labels) if has_labels else None,
+        keys=[key for t in tables for key in t.column("key").to_pylist()],
+        tokens=np.concatenate([_sequences(t, levels) for t in tables]),
+        labels=np.concatenate([_labels(t) for t in tables]) if has_labels else None,
         codebook_size=infos[0].codebook_size,
         grid=infos[0].grid,
-        columns=columns,
+        columns=infos[0].token_columns,
         levels=levels,
     )
+
+
+@dataclass
+class TokenBatch:
+    keys: list[str]
+    tokens: np.ndarray  # (b, L) int64: [boi] + the image's tokens + vocab_offset + [eoi]
+    labels: np.ndarray  # (b,) int64, -1 where unlabelled
+
+    def rows(self, start: int, stop: int) -> "TokenBatch":
+        return TokenBatch(self.keys[start:stop], self.tokens[start:stop], self.labels[start:stop])
+
+    def concat(self, other: "TokenBatch") -> "TokenBatch":
+        return TokenBatch(self.keys + other.keys, np.concatenate([self.tokens, other.tokens]), np.concatenate([self.labels, other.labels]))
+
+
+def iter_token_batches(
+    paths: list[str | Path],
+    batch_size: int,
+    *,
+    fingerprint: str | None = None,
+    vocab_offset: int = 0,
+    boi: int | None = None,
+    eoi: int | None = None,
+) -> Iterator[TokenBatch]:
+    """Stream token parts as numpy batches of `batch_size` rows (the last may be smaller), one
+    Parquet record batch at a time: memory stays bounded however large the corpus.
+
+    For packing images into a language model's sequences: every token is shifted by
+    `vocab_offset` (image codes after the text vocabulary), and `boi` / `eoi` (begin/end of
+    image ids, outside the shifted code range) are put before / after each image's tokens.
+    Sequences are in `read_tokens`' order (level by level, position by position)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if vocab_offset < 0:
+        raise ValueError(f"vocab_offset must be >= 0, got {vocab_offset}")
+    infos = _check_parts(paths, fingerprint)
+    levels, size = infos[0].levels, infos[0].codebook_size
+    for name, token in (("boi", boi), ("eoi", eoi)):
+        if token is not None and (token < 0 or vocab_offset <= token < vocab_offset + size):
+            raise ValueError(f"{name}={token} must be >= 0 and outside the image codes [{vocab_offset}, {vocab_offset + size})")
+    columns = ["key", *(c for level in levels for c in level)]
+    held: TokenBatch | None = None  # fewer than batch_size rows, carried into the next record batch
+    for path in paths:
+        parquet = pq.ParquetFile(path)
+        wanted = columns + (["label"] if "label" in parquet.schema_arrow.names else [])
+        for record in parquet.iter_batches(batch_size=batch_size, columns=wanted):
+            n = record.num_rows
+            pieces = [np.full((n, 1), boi, dtype=np.int64)] if boi is not None else []
+            pieces.append(_sequences(record, levels) + vocab_offset)
+            if eoi is not None:
+                pieces.append(np.full((n, 1), eoi, dtype=np.int64))
+            chunk = TokenBatch(record.column("key").to_pylist(), np.concatenate(pieces, axis=1), _labels(record))
+            held = chunk if held is None else held.concat(chunk)
+            while len(held.keys) >= batch_size:
+                yield held.rows(0, batch_size)
+                held = held.rows(batch_size, len(held.keys))
+    if held is not None and held.keys:
+        yield held
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:

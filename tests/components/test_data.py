@@ -91,3 +91,49 @@ def test_several_token_columns_flatten_position_by_position(tmp_path):
     data = token_io.read_tokens([tmp_path / "part-x.parquet"])
     assert data.columns == ["tokens_group0", "tokens_group1"] and data.labels is None
     assert data.tokens.tolist() == [[1, 101, 2, 102, 3, 103, 4, 104], [5, 105, 6, 106, 7, 107, 8, 108]]
+
+
+def _two_level_parts(tmp_path, fingerprint="f" * 64):
+    """Two parts (5 and 4 rows) of a two-level layout: top 1x2, bottom 2x2; labels in the first only."""
+    from components.data.tokens import token_table, write_part
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, n in enumerate((5, 4)):
+        table = token_table(
+            [f"p{i}-{k}" for k in range(n)],
+            {"tokens_top": rng.integers(0, 9, (n, 2)), "tokens_bottom": rng.integers(0, 16, (n, 4))},
+            np.arange(n) if i == 0 else None,
+            fingerprint=fingerprint, codebook_size=16,
+            grid={"tokens_top": (1, 2), "tokens_bottom": (2, 2)}, levels=[["tokens_top"], ["tokens_bottom"]],
+        )
+        write_part(table, tmp_path / f"part-{i}.parquet")
+        paths.append(tmp_path / f"part-{i}.parquet")
+    return paths
+
+
+def test_token_batches_stream_across_parts_with_offset_and_image_markers(tmp_path):
+    from components.data.tokens import iter_token_batches, read_tokens
+
+    paths = _two_level_parts(tmp_path)
+    whole = read_tokens(paths)
+    assert whole.tokens.shape == (9, 6) and whole.levels == [["tokens_top"], ["tokens_bottom"]]
+    batches = list(iter_token_batches(paths, 4, vocab_offset=100, boi=0, eoi=1))
+    assert [len(b.keys) for b in batches] == [4, 4, 1]  # rows carried across the parts' boundary
+    tokens = np.concatenate([b.tokens for b in batches])
+    assert (tokens[:, 0] == 0).all() and (tokens[:, -1] == 1).all()
+    assert np.array_equal(tokens[:, 1:-1], whole.tokens + 100)
+    assert [k for b in batches for k in b.keys] == whole.keys
+    assert np.concatenate([b.labels for b in batches]).tolist() == [0, 1, 2, 3, 4, -1, -1, -1, -1]
+    plain = list(iter_token_batches(paths, 100))
+    assert len(plain) == 1 and np.array_equal(plain[0].tokens, whole.tokens)
+
+
+def test_token_batches_refuse_markers_inside_the_codes_and_other_tokenizers(tmp_path):
+    from components.data.tokens import TokenShardMismatch, iter_token_batches
+
+    paths = _two_level_parts(tmp_path)
+    with pytest.raises(ValueError, match=r"boi=105 must be >= 0 and outside the image codes \[100, 116\)"):
+        next(iter_token_batches(paths, 4, vocab_offset=100, boi=105))
+    with pytest.raises(TokenShardMismatch, match="not eeeeeeeeeeee"):
+        next(iter_token_batches(paths, 4, fingerprint="e" * 64))
