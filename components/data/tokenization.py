@@ -22,6 +22,13 @@ class ShardTokens:
     rejects: list[dict] = field(default_factory=list)  # {"key", "reason"}
 
 
+def _text(field: bytes | str | None) -> str | None:
+    """A sample's text field (`txt`, `json`) as a string; undecodable bytes are replaced."""
+    if field is None:
+        return None
+    return field.decode("utf-8", errors="replace") if isinstance(field, bytes) else str(field)
+
+
 def part_name(shard_url: str) -> str:
     """`.../train-000003.tar` -> `part-train-000003.parquet`: the same input always maps to the same part."""
     stem = Path(shard_url).name
@@ -31,9 +38,12 @@ def part_name(shard_url: str) -> str:
 
 
 def tokenize_shard(tokenizer, shard_url: str, out_dir: str | Path, batch_size: int = 256) -> ShardTokens:
-    """Encode every image of a shard; rows written + samples rejected = samples read."""
+    """Encode every image of a shard; rows written + samples rejected = samples read. A sample's
+    `txt` and `json` travel with its tokens (`caption`, `meta` columns)."""
     keys: list[str] = []
     labels: list[int] = []
+    captions: list[str | None] = []
+    meta: list[str | None] = []
     tokens: dict[str, list[np.ndarray]] = {name: [] for name in tokenizer.token_columns}
     rejects: list[dict] = []
     batch: list[np.ndarray] = []
@@ -60,6 +70,8 @@ def tokenize_shard(tokenizer, shard_url: str, out_dir: str | Path, batch_size: i
             continue
         keys.append(key)
         labels.append(sample_label(sample))
+        captions.append(_text(sample.get("txt")))
+        meta.append(_text(sample.get("json")))
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -74,6 +86,7 @@ def tokenize_shard(tokenizer, shard_url: str, out_dir: str | Path, batch_size: i
         keys, columns, label_array,
         fingerprint=tokenizer.fingerprint, codebook_size=tokenizer.codebook_size, grid=grids,
         levels=[tokenizer.level_columns(level) for level in tokenizer.levels],
+        captions=captions, meta=meta,
     )
     name = part_name(shard_url)
     write_part(table, Path(out_dir) / name)

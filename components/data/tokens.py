@@ -5,7 +5,8 @@ one image's h*w tokens in raster order: `tokens` for a quantizer with one token 
 one column per group or stage for product and residual quantizers (`tokens_group0`,
 `tokens_group1`, ... / `tokens_stage0` (coarsest), `tokens_stage1`, ...), one per level for a
 hierarchical tokenizer (`tokens_top`, `tokens_bottom`; `tokens_top_group0`, ... when a level has
-several tokens per position); `label` int32 when labelled. Schema metadata:
+several tokens per position); `label` int32 when labelled; `caption` string (the sample's `txt`)
+and `meta` string (its `json`) when the samples have them. Schema metadata:
 `vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size` (the largest level's), `vqpipe.grid`
 (JSON: token column -> [h, w], in column order), `vqpipe.levels` (JSON: the columns of each
 level, coarsest first), `vqpipe.version`. Parts are written under a temporary name and renamed
@@ -75,9 +76,13 @@ def token_table(
     codebook_size: int,
     grid: tuple[int, int] | dict[str, tuple[int, int]],
     levels: list[list[str]] | None = None,
+    captions: list[str | None] | None = None,
+    meta: list[str | None] | None = None,
 ) -> pa.Table:
     """tokens: column name -> (n, h*w) array, in column order. grid: every column's (h, w), or
-    one per column; levels: the columns of each level, coarsest first (default: one level)."""
+    one per column; levels: the columns of each level, coarsest first (default: one level).
+    captions / meta: per row, the sample's `txt` and `json` (JSON text), null where it had none;
+    a column is written only when some row has a value."""
     grids = grid if isinstance(grid, dict) else {name: grid for name in tokens}
     levels = levels or [list(tokens)]
     if [c for level in levels for c in level] != list(tokens) or list(grids) != list(tokens):
@@ -87,6 +92,9 @@ def token_table(
         columns[name] = tokens_array(matrix, codebook_size)
     if labels is not None:
         columns["label"] = pa.array(np.asarray(labels, dtype=np.int32), type=pa.int32())
+    for name, values in (("caption", captions), ("meta", meta)):
+        if values is not None and any(v is not None for v in values):
+            columns[name] = pa.array(values, type=pa.string())
     metadata = {
         META_FINGERPRINT: fingerprint.encode(),
         META_CODEBOOK: str(codebook_size).encode(),

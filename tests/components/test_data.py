@@ -137,3 +137,15 @@ def test_token_batches_refuse_markers_inside_the_codes_and_other_tokenizers(tmp_
         next(iter_token_batches(paths, 4, vocab_offset=100, boi=105))
     with pytest.raises(TokenShardMismatch, match="not eeeeeeeeeeee"):
         next(iter_token_batches(paths, 4, fingerprint="e" * 64))
+
+
+def test_captions_and_meta_travel_as_nullable_string_columns(tmp_path):
+    from components.data.tokens import token_table, write_part
+
+    table = token_table(
+        ["a", "b"], {"tokens": np.zeros((2, 4), dtype=np.int64)}, None, fingerprint="f" * 64, codebook_size=16, grid=(2, 2),
+        captions=["a red circle", None], meta=[None, None],
+    )
+    write_part(table, tmp_path / "part.parquet")
+    read = pq.read_table(tmp_path / "part.parquet")
+    assert read.column("caption").to_pylist() == ["a red circle", None] and "meta" not in read.column_names

@@ -5,6 +5,7 @@ import json
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -67,6 +68,10 @@ def test_tokenize(tiny_project):
     expected = tok.encode(images[order].float() / 255).reshape(len(order), -1).numpy()
     assert np.array_equal(val.tokens, expected)
     assert np.array_equal(val.labels, labels[order].numpy())
+    # The shards' json (source and class name) travels with the tokens, readable with pandas.
+    df = pd.read_parquet(paths.tokens / manifest["parts"][0]["part"])
+    meta = json.loads(df["meta"].iloc[0])
+    assert meta["class_name"] in {"circle", "square", "triangle", "cross"} and "caption" not in df.columns
 
 
 def test_train_prior(tiny_project):
