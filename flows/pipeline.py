@@ -15,18 +15,14 @@ from prefect.runtime import flow_run
 
 from components.config import load_params
 from flows.dvc import STAGES, repro_stage, stage_status
-from pipelines.common import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, PARENT_RUN_ENV
+from pipelines.common import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, PARENT_RUN_ENV, absolute_tracking_uri
 
 RESUMABLE_STAGES = ("train_tokenizer",)
 
 
 def tracking_uri(repo: Path) -> str:
     """MLFLOW_TRACKING_URI, or the project's sqlite store made absolute so every stage shares it."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str((repo / uri[len(prefix):]).resolve())
-    return uri
+    return absolute_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI), repo)
 
 
 @task(task_run_name="{stage}")

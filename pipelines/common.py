@@ -109,6 +109,15 @@ def flatten(prefix: str, obj) -> dict[str, str]:
     return {prefix: str(obj)}
 
 
+def absolute_tracking_uri(uri: str, root: str | Path = ".") -> str:
+    """A sqlite URI with a relative path made absolute (against `root`), so that other
+    processes (DVC's, Ray's workers) find the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str((Path(root) / uri[len(prefix):]).resolve())
+    return uri
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: BaseModel | None = None) -> Iterator["mlflow.ActiveRun"]:  # noqa: F821
     """An MLflow run for a stage, nested under the pipeline's run when there is one."""

@@ -36,10 +36,10 @@ from components.data.shards import load_split, read_manifest, shard_paths, to_fl
 from components.data.stream import TrainingStream
 from components.io import write_json
 from components.metrics import make_grid, psnr, ssim
-from components.tokenizers import VQVAE, VQVAE2, Tokenizer, export_config
+from components.tokenizers import VQVAE, VQVAE2, Tokenizer, export_config, state_fingerprint
 from components.tokenizers.lpips import LPIPS, reconstruction_loss
 from components.tokenizers.vqgan import LeCAM, PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from pipelines.common import MetricLogger, Paths, autocast_dtype, resolve_device, seed_everything, setup_logging, stage_main, stage_run
+from pipelines.common import MetricLogger, Paths, absolute_tracking_uri, autocast_dtype, resolve_device, seed_everything, setup_logging, stage_main, stage_run
 
 log = logging.getLogger("vqpipe.train_tokenizer")
 VAL_IMAGES = 512  # validation images per evaluation: enough for a stable PSNR, cheap on CPU
@@ -108,14 +108,6 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", tokenizer.fingerprint)
         log.info("tokenizer %s written to %s", tokenizer.fingerprint[:12], paths.tokenizer)
         return TrainTokenizerResult(paths.tokenizer, tokenizer.fingerprint, summary, active.info.run_id)
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """A sqlite URI with a relative path made absolute, so other processes find the same store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 def build_model(cfg: TrainTokenizerConfig) -> nn.Module:
@@ -389,14 +381,14 @@ def _replicas_identical(trainer: TokenizerTrainer, world_size: int) -> bool:
         return True
     import torch.distributed as dist
 
-    h = hashlib.sha256()
-    for module in (trainer.model, trainer.disc, trainer.lecam):
-        if module is not None:
-            for name, tensor in sorted(module.state_dict().items()):
-                h.update(name.encode())
-                h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    state = {
+        f"{prefix}.{name}": tensor
+        for prefix, module in (("model", trainer.model), ("disc", trainer.disc), ("lecam", trainer.lecam))
+        if module is not None
+        for name, tensor in module.state_dict().items()
+    }
     digests: list = [None] * world_size
-    dist.all_gather_object(digests, h.hexdigest())
+    dist.all_gather_object(digests, state_fingerprint({}, state))
     return len(set(digests)) == 1
 
 

@@ -156,7 +156,7 @@ def sample_label(sample: dict) -> int:
     return int(raw.decode() if isinstance(raw, bytes) else raw) if raw is not None else -1
 
 
-def _decode_training_sample(sample: dict) -> tuple[torch.Tensor, int]:
+def decode_training_sample(sample: dict) -> tuple[torch.Tensor, int]:
     data = sample_image_bytes(sample)
     if data is None:
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
@@ -167,7 +167,7 @@ def load_split(shard_dir: str | Path, split: str, limit: int | None = None) -> t
     """A whole split in memory, in shard order: (n, 3, H, W) uint8, (n,) int64 labels, keys."""
     images, labels, keys = [], [], []
     for sample in wds.WebDataset(shard_paths(shard_dir, split), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None):
-        img, label = _decode_training_sample(sample)
+        img, label = decode_training_sample(sample)
         images.append(img)
         labels.append(label)
         keys.append(sample["__key__"])
@@ -193,6 +193,7 @@ __all__ = [
     "Partition",
     "PartitionResult",
     "assign_split",
+    "decode_training_sample",
     "iter_shard",
     "load_split",
     "plan_partitions",

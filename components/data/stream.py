@@ -22,8 +22,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from components.data.images import decode_image, to_array
-from components.data.shards import iter_shard, sample_image_bytes, sample_label
+from components.data.shards import decode_training_sample, iter_shard
 
 
 def batches_made_by(role: int, batches: int, workers: int) -> int:
@@ -72,11 +71,9 @@ class TrainingStream(IterableDataset):
         for i, sample in enumerate(self._shuffled(role)):
             if i < skip:
                 continue
-            data = sample_image_bytes(sample)
-            if data is None:
-                raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
-            images.append(torch.from_numpy(to_array(decode_image(data))))
-            labels.append(sample_label(sample))
+            image, label = decode_training_sample(sample)
+            images.append(image)
+            labels.append(label)
             if len(images) == self.batch_size:
                 yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
                 images, labels = [], []

@@ -12,19 +12,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from components.quantizers.base import all_reduce_sum, distributed
+
 DISC_LOSSES = ("hinge", "non_saturating")
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _mean_over_replicas(value: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
+    if not distributed():
+        return value
+    return all_reduce_sum(value.clone()) / dist.get_world_size()
 
 
 class PatchDiscriminator(nn.Module):
