@@ -184,13 +184,14 @@ class MetricLogger:
                     writer.writerow([step, *(f"{row[k]:.6g}" if k in row else "" for k in keys)])
 
 
-def init_ray(num_cpus: int | None = None):
-    """Join RAY_ADDRESS's cluster when set, else start (or reuse) a local one without dashboard."""
+def init_ray(num_cpus: int | None = None, address: str | None = None):
+    """Join the cluster at `address` (`auto`, `host:port`, `ray://...`) or RAY_ADDRESS's when
+    set, else start (or reuse) a local one without dashboard."""
     import ray
 
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address or None, log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return ray

@@ -6,10 +6,12 @@ one column per group or stage for product and residual quantizers (`tokens_group
 `tokens_group1`, ... / `tokens_stage0` (coarsest), `tokens_stage1`, ...), one per level for a
 hierarchical tokenizer (`tokens_top`, `tokens_bottom`; `tokens_top_group0`, ... when a level has
 several tokens per position); `label` int32 when labelled; `caption` string (the sample's `txt`)
-and `meta` string (its `json`) when the samples have them. Schema metadata:
+and `meta` string (its `json`) when the samples have them; `cls` string for shards whose `cls`
+fields are not integer class ids. Schema metadata:
 `vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size` (the largest level's), `vqpipe.grid`
 (JSON: token column -> [h, w], in column order), `vqpipe.levels` (JSON: the columns of each
-level, coarsest first), `vqpipe.version`. Parts are written under a temporary name and renamed
+level, coarsest first), `vqpipe.version`, and `vqpipe.source` (JSON: the input shard, samples
+read from it, rejected samples with reasons). Parts are written under a temporary name and renamed
 when complete, so a part that exists is whole. `_manifest.json` lists the parts.
 
 Read without a Python loop per row:
@@ -31,6 +33,7 @@ m tokens in column order, so [p0 group0, p0 group1, p1 group0, p1 group1, ...], 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +51,7 @@ META_CODEBOOK = b"vqpipe.codebook_size"
 META_GRID = b"vqpipe.grid"
 META_LEVELS = b"vqpipe.levels"
 META_VERSION = b"vqpipe.version"
+META_SOURCE = b"vqpipe.source"
 
 
 class TokenShardMismatch(ValueError):
@@ -78,11 +82,16 @@ def token_table(
     levels: list[list[str]] | None = None,
     captions: list[str | None] | None = None,
     meta: list[str | None] | None = None,
+    classes: list[str | None] | None = None,
+    source: dict | None = None,
 ) -> pa.Table:
     """tokens: column name -> (n, h*w) array, in column order. grid: every column's (h, w), or
     one per column; levels: the columns of each level, coarsest first (default: one level).
     captions / meta: per row, the sample's `txt` and `json` (JSON text), null where it had none;
-    a column is written only when some row has a value."""
+    a column is written only when some row has a value. classes: the samples' `cls` text, for
+    a shard whose classes are not integer ids (those go in `label`). source: where the rows came
+    from (`input_shard`, `samples` read, `rejects`), kept in the metadata so a part describes
+    itself."""
     grids = grid if isinstance(grid, dict) else {name: grid for name in tokens}
     levels = levels or [list(tokens)]
     if [c for level in levels for c in level] != list(tokens) or list(grids) != list(tokens):
@@ -92,7 +101,7 @@ def token_table(
         columns[name] = tokens_array(matrix, codebook_size)
     if labels is not None:
         columns["label"] = pa.array(np.asarray(labels, dtype=np.int32), type=pa.int32())
-    for name, values in (("caption", captions), ("meta", meta)):
+    for name, values in (("caption", captions), ("meta", meta), ("cls", classes)):
         if values is not None and any(v is not None for v in values):
             columns[name] = pa.array(values, type=pa.string())
     metadata = {
@@ -102,12 +111,32 @@ def token_table(
         META_LEVELS: json.dumps(levels).encode(),
         META_VERSION: __version__.encode(),
     }
+    if source is not None:
+        metadata[META_SOURCE] = json.dumps(source, sort_keys=True).encode()
     return pa.table(columns).replace_schema_metadata(metadata)
 
 
 def write_part(table: pa.Table, path: str | Path) -> None:
-    """Write atomically: a temporary name in the same directory, renamed when complete."""
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    """Write atomically: a temporary name in the same directory, renamed when complete. `path`
+    is a local path or any fsspec URL (on object stores the rename is a copy: the object
+    appears whole or not at all)."""
+    path = str(path)
+    if not _is_url(path):
+        atomic_write(path.removeprefix("file://"), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        return
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    parent, name = target.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        fs.mv(tmp, target)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
 
 
 @dataclass
@@ -117,14 +146,15 @@ class PartInfo:
     grid: dict  # token column -> [h, w], in column order
     rows: int
     levels: list  # the token columns of each level, coarsest first
+    source: dict | None = None  # input_shard, samples, rejects (None for parts without it)
 
     @property
     def token_columns(self) -> list[str]:
         return list(self.grid)
 
 
-def part_info(path: str | Path) -> PartInfo:
-    meta = pq.read_metadata(path)
+def part_info(path: str | Path, filesystem=None) -> PartInfo:
+    meta = pq.read_metadata(path, filesystem=filesystem)
     schema_meta = meta.schema.to_arrow_schema().metadata or {}
     if META_FINGERPRINT not in schema_meta:
         raise TokenShardMismatch(f"{path} is not a vqpipe token shard (no {META_FINGERPRINT.decode()} metadata)")
@@ -135,6 +165,7 @@ def part_info(path: str | Path) -> PartInfo:
         rows=meta.num_rows,
         # Parts written before hierarchical tokenizers have one level.
         levels=json.loads(schema_meta[META_LEVELS]) if META_LEVELS in schema_meta else [list(json.loads(schema_meta[META_GRID]))],
+        source=json.loads(schema_meta[META_SOURCE]) if META_SOURCE in schema_meta else None,
     )
 
 
@@ -281,12 +312,31 @@ def iter_token_batches(
         yield held
 
 
+def _is_url(path: str | Path) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:
-    write_json(Path(out_dir) / MANIFEST, manifest)
+    """`_manifest.json` in `out_dir` (a local path or any fsspec URL), replaced atomically."""
+    if not _is_url(out_dir):
+        write_json(Path(str(out_dir).removeprefix("file://")) / MANIFEST, manifest)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(out_dir))
+    target = f"{root.rstrip('/')}/{MANIFEST}"
+    tmp = f"{root.rstrip('/')}/.{MANIFEST}.{uuid.uuid4().hex}.tmp"
+    fs.pipe_file(tmp, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    fs.mv(tmp, target)
 
 
 def read_manifest(token_dir: str | Path) -> dict:
-    path = Path(token_dir) / MANIFEST
+    if _is_url(token_dir):
+        import fsspec
+
+        with fsspec.open(f"{str(token_dir).rstrip('/')}/{MANIFEST}", "r") as f:
+            return json.load(f)
+    path = Path(str(token_dir).removeprefix("file://")) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
     return json.loads(path.read_text())

@@ -54,7 +54,8 @@ def test_tokenize(tiny_project):
     manifest = token_io.read_manifest(paths.tokens)
     shards = read_manifest(paths.shards)
     assert len(manifest["parts"]) == len(shards["shards"])
-    assert manifest["rows"] == shards["samples"]
+    assert {split: manifest["splits"][split]["rows"] for split in ("train", "val")} == shards["samples"]
+    assert manifest["rows"] + manifest["rejected"] == manifest["samples"] == 160 and manifest["complete"]
     tok = Tokenizer.load(paths.tokenizer)
     for part in manifest["parts"]:
         table = pq.read_table(paths.tokens / part["part"])
