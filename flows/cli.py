@@ -4,6 +4,7 @@
     vqpipe status
     vqpipe serve --cron "0 3 * * *"
     vqpipe validate
+    vqpipe tokenize --tokenizer models/tokenizer --input 'data/{00000..00099}.tar' --output tokens/
 """
 
 from __future__ import annotations
@@ -119,6 +120,45 @@ def cmd_validate(args) -> int:
     return code
 
 
+def cmd_tokenize(args) -> int:
+    from pipelines.tokenize import MLFLOW_SCHEMES, resolve_tokenizer
+
+    if not args.tokenizer.startswith(MLFLOW_SCHEMES):
+        try:  # a wrong local path fails here, before Prefect and Ray start
+            resolve_tokenizer(args.tokenizer, ".")
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    from flows.tokenize import ShardsFailed, tokenize_flow
+
+    try:
+        summary = tokenize_flow(
+            tokenizer=args.tokenizer, inputs=args.input, output=args.output, batch_size=args.batch_size,
+            workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+            device=args.device, decode_threads=args.decode_threads, retries=args.retries, overwrite=args.overwrite,
+            in_process=args.in_process, ray_address=args.ray_address, progress_bar=sys.stderr.isatty(),
+        )
+    except ShardsFailed as err:
+        _print_tokenize_summary(err.summary)
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # no shards match, a tokenizer that is not one, bad settings
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_tokenize_summary(summary)
+    return 0
+
+
+def _print_tokenize_summary(summary: dict) -> None:
+    print(
+        f"\n{summary['inputs']} input shards: {summary['tokenized']} tokenized, {summary['skipped']} already complete, "
+        f"{len(summary['failed'])} failed\n"
+        f"{summary['rows']} rows from {summary['samples']} samples ({summary['rejected']} rejected, listed in the manifest)\n"
+        f"this run: {summary['images_this_run']} images in {summary['seconds']:.1f} s ({summary['images_per_second']:.0f} images/s)\n"
+        f"manifest: {summary['manifest']}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", default=".", help="the project (a DVC repo); default: current directory")
@@ -139,7 +179,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check params.yaml and exit (status 2 when invalid)")
     validate.set_defaults(func=cmd_validate)
+
+    tok = sub.add_parser(
+        "tokenize",
+        help="tokenize an image corpus (WebDataset shards) into Parquet token parts, on Ray",
+        description="One Parquet part per input shard; a rerun keeps complete parts of the same tokenizer and redoes "
+        "the rest. Exit status 1 when some shards could not be read (named, and listed in _manifest.json), 2 on bad input.",
+    )
+    tok.add_argument("--tokenizer", required=True, help="export directory (config.json + model.safetensors) or MLflow URI, e.g. models:/vqpipe-tokenizer@champion")
+    tok.add_argument("--input", required=True, action="append", help="shards: path or URL, {000..099} pattern, glob, @FILE of URLs, pipe:CMD (repeatable)")
+    tok.add_argument("--output", required=True, help="directory for the parts: a path or fsspec URL (s3://, gs://, ...)")
+    tok.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass (default 256)")
+    tok.add_argument("--workers", type=_positive, default=None, help="Ray workers (default: as many as the cluster's CPUs or GPUs allow)")
+    tok.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker: torch and decode threads (default 1)")
+    tok.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, e.g. 1 (default 0: CPU)")
+    tok.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto: cuda when the worker has a GPU)")
+    tok.add_argument("--decode-threads", type=_positive, default=None, help="image decoding threads per worker (default: its CPUs)")
+    tok.add_argument("--retries", type=int, default=2, help="further attempts at a shard that fails (default 2)")
+    tok.add_argument("--overwrite", action="store_true", help="redo every part, complete or not")
+    tok.add_argument("--in-process", action="store_true", help="no Ray: tokenize in this process")
+    tok.add_argument("--ray-address", default=None, help="join this Ray cluster (auto, host:port, ray://...); default RAY_ADDRESS, else a local Ray")
+    tok.set_defaults(func=cmd_tokenize)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

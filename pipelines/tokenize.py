@@ -26,6 +26,7 @@ from typing import Callable
 from components.config import TokenizeConfig
 from components.data import shards as shard_io
 from components.data import tokens as token_io
+from components.data.corpus import ShardUnreadable
 from components.data.tokenization import ShardTokens, part_names, tokenize_shard
 from components.tokenizers import Tokenizer
 from components.tokenizers.tokenizer import CONFIG_FILE, WEIGHTS_FILE
@@ -155,15 +156,14 @@ def _filesystem(output: str):
     return fs, root.rstrip("/")
 
 
-def _existing_parts(fs, root: str, names: list[str], overwrite: bool) -> dict[str, token_io.PartInfo]:
-    """Part name -> info for the parts already in the output; removes leftover temporaries."""
+def _existing_parts(fs, root: str, names: list[str]) -> dict[str, token_io.PartInfo | None]:
+    """Part name -> info (None: unreadable) for the parts already in the output; removes
+    leftover temporaries."""
     fs.makedirs(root, exist_ok=True)
     listing = set(_listing(fs, root))
     for leftover in sorted(n for n in listing if n.startswith(".part-") and n.endswith(".tmp")):
         fs.rm(f"{root}/{leftover}")  # from a killed run: never taken for a part
     present = [n for n in names if n in listing]
-    if overwrite or not present:
-        return {}
 
     def info(name: str):
         try:
@@ -173,7 +173,7 @@ def _existing_parts(fs, root: str, names: list[str], overwrite: bool) -> dict[st
             return name, None
 
     with ThreadPoolExecutor(16) as pool:  # footers only; in parallel for object stores
-        return {name: i for name, i in pool.map(info, present) if i is not None}
+        return dict(pool.map(info, present))
 
 
 def _listing(fs, root: str) -> list[str]:
@@ -188,9 +188,17 @@ def _stale_parts(fs, root: str, names: set[str]) -> list[str]:
     return sorted(n for n in _listing(fs, root) if n.startswith("part-") and n.endswith(".parquet") and n not in names)
 
 
-def tokenize_corpus(job: CorpusJob, progress: Callable[[ShardTokens | None, dict | None], None] | None = None) -> CorpusResult:
-    """Tokenize `job.inputs` into `job.output`; see the module doc. `progress` is called once per
-    input shard finished this run (with its result, or with the failure entry)."""
+@dataclass
+class CorpusPlan:
+    tokenizer: Tokenizer
+    files: dict[str, bytes]  # the tokenizer's export, shipped to the workers
+    done: dict[str, ShardTokens]  # input URL -> its complete part, kept
+    todo: list[_Work]
+
+
+def plan_corpus(job: CorpusJob) -> CorpusPlan:
+    """Load the tokenizer and sort the inputs into complete parts (same tokenizer, same input:
+    kept unless `overwrite`) and work to do. Reads only the existing parts' footers."""
     job.check()
     names = {url: (job.names or {}).get(url, url) for url in job.inputs}
     parts = part_names([names[url] for url in job.inputs])
@@ -200,28 +208,47 @@ def tokenize_corpus(job: CorpusJob, progress: Callable[[ShardTokens | None, dict
     tokenizer = load_tokenizer_files(files)
 
     fs, root = _filesystem(job.output)
-    existing = _existing_parts(fs, root, list(parts.values()), job.overwrite)
+    existing = _existing_parts(fs, root, list(parts.values()))
     done: dict[str, ShardTokens] = {}
     todo: list[_Work] = []
     other_tokenizer = 0
     for url in job.inputs:
         name, part = names[url], parts[names[url]]
-        info = existing.get(part)
-        if info is not None and info.fingerprint == tokenizer.fingerprint and info.source and info.source.get("input_shard") == name:
-            src = info.source
-            done[url] = ShardTokens(name, part, src["samples"], info.rows, src["rejects"])
-            continue
-        other_tokenizer += info is not None and info.fingerprint != tokenizer.fingerprint
+        if part in existing:
+            info = existing[part]
+            same = info is not None and info.fingerprint == tokenizer.fingerprint
+            if same and not job.overwrite and info.source and info.source.get("input_shard") == name:
+                src = info.source
+                done[url] = ShardTokens(name, part, src["samples"], info.rows, src["rejects"])
+                continue
+            if not same:
+                # Another tokenizer's part (or an unreadable file) goes now, not when its shard
+                # is redone: if that fails, no part of the old tokenizer stays among the new.
+                other_tokenizer += 1
+                fs.rm(f"{root}/{part}")
         todo.append(_Work(url, name, part))
+    if todo and fs.exists(f"{root}/{token_io.MANIFEST}"):
+        fs.rm(f"{root}/{token_io.MANIFEST}")  # a manifest is there only while the output is finished
     log.info(
         "%d input shards: %d parts complete, %d to tokenize%s",
         len(job.inputs), len(done), len(todo),
-        f" ({other_tokenizer} made by another tokenizer are redone)" if other_tokenizer else "",
+        f" ({other_tokenizer} made by another tokenizer, removed, are redone)" if other_tokenizer else "",
     )
     stale = _stale_parts(fs, root, set(parts.values()))
     if stale:
         log.warning("%d parts in %s belong to no input of this job (e.g. %s); they are not in the manifest", len(stale), job.output, stale[0])
+    return CorpusPlan(tokenizer, files, done, todo)
 
+
+def tokenize_corpus(
+    job: CorpusJob,
+    progress: Callable[[ShardTokens | None, dict | None], None] | None = None,
+    plan: CorpusPlan | None = None,
+) -> CorpusResult:
+    """Tokenize `job.inputs` into `job.output`; see the module doc. `progress` is called once per
+    shard tokenized this run (with its result, or with its failure entry)."""
+    plan = plan or plan_corpus(job)
+    tokenizer, files, done, todo = plan.tokenizer, plan.files, dict(plan.done), plan.todo
     out = job.output if "://" in job.output else str(Path(job.output).resolve())
     start = time.perf_counter()
     failed: list[dict] = []
@@ -284,6 +311,8 @@ def corpus_manifest(tokenizer: Tokenizer, results: list[ShardTokens], failed: li
 def _describe(err: BaseException) -> str:
     cause = getattr(err, "cause", None)  # a Ray task error carries the worker's exception
     err = cause if isinstance(cause, BaseException) else err
+    if isinstance(err, ShardUnreadable):
+        return err.reason
     return f"{type(err).__name__}: {err}"
 
 
