@@ -138,7 +138,7 @@ class VQGANOptions(_Section):
 # or where it runs, or what it logs, not what it learns.
 RESUMABLE_CHANGES = (
     "steps", "val_every", "log_every", "checkpoint_every", "checkpoint_dir", "resume",
-    "device", "precision", "compile", "num_workers", "workers", "use_gpu",
+    "device", "precision", "compile", "num_workers", "workers", "use_gpu", "registered_model",
 )
 
 
@@ -186,6 +186,9 @@ class TrainTokenizerConfig(_Section):
     checkpoint_dir: str = "checkpoints/train_tokenizer"
     # Resume an interrupted run from its checkpoint; false always starts over.
     resume: bool = True
+    # Each trained tokenizer becomes a version of this MLflow registered model, so that
+    # `vqpipe tokenize --tokenizer models:/NAME@ALIAS` finds it; null registers nothing.
+    registered_model: str | None = "vqpipe-tokenizer"
     seed: int = 0
     device: Device = "auto"
 

@@ -154,7 +154,9 @@ def _print_tokenize_summary(summary: dict) -> None:
         f"\n{summary['inputs']} input shards: {summary['tokenized']} tokenized, {summary['skipped']} already complete, "
         f"{len(summary['failed'])} failed\n"
         f"{summary['rows']} rows from {summary['samples']} samples ({summary['rejected']} rejected, listed in the manifest)\n"
-        f"this run: {summary['images_this_run']} images in {summary['seconds']:.1f} s ({summary['images_per_second']:.0f} images/s)\n"
+        f"this run: {summary['images_this_run']} images in {summary['seconds']:.1f} s ({summary['images_per_second']:.0f} images/s)"
+        + (f" on {summary['ray_nodes']} Ray nodes" if summary["ray_nodes"] else "")
+        + "\n"
         f"manifest: {summary['manifest']}"
     )
 

@@ -107,7 +107,7 @@ def summarize(job: CorpusJob, result: CorpusResult) -> dict:
         "images_this_run": result.images,
         "seconds": round(result.seconds, 2),
         "images_per_second": round(result.images_per_second, 1),
-        "ray_nodes": len(result.nodes),
+        "ray_nodes": 0 if job.in_process else len(result.nodes),
     }
 
 

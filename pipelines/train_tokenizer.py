@@ -106,8 +106,30 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_artifacts(str(paths.tokenizer), artifact_path="tokenizer")
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", tokenizer.fingerprint)
+        if cfg.registered_model:
+            version = register_tokenizer(cfg.registered_model, active.info.run_id, tokenizer.fingerprint)
+            log.info("registered as MLflow model %s version %s", cfg.registered_model, version)
         log.info("tokenizer %s written to %s", tokenizer.fingerprint[:12], paths.tokenizer)
         return TrainTokenizerResult(paths.tokenizer, tokenizer.fingerprint, summary, active.info.run_id)
+
+
+def register_tokenizer(name: str, run_id: str, fingerprint: str) -> str:
+    """A new version of the registered model `name` whose source is the run's `tokenizer`
+    artifacts (an export directory, not an MLflow-flavoured model: `create_model_version`
+    registers it as it is). Returns the version; give it an alias to use it as
+    `models:/NAME@ALIAS`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="vqpipe image tokenizers (config.json + model.safetensors)")
+    source = mlflow.get_run(run_id).info.artifact_uri.rstrip("/") + "/tokenizer"
+    version = client.create_model_version(name, source=source, run_id=run_id, tags={"vqpipe.tokenizer_fingerprint": fingerprint})
+    return version.version
 
 
 def build_model(cfg: TrainTokenizerConfig) -> nn.Module:

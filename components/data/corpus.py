@@ -91,6 +91,9 @@ class ShardUnreadable(Exception):
         self.url = url
         self.reason = reason
 
+    def __reduce__(self):  # pickles whole across processes (Ray returns it to the driver)
+        return type(self), (self.url, self.reason)
+
 
 class _Tail:
     """A read-only stream that remembers the last 512 bytes read (to check the tar's end)."""
