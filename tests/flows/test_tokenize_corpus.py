@@ -247,3 +247,34 @@ def test_cli_bad_input_exits_2_before_any_work(tmp_path, tiny_project):
     paths, _ = tiny_project
     assert main(["tokenize", "--tokenizer", str(tmp_path / "none"), "--input", "x.tar", "--output", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_any_fsspec_destination_and_text_classes(tiny_project, tmp_path):
+    """Parts and manifest on a non-local filesystem (fsspec's in-memory one); `cls` fields that
+    are names, not ids, travel as a `cls` text column."""
+    import fsspec
+
+    from tests.components.test_corpus import _tar
+
+    paths, _ = tiny_project
+    png = io_png()
+    _tar(tmp_path / "named.tar", {"a.png": png, "a.cls": b"dog", "b.png": png, "b.cls": b"cat", "c.png": png})
+    job = CorpusJob(inputs=[str(tmp_path / "named.tar")], output="memory://corpus-tokens", tokenizer=str(paths.tokenizer), in_process=True)
+    result = tokenize_corpus(job)
+    assert result.manifest["rows"] == 3 and token_io.read_manifest("memory://corpus-tokens") == result.manifest
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/corpus-tokens", detail=False)) == ["_manifest.json", "part-named.parquet"]
+    with fs.open("/corpus-tokens/part-named.parquet", "rb") as f:
+        table = pq.read_table(f)
+    assert table.column("cls").to_pylist() == ["dog", "cat", None] and "label" not in table.column_names
+    assert tokenize_corpus(job).skipped == 1  # resume works there too
+
+
+def io_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
