@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from pipelines.common import DEFAULT_TRACKING_URI, Paths, init_ray, resolve_devi
 log = logging.getLogger("vqpipe.tokenize")
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+SHARDS_AT_ONCE = 2  # per worker
 
 
 def resolve_tokenizer(spec: str, dest: str | Path) -> Path:
@@ -69,7 +71,8 @@ def load_tokenizer_files(files: dict[str, bytes], device="cpu") -> Tokenizer:
 
 class ShardWorker:
     """Holds one loaded tokenizer and tokenizes whole shards: a Ray actor, or a plain object
-    when the job runs in this process."""
+    when the job runs in this process. Two shards at once (`SHARDS_AT_ONCE`, threads), one
+    forward pass at a time: one shard is read, decoded and written while the other computes."""
 
     def __init__(self, files: dict[str, bytes], device: str, threads: int, decode_threads: int):
         import torch
@@ -77,6 +80,7 @@ class ShardWorker:
         torch.set_num_threads(max(1, threads))
         self.tokenizer = load_tokenizer_files(files, resolve_device(device))
         self.decode_threads = decode_threads
+        self.model_lock = threading.Lock()
 
     def node(self) -> str:
         try:
@@ -89,7 +93,8 @@ class ShardWorker:
     def tokenize(self, url: str, out: str, part: str, name: str, batch_size: int) -> tuple[ShardTokens, float, str]:
         start = time.perf_counter()
         result = tokenize_shard(
-            self.tokenizer, url, out, part, input_name=name, batch_size=batch_size, decode_threads=self.decode_threads
+            self.tokenizer, url, out, part, input_name=name, batch_size=batch_size,
+            decode_threads=self.decode_threads, model_lock=self.model_lock,
         )
         return result, time.perf_counter() - start, self.node()
 
@@ -132,7 +137,7 @@ class CorpusResult:
     skipped: int  # complete parts of the same tokenizer, kept
     failed: list[dict]  # {"input_shard", "part", "error", "attempts"}
     images: int  # rows written by this run
-    seconds: float  # wall time of the tokenizing (after planning)
+    seconds: float  # wall time of the tokenizing, from the workers ready to the last part written
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> shards it tokenized
 
     @property
@@ -250,7 +255,6 @@ def tokenize_corpus(
     plan = plan or plan_corpus(job)
     tokenizer, files, done, todo = plan.tokenizer, plan.files, dict(plan.done), plan.todo
     out = job.output if "://" in job.output else str(Path(job.output).resolve())
-    start = time.perf_counter()
     failed: list[dict] = []
     nodes: dict[str, int] = {}
 
@@ -268,10 +272,11 @@ def tokenize_corpus(
         if progress:
             progress(result, None)
 
+    seconds = 0.0
     if todo:
         runner = _run_in_process if job.in_process else _run_on_ray
-        runner(job, files, todo, out, finished)
-    seconds = time.perf_counter() - start
+        began = runner(job, files, todo, out, finished)
+        seconds = time.perf_counter() - began
 
     manifest = corpus_manifest(tokenizer, [done[url] for url in job.inputs if url in done], failed, len(job.inputs))
     token_io.write_manifest(job.output, manifest)
@@ -316,10 +321,14 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _run_in_process(job: CorpusJob, files: dict, todo: list[_Work], out: str, finished) -> None:
+def _run_in_process(job: CorpusJob, files: dict, todo: list[_Work], out: str, finished) -> float:
+    """Tokenize `todo` here, two shards at a time on threads; returns when the work began."""
     threads = max(1, int(job.cpus_per_worker))
     worker = ShardWorker(files, job.device, threads, job.decode_threads or threads)
-    for work in todo:
+    began = time.perf_counter()
+    lock = threading.Lock()  # `finished` runs for one shard at a time
+
+    def attempt(work: _Work) -> None:
         while True:
             work.attempts += 1
             try:
@@ -330,13 +339,20 @@ def _run_in_process(job: CorpusJob, files: dict, todo: list[_Work], out: str, fi
                     log.warning("attempt %d at %s failed (%s); retrying", work.attempts, work.name, work.errors[-1])
                     time.sleep(job.retry_delay * work.attempts)
                     continue
-                finished(work, None)
-                break
-            finished(work, outcome)
-            break
+                outcome = None
+            with lock:
+                finished(work, outcome)
+            return
+
+    with ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="shard") as pool:
+        for future in [pool.submit(attempt, work) for work in todo]:
+            future.result()
+    return began
 
 
-def _run_on_ray(job: CorpusJob, files: dict, todo: list[_Work], out: str, finished) -> None:
+def _run_on_ray(job: CorpusJob, files: dict, todo: list[_Work], out: str, finished) -> float:
+    """Tokenize `todo` on a pool of Ray actors, at most two shards queued per actor; returns
+    when the actors were ready."""
     ray = init_ray(address=job.ray_address)
     resources = ray.cluster_resources()
     if job.gpus_per_worker > 0:
@@ -351,16 +367,19 @@ def _run_on_ray(job: CorpusJob, files: dict, todo: list[_Work], out: str, finish
     # GPU machine would pile onto a device Ray never gave it.
     device = job.device if job.gpus_per_worker > 0 or job.device != "auto" else "cpu"
     actor_cls = ray.remote(ShardWorker).options(
-        num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker, max_restarts=3, scheduling_strategy="SPREAD"
+        num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker, max_restarts=3, scheduling_strategy="SPREAD",
+        max_concurrency=SHARDS_AT_ONCE,
     )
     files_ref = ray.put(files)
     actors = [actor_cls.remote(files_ref, device, threads, job.decode_threads or threads) for _ in range(count)]
+    ray.get([a.node.remote() for a in actors])  # started, tokenizer loaded
+    began = time.perf_counter()
     log.info("tokenizing %d shards on %d Ray workers (%g CPU, %g GPU each)", len(todo), count, job.cpus_per_worker, job.gpus_per_worker)
 
     queue = list(reversed(todo))  # popped from the end: input order
     inflight: dict = {}  # object ref -> (actor index, work)
     load = [0] * count
-    per_actor = 2  # one running, one queued behind it: no idle gap between shards, bounded memory
+    per_actor = SHARDS_AT_ONCE  # bounded memory: never more shards in flight than a worker runs
     try:
         while queue or inflight:
             for i in range(count):
@@ -388,6 +407,7 @@ def _run_on_ray(job: CorpusJob, files: dict, todo: list[_Work], out: str, finish
     finally:
         for actor in actors:
             ray.kill(actor)
+    return began
 
 
 # -- the pipeline's stage ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ complete part of the same tokenizer from anything else without any other record.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -128,6 +129,7 @@ def tokenize_shard(
     input_name: str | None = None,
     batch_size: int = 256,
     decode_threads: int = 2,
+    model_lock=None,
 ) -> ShardTokens:
     """Encode every image of the shard at `url` into `out/part`; rows written + samples rejected
     = samples read. The sample's `txt`, `json` and `cls` travel with its tokens (`caption`,
@@ -135,7 +137,9 @@ def tokenize_shard(
 
     Raises ShardUnreadable when the shard cannot be read whole; nothing is written then.
     Memory is bounded by the batch and a decode window of twice the batch, whatever the shard's
-    size. `input_name` is what the part records as its input (default: `url`)."""
+    size. `input_name` is what the part records as its input (default: `url`). `model_lock`
+    (a lock shared by the shards one worker tokenizes at once) serialises the forward passes,
+    so that one shard's reading, decoding and writing overlap another's compute."""
     size = tokenizer.image_size
     keys: list[str] = []
     captions: list[str | None] = []
@@ -151,7 +155,7 @@ def tokenize_shard(
     def flush() -> None:
         if batch:
             x = torch.from_numpy(np.stack(batch)).float().div_(255.0)
-            with torch.inference_mode():
+            with model_lock or contextlib.nullcontext(), torch.inference_mode():
                 for name, column in tokenizer.encode_columns(x).items():
                     tokens[name].append(column.cpu().numpy())
             batch.clear()
