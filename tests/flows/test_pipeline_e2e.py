@@ -57,7 +57,7 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     # The token shards come from this repo's shards (not from some other working directory).
     shards = json.loads((repo / "data/shards/manifest.json").read_text())
     tokens = json.loads((repo / "data/tokens/_manifest.json").read_text())
-    assert tokens["rows"] == shards["samples"]
+    assert {split: tokens["splits"][split]["rows"] for split in ("train", "val")} == shards["samples"]
     assert sorted(p["input_shard"] for p in tokens["parts"]) == sorted(f"data/shards/{s['name']}" for s in shards["shards"])
 
     parent = mlflow.get_run(first["mlflow_run_id"])
