@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -130,7 +131,10 @@ def cmd_tokenize(args) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     from flows.tokenize import ShardsFailed, tokenize_flow
+    from pipelines.common import setup_logging
 
+    setup_logging()  # the plan, retries and failures (vqpipe.tokenize) beside Prefect's lines
+    logging.getLogger("vqpipe").setLevel(logging.INFO)
     try:
         summary = tokenize_flow(
             tokenizer=args.tokenizer, inputs=args.input, output=args.output, batch_size=args.batch_size,
@@ -155,7 +159,7 @@ def _print_tokenize_summary(summary: dict) -> None:
         f"{len(summary['failed'])} failed\n"
         f"{summary['rows']} rows from {summary['samples']} samples ({summary['rejected']} rejected, listed in the manifest)\n"
         f"this run: {summary['images_this_run']} images in {summary['seconds']:.1f} s ({summary['images_per_second']:.0f} images/s)"
-        + (f" on {summary['ray_nodes']} Ray nodes" if summary["ray_nodes"] else "")
+        + (f" on {summary['ray_nodes']} Ray node{'s' if summary['ray_nodes'] > 1 else ''}" if summary["ray_nodes"] else "")
         + "\n"
         f"manifest: {summary['manifest']}"
     )
