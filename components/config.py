@@ -241,6 +241,14 @@ class TrainPriorConfig(_Section):
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=8)
     dropout: float = Field(0.0, ge=0, lt=1)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    # The output head shares the code embeddings (fewer parameters; often better on small data).
+    tie_weights: bool = False
+    # Training replaces a sample's class by the null token with this probability, so one
+    # model samples conditionally, unconditionally and with classifier-free guidance.
+    label_dropout: float = Field(0.1, ge=0, le=1)
+    # bf16 autocast on CUDA (auto: where supported); CPUs train in fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -266,6 +274,10 @@ class SampleConfig(_Section):
     num_images: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
+    # Nucleus sampling: the smallest set of likeliest codes holding top_p of the probability.
+    top_p: float | None = Field(None, gt=0, le=1)
+    # Classifier-free guidance for a conditional prior: 1 = plain conditional sampling.
+    cfg_scale: float = Field(1.0, ge=0)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
     device: Device = "auto"

@@ -48,7 +48,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         images = to_float(load_split(paths.shards, "val", limit=cfg.max_images)[0])
         recon = torch.cat([tokenizer.reconstruct(images[i : i + cfg.batch_size]).cpu() for i in range(0, len(images), cfg.batch_size)])
         stats = codebook_stats({c: val.column(c) for c in val.columns}, tokenizer.column_codebook_sizes)
-        labels = torch.from_numpy(val.labels) if prior.cfg.num_classes and val.labels is not None else None
+        labels = torch.from_numpy(val.labels) if prior.num_classes and val.labels is not None else None
         prior_bits = bits_per_token(prior, torch.from_numpy(val.tokens), labels, cfg.batch_size)
         metrics = {
             "val_images": len(images),

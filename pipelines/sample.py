@@ -42,7 +42,7 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
     with stage_run("sample", cfg) as active:
         import mlflow
 
-        num_classes = prior.cfg.num_classes
+        num_classes = prior.num_classes
         if num_classes:
             labels = torch.arange(num_classes).repeat_interleave(cfg.num_per_class)
             per_row = cfg.num_per_class
@@ -57,7 +57,12 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
         for start in range(0, n, cfg.batch_size):
             batch_labels = labels[start : start + cfg.batch_size] if labels is not None else None
             count = len(batch_labels) if batch_labels is not None else min(cfg.batch_size, n - start)
-            tokens.append(sample(prior, count, batch_labels, cfg.temperature, cfg.top_k, generator=generator, vocab_limits=limits))
+            tokens.append(
+                sample(
+                    prior, count, batch_labels, cfg.temperature, cfg.top_k, generator=generator,
+                    vocab_limits=limits, top_p=cfg.top_p, cfg_scale=cfg.cfg_scale,
+                )
+            )
         tokens = torch.cat(tokens)
         elapsed = time.perf_counter() - started
         images = tokenizer.decode(tokenizer.unflatten(tokens)).cpu()

@@ -2,10 +2,13 @@
 
     dvc repro train_prior          # or: python -m pipelines.train_prior
 
-Class-conditional through a prepended class token when the tokens carry labels. Reads the
-Parquet parts with pyarrow (columnar, no per-row Python) and refuses parts made by another
-tokenizer. Writes models/prior/{config.json,model.safetensors}, metrics/train_prior.json and
-plots/train_prior.csv; logs train/val bits per token to MLflow.
+Class-conditional through a prepended class token when the tokens carry labels, with label
+dropout so the same model samples unconditionally and with classifier-free guidance. For a
+VQ-VAE-2 tokenizer, a top prior and a bottom prior conditioned on the top tokens (one joint
+loss, the mean over all tokens). Reads the Parquet parts with pyarrow (columnar, no per-row
+Python) and refuses parts made by another tokenizer. Writes models/prior/{config.json,
+model.safetensors}, metrics/train_prior.json and plots/train_prior.csv; logs train/val bits per
+token to MLflow.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from components.config import TrainPriorConfig
 from components.data import tokens as token_io
 from components.io import write_json
 from components.metrics import bits_per_token
-from components.priors import PriorConfig, TransformerPrior, save_prior
+from components.priors import build_prior, save_prior
 from components.tokenizers import Tokenizer
-from pipelines.common import MetricLogger, Paths, resolve_device, seed_everything, stage_main, stage_run
+from pipelines.common import MetricLogger, Paths, autocast_dtype, resolve_device, seed_everything, stage_main, stage_run
 
 log = logging.getLogger("vqpipe.train_prior")
 
@@ -51,18 +54,32 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
         optimizer = _build_optimizer(cfg, model)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg))
         tokens = torch.from_numpy(train.tokens)
-        labels = torch.from_numpy(train.labels) if model.cfg.num_classes else None
+        labels = torch.from_numpy(train.labels) if model.num_classes else None
         val_tokens = torch.from_numpy(val.tokens)
-        val_labels = torch.from_numpy(val.labels) if model.cfg.num_classes else None
+        val_labels = torch.from_numpy(val.labels) if model.num_classes else None
         metrics = MetricLogger(active.info.run_id, flush_every=cfg.log_every)
-        mlflow.log_params({"model.parameters": sum(p.numel() for p in model.parameters()), "data.train_rows": len(tokens), "data.num_classes": model.cfg.num_classes})
+        mlflow.log_params(
+            {
+                "model.parameters": sum(p.numel() for p in model.parameters()),
+                "model.kind": type(model).__name__,
+                "data.train_rows": len(tokens),
+                "data.num_classes": model.num_classes,
+            }
+        )
+        amp = autocast_dtype(cfg.precision, device) if device.type == "cuda" else None
 
         started = time.perf_counter()
         val_bits = float("nan")
         model.train()
         for step in range(1, cfg.steps + 1):
             batch = torch.randint(0, len(tokens), (cfg.batch_size,), generator=generator)
-            loss = model.loss(tokens[batch].to(device), labels[batch].to(device) if labels is not None else None)
+            batch_labels = None
+            if labels is not None:
+                batch_labels = labels[batch]
+                dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.label_dropout
+                batch_labels = torch.where(dropped, torch.full_like(batch_labels, -1), batch_labels).to(device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = model.loss(tokens[batch].to(device), batch_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -90,27 +107,20 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
         return TrainPriorResult(paths.prior, summary, active.info.run_id)
 
 
-def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, train: token_io.TokenData, class_names) -> TransformerPrior:
+def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, train: token_io.TokenData, class_names):
     if train.tokens.shape[1] != tokenizer.num_tokens:
         raise ValueError(f"token rows have {train.tokens.shape[1]} tokens, the tokenizer makes {tokenizer.num_tokens}")
     labelled = train.labels is not None and (train.labels >= 0).any()
     num_classes = 0
     if labelled:
         num_classes = len(class_names) if class_names else int(train.labels.max()) + 1
-    return TransformerPrior(
-        PriorConfig(
-            vocab_size=tokenizer.codebook_size,
-            seq_len=tokenizer.num_tokens,
-            num_classes=num_classes,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            n_embd=cfg.n_embd,
-            dropout=cfg.dropout,
-        )
+    return build_prior(
+        tokenizer, num_classes=num_classes, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+        dropout=cfg.dropout, norm=cfg.norm, tie_weights=cfg.tie_weights,
     )
 
 
-def _build_optimizer(cfg: TrainPriorConfig, model: TransformerPrior) -> torch.optim.Optimizer:
+def _build_optimizer(cfg: TrainPriorConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     # Weight decay on matrices only: decaying norms, biases and embeddings hurts small models.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]

@@ -1,8 +1,10 @@
-"""Prior export: `models/prior/{config.json, model.safetensors}`, tied to its tokenizer."""
+"""Building a prior for a tokenizer, and its export: `models/prior/{config.json, model.safetensors}`,
+tied to the tokenizer (fingerprint, codebook sizes, grids)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -10,22 +12,54 @@ from safetensors.torch import load_file, save_file
 
 from components import __version__
 from components.io import atomic_write, write_json
-from components.priors.transformer import PriorConfig, TransformerPrior
+from components.priors.transformer import HierarchicalPrior, PriorConfig, TransformerPrior
 
 
 class PriorMismatch(ValueError):
     """A prior trained on another tokenizer's tokens."""
 
 
-def save_prior(path: str | Path, model: TransformerPrior, *, tokenizer_fingerprint: str, grid: dict[str, tuple[int, int]], class_names: list[str] | None) -> None:
+def level_layouts(tokenizer) -> list[tuple[str, tuple[int, int, int], int]]:
+    """Per level, coarsest first: (level, (h, w, m), codebook size)."""
+    out = []
+    for level in tokenizer.levels:
+        columns = tokenizer.level_columns(level)
+        h, w = tokenizer.level_grid(level)
+        out.append((level, (h, w, len(columns)), max(tokenizer.column_codebook_sizes[c] for c in columns)))
+    return out
+
+
+def build_prior(tokenizer, num_classes: int = 0, **sizes) -> TransformerPrior | HierarchicalPrior:
+    """The prior for `tokenizer`'s tokens: one transformer over the flattened sequence (product
+    and residual tokens in the documented order, a position's m tokens side by side, with a
+    sub-token embedding), or for a two-level tokenizer a HierarchicalPrior. `sizes`: n_layer,
+    n_head, n_embd, dropout, norm, tie_weights."""
+    levels = level_layouts(tokenizer)
+    if len(levels) == 1:
+        (_, (h, w, m), vocab), = levels
+        return TransformerPrior(PriorConfig(vocab_size=vocab, seq_len=h * w * m, num_classes=num_classes, layout=((h, w, m),), **sizes))
+    if len(levels) != 2:
+        raise ValueError(f"priors handle one or two token levels, not {len(levels)}")
+    (_, top_layout, top_vocab), (_, bottom_layout, bottom_vocab) = levels
+    top_len = top_layout[0] * top_layout[1] * top_layout[2]
+    top = PriorConfig(vocab_size=top_vocab, seq_len=top_len, num_classes=num_classes, layout=(top_layout,), **sizes)
+    bottom = replace(
+        top, vocab_size=bottom_vocab, seq_len=bottom_layout[0] * bottom_layout[1] * bottom_layout[2],
+        layout=(top_layout, bottom_layout), prefix_len=top_len, prefix_vocab=top_vocab,
+    )
+    return HierarchicalPrior(top, bottom)
+
+
+def save_prior(path: str | Path, model, *, tokenizer_fingerprint: str, grid: dict[str, tuple[int, int]], class_names: list[str] | None) -> None:
     """grid: token column -> (h, w) of the tokenizer the prior models (`Tokenizer.column_grids`)."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp))
+    config = {"hierarchical": model.configs()} if isinstance(model, HierarchicalPrior) else {"model": model.cfg.to_dict()}
     write_json(
         path / "config.json",
         {
-            "model": model.cfg.to_dict(),
+            **config,
             "tokenizer_fingerprint": tokenizer_fingerprint,
             "grid": {name: list(g) for name, g in grid.items()},
             "class_names": class_names,
@@ -34,22 +68,39 @@ def save_prior(path: str | Path, model: TransformerPrior, *, tokenizer_fingerpri
     )
 
 
-def load_prior(path: str | Path, device: str | torch.device = "cpu", tokenizer=None) -> tuple[TransformerPrior, dict]:
-    """Load a prior; with `tokenizer`, refuse one trained on other tokens (fingerprint, codebook, grid)."""
+def _model_from(meta: dict) -> TransformerPrior | HierarchicalPrior:
+    if "hierarchical" in meta:
+        h = meta["hierarchical"]
+        return HierarchicalPrior(PriorConfig.from_dict(h["top"]), PriorConfig.from_dict(h["bottom"]))
+    return TransformerPrior(PriorConfig.from_dict(meta["model"]))
+
+
+def _vocab_sizes(model) -> list[int]:
+    if isinstance(model, HierarchicalPrior):
+        return [model.top.cfg.vocab_size, model.bottom.cfg.vocab_size]
+    return [model.cfg.vocab_size]
+
+
+def load_prior(path: str | Path, device: str | torch.device = "cpu", tokenizer=None) -> tuple[TransformerPrior | HierarchicalPrior, dict]:
+    """Load a prior; with `tokenizer`, refuse one trained on other tokens (fingerprint,
+    codebook sizes, sequence length, grids)."""
     path = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"not a prior export: {path / name} is missing")
     meta = json.loads((path / "config.json").read_text())
-    cfg = PriorConfig.from_dict(meta["model"])
+    model = _model_from(meta)
     if tokenizer is not None:
         problems = []
         if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
             problems.append(f"tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]} != {tokenizer.fingerprint[:12]}")
-        if cfg.vocab_size != tokenizer.codebook_size:
-            problems.append(f"codebook size {cfg.vocab_size} != {tokenizer.codebook_size}")
-        if cfg.seq_len != tokenizer.num_tokens:
-            problems.append(f"{cfg.seq_len} tokens per image != {tokenizer.num_tokens}")
+        expected = [vocab for _, _, vocab in level_layouts(tokenizer)]
+        if "model" in meta and len(expected) > 1:  # one model over a multi-level sequence (older exports)
+            expected = [tokenizer.codebook_size]
+        if _vocab_sizes(model) != expected:
+            problems.append(f"codebook sizes {_vocab_sizes(model)} != the tokenizer's {expected}")
+        if model.seq_len != tokenizer.num_tokens:
+            problems.append(f"{model.seq_len} tokens per image != {tokenizer.num_tokens}")
         grids = {name: list(g) for name, g in tokenizer.column_grids.items()}
         # Priors saved before per-column grids stored one [h, w].
         saved = meta["grid"] if isinstance(meta["grid"], dict) else {name: list(meta["grid"]) for name in grids}
@@ -57,6 +108,5 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu", tokenizer=N
             problems.append(f"token grids {saved} != {grids}")
         if problems:
             raise PriorMismatch(f"prior {path} does not match the tokenizer: " + "; ".join(problems))
-    model = TransformerPrior(cfg)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.to(device).eval(), meta

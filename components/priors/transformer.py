@@ -1,42 +1,77 @@
-"""Decoder-only causal transformer prior over token sequences, with a KV cache.
+"""Decoder-only causal transformer priors over token sequences, with a KV cache.
 
-Sequence layout for an image of L tokens (raster order):
+Sequence layout for an image of P given (prefix) and L predicted tokens:
 
-    input:   [cond, t_0, t_1, ..., t_{L-2}]      cond = class token, or the null token
-    target:  [t_0,  t_1, t_2, ..., t_{L-1}]
+    tokens:  x_0 .. x_{P-1} (prefix: a bottom prior's top-level tokens), x_P .. x_{P+L-1}
+    input:   [cond, x_0, x_1, ..., x_{P+L-2}]       cond = class token, or the null token
+    slot j predicts x_j; the loss covers the L predicted slots only.
 
-Embedding ids: 0..V-1 are codes, V+c is class c's token, V+C is the null (unconditional) token.
-The output head covers the V codes only.
+Embedding ids: 0..V-1 are codes, V+c is class c's token, V+C the null (unconditional) token,
+V+C+1+k prefix code k. The output head covers the V codes only (optionally tied to their
+embeddings).
+
+Positions: learned and 2D. With a `layout` (per level of the sequence: its grid h, w and the
+m tokens per position), slot j gets row, column, sub-token and level embeddings of the token it
+predicts (x_j), summed. Why learned 2D rather than rotary: the grid is fixed per tokenizer (no
+length extrapolation wanted), absolute embeddings make the KV cache trivial (a cached key never
+needs re-rotating), and factorising rows and columns gives every token its vertical neighbour
+as a position feature with h + w + m + levels vectors instead of h*w*m. Without a layout
+(priors exported before it) positions are one learned table over the sequence.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass(frozen=True)
 class PriorConfig:
-    vocab_size: int  # codebook size
-    seq_len: int  # tokens per image
+    vocab_size: int  # codebook size of the predicted tokens
+    seq_len: int  # tokens predicted per image
     num_classes: int = 0  # 0: unconditional
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    norm: str = "layernorm"  # or rmsnorm
+    tie_weights: bool = False  # the output head shares the code embeddings
+    # Per level of the whole sequence (prefix levels first): [h, w, m]; empty: 1D positions.
+    layout: tuple = field(default=())
+    prefix_len: int = 0  # leading tokens given, not predicted (a bottom prior's top tokens)
+    prefix_vocab: int = 0  # their codebook size
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.layout and sum(h * w * m for h, w, m in self.layout) != self.prefix_len + self.seq_len:
+            raise ValueError(f"layout {self.layout} does not hold {self.prefix_len} + {self.seq_len} tokens")
+        if self.prefix_len and not self.prefix_vocab:
+            raise ValueError("a prefix needs its prefix_vocab")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["layout"] = [list(level) for level in self.layout]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PriorConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        values = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        values["layout"] = tuple(tuple(level) for level in d.get("layout", ()))
+        return cls(**values)
+
+
+def _norm(cfg: PriorConfig) -> nn.Module:
+    return nn.RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd)
 
 
 class CausalSelfAttention(nn.Module):
@@ -61,6 +96,8 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if t_past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, dropout_p=dropout)
+        elif t == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # one new query sees everything
         else:
             # Query i (absolute position t_past + i) sees keys 0..t_past + i.
             mask = torch.ones(t, t_past + t, dtype=torch.bool, device=x.device).tril(diagonal=t_past)
@@ -73,9 +110,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: PriorConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = _norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = _norm(cfg)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
             nn.GELU(),
@@ -89,16 +126,34 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x)), cache
 
 
+def _positions(layout: tuple) -> torch.Tensor:
+    """(P+L, 4) long: level, row, column, sub-token of every token of the sequence."""
+    rows = []
+    for level, (h, w, m) in enumerate(layout):
+        r, c, s = torch.meshgrid(torch.arange(h), torch.arange(w), torch.arange(m), indexing="ij")
+        rows.append(torch.stack([torch.full_like(r, level), r, c, s], dim=-1).reshape(-1, 4))
+    return torch.cat(rows)
+
+
 class TransformerPrior(nn.Module):
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size + cfg.num_classes + 1, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.n_embd)
+        v, c = cfg.vocab_size, cfg.num_classes
+        self.tok_emb = nn.Embedding(v + c + 1 + cfg.prefix_vocab, cfg.n_embd)
+        total = cfg.prefix_len + cfg.seq_len
+        if cfg.layout:
+            self.register_buffer("pos_ids", _positions(cfg.layout), persistent=False)
+            self.level_emb = nn.Embedding(len(cfg.layout), cfg.n_embd)
+            self.row_emb = nn.Embedding(max(h for h, _, _ in cfg.layout), cfg.n_embd)
+            self.col_emb = nn.Embedding(max(w for _, w, _ in cfg.layout), cfg.n_embd)
+            self.sub_emb = nn.Embedding(max(m for _, _, m in cfg.layout), cfg.n_embd)
+        else:
+            self.pos_emb = nn.Embedding(total, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.ln_f = _norm(cfg)
+        self.head = None if cfg.tie_weights else nn.Linear(cfg.n_embd, v, bias=False)
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
@@ -113,36 +168,110 @@ class TransformerPrior(nn.Module):
             nn.init.zeros_(m.bias)
 
     @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.seq_len
+
+    @property
     def null_token(self) -> int:
         return self.cfg.vocab_size + self.cfg.num_classes
+
+    @property
+    def prefix_offset(self) -> int:
+        return self.cfg.vocab_size + self.cfg.num_classes + 1
 
     def cond_tokens(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         """(b,) class ids (-1: none) -> (b, 1) conditioning token ids."""
         if labels is None or self.cfg.num_classes == 0:
             return torch.full((batch, 1), self.null_token, dtype=torch.long, device=device)
         labels = labels.to(device)
-        if labels.max() >= self.cfg.num_classes:
-            raise ValueError(f"class {int(labels.max())} out of range [0, {self.cfg.num_classes})")
+        if len(labels) and (labels.max() >= self.cfg.num_classes or labels.min() < -1):
+            bad = int(labels.max()) if labels.max() >= self.cfg.num_classes else int(labels.min())
+            raise ValueError(f"class {bad} out of range [0, {self.cfg.num_classes}) (-1: unconditional)")
         cond = torch.where(labels >= 0, self.cfg.vocab_size + labels, torch.full_like(labels, self.null_token))
         return cond.view(batch, 1)
 
+    def input_ids(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """(b, P+L) codes (prefix, then predicted) -> (b, P+L) input ids [cond, x_0 .. x_{P+L-2}]."""
+        b, p = tokens.shape[0], self.cfg.prefix_len
+        ids = tokens.clone()
+        ids[:, :p] += self.prefix_offset
+        return torch.cat([self.cond_tokens(labels, b, tokens.device), ids[:, :-1]], dim=1)
+
+    def embed_positions(self, start: int, count: int, device) -> torch.Tensor:
+        if not self.cfg.layout:
+            return self.pos_emb(torch.arange(start, start + count, device=device))
+        ids = self.pos_ids[start : start + count]
+        return self.level_emb(ids[:, 0]) + self.row_emb(ids[:, 1]) + self.col_emb(ids[:, 2]) + self.sub_emb(ids[:, 3])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_f(x)
+        if self.head is None:
+            return F.linear(x, self.tok_emb.weight[: self.cfg.vocab_size])
+        return self.head(x)
+
     def forward_tokens(self, idx: torch.Tensor, start: int = 0, cache: KVCache | None = None):
-        """idx: (b, t) embedding ids at positions start..start+t-1 -> logits (b, t, V), new cache."""
-        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        """idx: (b, t) input ids at slots start..start+t-1 -> logits (b, t, V), new cache."""
+        x = self.drop(self.tok_emb(idx) + self.embed_positions(start, idx.shape[1], idx.device))
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, cache[i] if cache is not None else None)
             new_cache.append(kv)
-        return self.head(self.ln_f(x)), new_cache
+        return self.logits(x), new_cache
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (b, L) codes -> logits (b, L, V): position i predicts tokens[:, i]."""
-        b = tokens.shape[0]
-        idx = torch.cat([self.cond_tokens(labels, b, tokens.device), tokens[:, :-1]], dim=1)
-        return self.forward_tokens(idx)[0]
+        """tokens: (b, P+L) codes -> logits (b, L, V): predicted position i predicts tokens[:, P+i]."""
+        return self.forward_tokens(self.input_ids(tokens, labels))[0][:, self.cfg.prefix_len :]
+
+    def targets(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, self.cfg.prefix_len :]
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy in nats per token (divide by ln 2 for bits)."""
+        """Mean cross-entropy in nats per predicted token (divide by ln 2 for bits)."""
         logits = self(tokens, labels)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.targets(tokens).reshape(-1))
+
+
+class HierarchicalPrior(nn.Module):
+    """VQ-VAE-2's two priors: `top` over the top-level tokens, `bottom` over the bottom-level
+    tokens with the top tokens as its prefix (conditioning by prefixing: the bottom prior
+    attends to every top token through ordinary causal self-attention, with the KV cache for
+    free, where cross-attention would need a second attention per block). Sampling draws the
+    top tokens, then the bottom ones. Both take the class token.
+
+    Sequences are the tokenizer's flattening, top level first: (b, T + B)."""
+
+    def __init__(self, top: PriorConfig, bottom: PriorConfig):
+        super().__init__()
+        if bottom.prefix_len != top.seq_len or bottom.num_classes != top.num_classes:
+            raise ValueError("the bottom prior's prefix must be the top prior's tokens, with the same classes")
+        self.top = TransformerPrior(top)
+        self.bottom = TransformerPrior(bottom)
+
+    @property
+    def num_classes(self) -> int:
+        return self.top.cfg.num_classes
+
+    @property
+    def seq_len(self) -> int:
+        return self.top.cfg.seq_len + self.bottom.cfg.seq_len
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, T+B) -> logits (b, T+B, max(V_top, V_bottom)); the smaller level's extra
+        vocabulary is -inf (zero probability)."""
+        top = self.top(tokens[:, : self.top.cfg.seq_len], labels)
+        bottom = self.bottom(tokens, labels)
+        width = max(top.shape[-1], bottom.shape[-1])
+        pad = lambda t: F.pad(t, (0, width - t.shape[-1]), value=float("-inf"))  # noqa: E731
+        return torch.cat([pad(top), pad(bottom)], dim=1)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean nats over all T+B tokens (the joint model's)."""
+        t, b = self.top.cfg.seq_len, self.bottom.cfg.seq_len
+        return (self.top.loss(tokens[:, :t], labels) * t + self.bottom.loss(tokens, labels) * b) / (t + b)
+
+    def configs(self) -> dict:
+        return {"top": self.top.cfg.to_dict(), "bottom": self.bottom.cfg.to_dict()}

@@ -63,7 +63,14 @@ def test_prior_export_refuses_another_tokenizer(tmp_path):
     model = _prior()
 
     class FakeTokenizer:
-        fingerprint, codebook_size, column_grids, num_tokens = "a" * 64, 11, {"tokens": (3, 3)}, 9
+        fingerprint, codebook_size, column_grids, num_tokens, levels = "a" * 64, 11, {"tokens": (3, 3)}, 9, ("",)
+        column_codebook_sizes = {"tokens": 11}
+
+        def level_columns(self, level):
+            return list(self.column_grids)
+
+        def level_grid(self, level):
+            return (3, 3)
 
     save_prior(tmp_path, model, tokenizer_fingerprint="a" * 64, grid={"tokens": (3, 3)}, class_names=["x", "y", "z"])
     loaded, meta = load_prior(tmp_path, tokenizer=FakeTokenizer())
@@ -73,5 +80,174 @@ def test_prior_export_refuses_another_tokenizer(tmp_path):
     with pytest.raises(PriorMismatch, match="fingerprint"):
         load_prior(tmp_path, tokenizer=FakeTokenizer())
     FakeTokenizer.fingerprint, FakeTokenizer.column_grids = "a" * 64, {"tokens_top": (3, 3)}
+    FakeTokenizer.column_codebook_sizes = {"tokens_top": 11}
     with pytest.raises(PriorMismatch, match="grids"):
         load_prior(tmp_path, tokenizer=FakeTokenizer())
+
+
+# -- 2D positions, norms, tying, guidance, nucleus, hierarchical ----------------------------------
+
+import math  # noqa: E402
+
+from components.priors import HierarchicalPrior, build_prior  # noqa: E402
+from components.priors.sampling import guided  # noqa: E402
+
+
+def _layout_prior(num_classes=3, **kw) -> TransformerPrior:
+    torch.manual_seed(0)
+    cfg = PriorConfig(vocab_size=11, seq_len=12, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16, layout=((3, 2, 2),), **kw)
+    return TransformerPrior(cfg).eval()
+
+
+def _hierarchical(num_classes=3) -> HierarchicalPrior:
+    torch.manual_seed(0)
+    top = PriorConfig(vocab_size=5, seq_len=4, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16, layout=((2, 2, 1),))
+    bottom = PriorConfig(
+        vocab_size=9, seq_len=16, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16,
+        layout=((2, 2, 1), (4, 4, 1)), prefix_len=4, prefix_vocab=5,
+    )
+    return HierarchicalPrior(top, bottom).eval()
+
+
+@pytest.mark.parametrize("kind", ["2d-rmsnorm-tied", "hierarchical", "guided", "nucleus"])
+def test_cached_sampling_equals_uncached_for_every_kind(kind):
+    model = _hierarchical() if kind == "hierarchical" else _layout_prior(norm="rmsnorm", tie_weights=True) if kind == "2d-rmsnorm-tied" else _layout_prior()
+    opts = {"guided": {"cfg_scale": 2.5}, "nucleus": {"top_p": 0.7}}.get(kind, {})
+    labels = torch.tensor([0, 1, 2, -1, 1])
+    runs = [sample(model, 5, labels, generator=torch.Generator().manual_seed(1), use_cache=c, **opts) for c in (True, False)]
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape == (5, model.seq_len)
+
+
+def test_tied_head_is_the_code_embeddings():
+    model = _layout_prior(tie_weights=True)
+    assert model.head is None
+    x = torch.randn(1, 1, 16)
+    assert torch.allclose(model.logits(x), model.ln_f(x) @ model.tok_emb.weight[:11].T)
+
+
+def test_guidance_scale_one_is_conditional_sampling_and_the_formula_holds():
+    model = _layout_prior()
+    labels = torch.tensor([0, 2, 1])
+    plain = sample(model, 3, labels, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(sample(model, 3, labels, cfg_scale=1.0, generator=torch.Generator().manual_seed(5)), plain)
+    # The doubled batch the guided path runs: scale 1 gives the conditional logits, 0 the unconditional.
+    tokens = torch.randint(0, 11, (3, 12))
+    both = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full((3,), -1)]))
+    cond, uncond = model(tokens, labels), model(tokens, None)
+    assert torch.allclose(guided(both, 1.0), cond, atol=1e-5) and torch.allclose(guided(both, 0.0), uncond, atol=1e-5)
+    assert torch.allclose(guided(both, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
+
+
+def test_the_bottom_prior_depends_on_the_top_tokens():
+    model = _hierarchical()
+    tokens = torch.randint(0, 5, (1, 20))
+    other = tokens.clone()
+    other[0, 1] = (other[0, 1] + 1) % 5  # change one top token only
+    a, b = model.bottom(tokens, torch.tensor([1])), model.bottom(other, torch.tensor([1]))
+    assert not torch.allclose(a, b)
+    # ...and not on bottom tokens at or after the position it predicts (causality).
+    later = tokens.clone()
+    later[0, -1] = (later[0, -1] + 1) % 5
+    assert torch.allclose(model.bottom(later, torch.tensor([1])), a)
+    assert model.loss(tokens, torch.tensor([1])).item() > 0
+
+
+def test_samples_stay_inside_top_k_and_top_p():
+    torch.manual_seed(0)
+    model = TransformerPrior(PriorConfig(vocab_size=16, seq_len=10, n_layer=1, n_head=2, n_embd=16, layout=((2, 5, 1),))).eval()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(20)  # peaked distributions: the nucleus is a real cut
+    for opts in ({"top_k": 3}, {"top_p": 0.6}, {"top_k": 5, "top_p": 0.8}):
+        tokens = sample(model, 64, generator=torch.Generator().manual_seed(0), **opts)
+        logits = model(tokens)  # the logits each token was drawn from, recomputed
+        allowed = torch.isfinite(filter_logits(logits.reshape(-1, 16), **opts))
+        assert allowed.gather(1, tokens.reshape(-1, 1)).all(), opts
+        assert allowed.sum(1).float().mean() < 16
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": 0}, "temperature"), ({"labels": torch.tensor([7])}, "out of range")],
+)
+def test_bad_sampling_settings_are_refused(opts, match):
+    opts = {"labels": torch.tensor([1]), **opts}
+    with pytest.raises(ValueError, match=match):
+        sample(_layout_prior(), 1, **opts)
+
+
+def test_guidance_on_an_unconditional_prior_is_refused():
+    with pytest.raises(ValueError, match="unconditional"):
+        sample(_layout_prior(num_classes=0), 2, cfg_scale=2.0)
+
+
+def test_prior_learns_a_markov_chain_to_its_entropy():
+    """Sequences from a 4-state Markov chain: the prior's held-out bits per token come within
+    0.05 of the chain's true entropy per token."""
+    gen = torch.Generator().manual_seed(0)
+    P = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.1, 0.6, 0.3, 0.0], [0.0, 0.2, 0.5, 0.3], [0.4, 0.0, 0.1, 0.5]])
+    start = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    length = 16
+
+    def chain(n):
+        x = torch.empty(n, length, dtype=torch.long)
+        x[:, 0] = torch.multinomial(start.expand(n, 4), 1, generator=gen)[:, 0]
+        for t in range(1, length):
+            x[:, t] = torch.multinomial(P[x[:, t - 1]], 1, generator=gen)[:, 0]
+        return x
+
+    def h(p):
+        p = p[p > 0]
+        return float(-(p * p.log2()).sum())
+
+    # Exact entropy per token: H(x_0) + sum_t E[H(P[x_{t-1}])], with the state distributions.
+    dist, total = start.clone(), h(start)
+    for _ in range(1, length):
+        total += float(sum(dist[s] * h(P[s]) for s in range(4)))
+        dist = dist @ P
+    true_bits = total / length
+
+    torch.manual_seed(0)
+    model = TransformerPrior(PriorConfig(vocab_size=4, seq_len=length, n_layer=2, n_head=2, n_embd=32, layout=((4, 4, 1),)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = chain(20000)
+    for step in range(250):
+        batch = train[torch.randint(0, len(train), (128,), generator=gen)]
+        loss = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    from components.metrics import bits_per_token
+
+    held_out = bits_per_token(model, chain(4000), None)
+    assert abs(held_out - true_bits) < 0.05, (held_out, true_bits)
+    print(f"markov: {held_out:.4f} vs true {true_bits:.4f} bits per token")
+
+
+def test_build_prior_and_hierarchical_export(tmp_path):
+    class FakeTokenizer:
+        fingerprint, levels, num_tokens, codebook_size = "f" * 64, ("top", "bottom"), 20, 9
+        column_grids = {"tokens_top": (2, 2), "tokens_bottom": (4, 4)}
+        column_codebook_sizes = {"tokens_top": 5, "tokens_bottom": 9}
+
+        def level_columns(self, level):
+            return [f"tokens_{level}"]
+
+        def level_grid(self, level):
+            return self.column_grids[f"tokens_{level}"]
+
+    tok = FakeTokenizer()
+    model = build_prior(tok, num_classes=2, n_layer=1, n_head=2, n_embd=16)
+    assert isinstance(model, HierarchicalPrior) and model.seq_len == 20
+    assert (model.top.cfg.vocab_size, model.bottom.cfg.vocab_size, model.bottom.cfg.prefix_len) == (5, 9, 4)
+    save_prior(tmp_path, model, tokenizer_fingerprint=tok.fingerprint, grid=tok.column_grids, class_names=["a", "b"])
+    loaded, _ = load_prior(tmp_path, tokenizer=tok)
+    tokens = torch.cat([torch.randint(0, 5, (2, 4)), torch.randint(0, 9, (2, 16))], dim=1)
+    assert torch.allclose(loaded.loss(tokens, torch.tensor([0, 1])), model.eval().loss(tokens, torch.tensor([0, 1])))
+    tok.column_codebook_sizes = {"tokens_top": 5, "tokens_bottom": 16}
+    with pytest.raises(PriorMismatch, match="codebook sizes"):
+        load_prior(tmp_path, tokenizer=tok)
+    assert math.isfinite(loaded(tokens)[:, :4, 5:].max().item()) is False  # the top level has 5 codes
