@@ -122,7 +122,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from pipelines.tokenize import MLFLOW_SCHEMES, resolve_tokenizer
+    from pipelines.common import MLFLOW_SCHEMES
+    from pipelines.tokenize import resolve_tokenizer
 
     if not args.tokenizer.startswith(MLFLOW_SCHEMES):
         try:  # a wrong local path fails here, before Prefect and Ray start

@@ -24,6 +24,8 @@ from pydantic import BaseModel
 from components.config import ConfigError, Params, load_params
 
 PARENT_RUN_ENV = "VQPIPE_MLFLOW_PARENT_RUN_ID"
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+EXPORT_FILES = ("config.json", "model.safetensors")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "vqpipe"
 
@@ -116,6 +118,29 @@ def absolute_tracking_uri(uri: str, root: str | Path = ".") -> str:
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         return prefix + str((Path(root) / uri[len(prefix):]).resolve())
     return uri
+
+
+def fetch_export(spec: str, dest: str | Path, kind: str) -> Path:
+    """The local directory of an export (`config.json` + `model.safetensors`: a tokenizer or a
+    prior) that `spec` names: a directory as it is, or an MLflow model or artifact URI
+    (`models:/name@alias`, `models:/name/3`, `runs:/id/prior`) downloaded into `dest` from the
+    tracking server MLFLOW_TRACKING_URI points at. ValueError when it is not one."""
+    if spec.startswith(MLFLOW_SCHEMES):
+        import mlflow
+
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dest)))
+        except Exception as err:  # MlflowException and the store's own errors
+            raise ValueError(f"cannot fetch {kind} {spec!r} from MLflow ({mlflow.get_tracking_uri()}): {err}") from err
+        found = [p.parent for p in local.rglob(EXPORT_FILES[0]) if (p.parent / EXPORT_FILES[1]).is_file()]
+        if not found:
+            raise ValueError(f"{spec!r} holds no {kind} export ({' + '.join(EXPORT_FILES)})")
+        return min(found, key=lambda p: len(p.parts))  # the export itself, not one nested in it
+    path = Path(spec)
+    if not all((path / name).is_file() for name in EXPORT_FILES):
+        raise ValueError(f"{spec!r} is not a {kind} export: it needs {' and '.join(EXPORT_FILES)}")
+    return path
 
 
 @contextlib.contextmanager

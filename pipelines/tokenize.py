@@ -14,7 +14,6 @@ a shard that cannot be read is retried, then reported as failed while the rest c
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -31,34 +30,18 @@ from components.data.corpus import ShardUnreadable
 from components.data.tokenization import ShardTokens, part_names, tokenize_shard
 from components.tokenizers import Tokenizer
 from components.tokenizers.tokenizer import CONFIG_FILE, WEIGHTS_FILE
-from pipelines.common import DEFAULT_TRACKING_URI, Paths, init_ray, resolve_device, stage_main, stage_run
+from pipelines.common import Paths, fetch_export, init_ray, resolve_device, stage_main, stage_run
 
 log = logging.getLogger("vqpipe.tokenize")
 
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 SHARDS_AT_ONCE = 2  # per worker
 
 
 def resolve_tokenizer(spec: str, dest: str | Path) -> Path:
     """The local directory of the tokenizer `spec` names: an export directory as it is, or an
     MLflow model or artifact URI (`models:/name@alias`, `models:/name/3`, `runs:/id/tokenizer`)
-    downloaded into `dest` from the tracking server MLFLOW_TRACKING_URI points at."""
-    if spec.startswith(MLFLOW_SCHEMES):
-        import mlflow
-
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dest)))
-        except Exception as err:  # MlflowException and the store's own errors
-            raise ValueError(f"cannot fetch tokenizer {spec!r} from MLflow ({mlflow.get_tracking_uri()}): {err}") from err
-        found = [p.parent for p in local.rglob(CONFIG_FILE) if (p.parent / WEIGHTS_FILE).is_file()]
-        if not found:
-            raise ValueError(f"{spec!r} holds no tokenizer export ({CONFIG_FILE} + {WEIGHTS_FILE})")
-        return found[0]
-    path = Path(spec)
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise ValueError(f"{spec!r} is not a tokenizer export: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    return path
+    downloaded into `dest` (see `pipelines.common.fetch_export`)."""
+    return fetch_export(spec, dest, "tokenizer")
 
 
 def load_tokenizer_files(files: dict[str, bytes], device="cpu") -> Tokenizer:

@@ -1,7 +1,7 @@
 """Is tokenizing a corpus compute-bound? Prints a table (not a timed test).
 
-    .venv/bin/python benchmarks/tokenize.py [--shards 16] [--per-shard 256] [--size 64] [--repeats 3]
-    .venv/bin/python benchmarks/tokenize.py --image-size 256 --gpus-per-worker 1 --workers 1   # on a GPU
+    .venv/bin/python benchmarks/tokenize_corpus.py [--shards 16] [--per-shard 256] [--size 64] [--repeats 3]
+    .venv/bin/python benchmarks/tokenize_corpus.py --image-size 256 --gpus-per-worker 1 --workers 1   # on a GPU
 
 A corpus of `shards` WebDataset shards of `per_shard` PNG images of `size`x`size` (the built-in
 shapes, upscaled), tokenized by a tokenizer of the default architecture at `image_size`
@@ -18,20 +18,14 @@ Medians over `repeats`. The command's fixed start-up (Prefect, Ray, loading) is 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file's name is a standard module's: keep its folder off the path, or `import tokenize`
-# (linecache, inspect) finds this script.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
 import argparse
 import io
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
