@@ -249,6 +249,9 @@ class TrainPriorConfig(_Section):
     label_dropout: float = Field(0.1, ge=0, le=1)
     # bf16 autocast on CUDA (auto: where supported); CPUs train in fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Each trained prior (with its tokenizer) becomes a version of this MLflow registered
+    # model: `vqpipe sample --prior models:/NAME@ALIAS`; null registers nothing.
+    registered_model: str | None = "vqpipe-prior"
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)

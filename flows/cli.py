@@ -5,6 +5,7 @@
     vqpipe serve --cron "0 3 * * *"
     vqpipe validate
     vqpipe tokenize --tokenizer models/tokenizer --input 'data/{00000..00099}.tar' --output tokens/
+    vqpipe sample --n 64 --class 3 --cfg 2.0 --out grid.png
 """
 
 from __future__ import annotations
@@ -154,6 +155,40 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    import math
+
+    from components.metrics import save_grid
+    from pipelines.sample import draw
+
+    repo = Path(args.repo)
+    prior = args.prior if args.prior.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) else str(repo / args.prior)
+    tokenizer = args.tokenizer
+    if tokenizer is not None and not tokenizer.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        tokenizer = str(repo / tokenizer)
+    elif tokenizer is None and not prior.startswith("models:/") and not prior.startswith("runs:/"):
+        tokenizer = str(repo / "models" / "tokenizer")
+    try:
+        drawn = draw(
+            prior, tokenizer, args.n, getattr(args, "class"), cfg_scale=args.cfg, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    save_grid(drawn.images, out, nrow=math.ceil(math.sqrt(args.n)), upscale=args.upscale)
+    what = ""
+    if drawn.labels is not None:
+        first = int(drawn.labels[0])
+        same = bool((drawn.labels == first).all())
+        name = drawn.class_names[first] if drawn.class_names and same else None
+        what = f" of class {first}{f' ({name})' if name else ''}" if same else " (classes round-robin)"
+    guide = f", cfg {args.cfg:g}" if args.cfg != 1.0 else ""
+    print(f"{args.n} samples{what}{guide} at {drawn.tokens_per_second:.0f} tokens/s -> {out}")
+    return 0
+
+
 def _print_tokenize_summary(summary: dict) -> None:
     print(
         f"\n{summary['inputs']} input shards: {summary['tokenized']} tokenized, {summary['skipped']} already complete, "
@@ -207,6 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--in-process", action="store_true", help="no Ray: tokenize in this process")
     tok.add_argument("--ray-address", default=None, help="join this Ray cluster (auto, host:port, ray://...); default RAY_ADDRESS, else a local Ray")
     tok.set_defaults(func=cmd_tokenize)
+
+    smp = sub.add_parser("sample", help="draw images from the trained prior into a PNG grid")
+    smp.add_argument("--n", type=_positive, default=64, help="how many images (default 64)")
+    smp.add_argument("--class", default=None, help="class id or name (conditional priors; default: every class in turn)")
+    smp.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
+    smp.add_argument("--temperature", type=float, default=1.0)
+    smp.add_argument("--top-k", type=int, default=None)
+    smp.add_argument("--top-p", type=float, default=None)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--batch-size", type=_positive, default=64)
+    smp.add_argument("--device", default="auto")
+    smp.add_argument("--prior", default="models/prior", help="export directory or MLflow URI, e.g. models:/vqpipe-prior@champion (default: models/prior)")
+    smp.add_argument("--tokenizer", default=None, help="default: the tokenizer registered with an MLflow prior, else models/tokenizer")
+    smp.add_argument("--upscale", type=_positive, default=2, help="pixel upscaling of the grid (default 2)")
+    smp.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    smp.set_defaults(func=cmd_sample)
     return parser
 
 

@@ -143,6 +143,25 @@ def fetch_export(spec: str, dest: str | Path, kind: str) -> Path:
     return path
 
 
+def register_export(name: str, run_id: str, artifact_path: str, fingerprint: str, description: str) -> str:
+    """A new version of the MLflow registered model `name` whose source is the run's
+    `artifact_path` artifacts (an export directory, not an MLflow-flavoured model, which MLflow
+    3's `register_model` refuses: `create_model_version` registers it as it is). Returns the
+    version; give it an alias to use it as `models:/NAME@ALIAS`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=f"{description} (config.json + model.safetensors)")
+    source = mlflow.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+    version = client.create_model_version(name, source=source, run_id=run_id, tags={"vqpipe.tokenizer_fingerprint": fingerprint})
+    return version.version
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: BaseModel | None = None) -> Iterator["mlflow.ActiveRun"]:  # noqa: F821
     """An MLflow run for a stage, nested under the pipeline's run when there is one."""

@@ -78,6 +78,89 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
         return SampleResult(grid_path, images, labels, tokens_per_second)
 
 
+@dataclass
+class Drawn:
+    images: torch.Tensor  # (n, 3, H, W) in [0, 1]
+    tokens: torch.Tensor  # (n, L)
+    labels: torch.Tensor | None
+    tokens_per_second: float
+    class_names: list[str] | None
+
+
+def resolve_class(value: str | int | None, num_classes: int, class_names: list[str] | None) -> int | None:
+    """A class given by id or by name -> its id; ValueError naming the choices when it is none."""
+    if value is None:
+        return None
+    if not num_classes:
+        raise ValueError(f"--class {value}: the prior is unconditional (trained without labels)")
+    names = class_names or []
+    if isinstance(value, str) and not value.lstrip("-").isdigit():
+        if value not in names:
+            raise ValueError(f"no class named {value!r} (classes: {', '.join(names) or 'unnamed'})")
+        return names.index(value)
+    index = int(value)
+    if not 0 <= index < num_classes:
+        listed = f": {', '.join(f'{i}={n}' for i, n in enumerate(names))}" if names else ""
+        raise ValueError(f"class {index} out of range [0, {num_classes}){listed}")
+    return index
+
+
+def draw(
+    prior_spec: str,
+    tokenizer_spec: str | None,
+    n: int,
+    class_: str | int | None = None,
+    *,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> Drawn:
+    """`n` images from a prior (an export directory or an MLflow URI such as
+    `models:/vqpipe-prior@champion`) and its tokenizer (default: the one registered with the
+    prior, else `models/tokenizer`). A conditional prior with no class given samples the classes
+    round-robin. Every setting is checked before anything is sampled."""
+    import tempfile
+
+    from components.priors.sampling import check_sampling
+    from pipelines.common import fetch_export
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory(prefix="vqpipe-sample-") as tmp:
+        prior_dir = fetch_export(prior_spec, Path(tmp) / "prior", "prior")
+        if tokenizer_spec is None:
+            bundled = prior_dir / "tokenizer"
+            tokenizer_spec = str(bundled) if (bundled / "config.json").is_file() else "models/tokenizer"
+        tokenizer = Tokenizer.load(fetch_export(tokenizer_spec, Path(tmp) / "tokenizer", "tokenizer"), device=dev)
+        prior, meta = load_prior(prior_dir, device=dev, tokenizer=tokenizer)
+    names = meta.get("class_names")
+    index = resolve_class(class_, prior.num_classes, names)
+    if prior.num_classes:
+        labels = torch.full((n,), index) if index is not None else torch.arange(n) % prior.num_classes
+    else:
+        labels = None
+    check_sampling(prior, labels, temperature, top_k, top_p, cfg_scale)
+    generator = seed_everything(seed)
+    limits = tokenizer.vocab_limits()
+    started = time.perf_counter()
+    chunks = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        batch_labels = labels[start : start + count] if labels is not None else None
+        chunks.append(
+            sample(prior, count, batch_labels, temperature, top_k, generator=generator, vocab_limits=limits, top_p=top_p, cfg_scale=cfg_scale)
+        )
+    tokens = torch.cat(chunks)
+    rate = tokens.numel() / (time.perf_counter() - started)
+    images = torch.cat([tokenizer.decode(tokenizer.unflatten(tokens[i : i + batch_size])).cpu() for i in range(0, n, batch_size)])
+    return Drawn(images, tokens.cpu(), labels, rate, names)
+
+
 def main() -> None:
     stage_main("sample", run)
 

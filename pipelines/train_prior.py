@@ -27,7 +27,7 @@ from components.io import write_json
 from components.metrics import bits_per_token
 from components.priors import build_prior, save_prior
 from components.tokenizers import Tokenizer
-from pipelines.common import MetricLogger, Paths, autocast_dtype, resolve_device, seed_everything, stage_main, stage_run
+from pipelines.common import MetricLogger, Paths, autocast_dtype, register_export, resolve_device, seed_everything, stage_main, stage_run
 
 log = logging.getLogger("vqpipe.train_prior")
 
@@ -103,6 +103,11 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
         metrics.write_csv(paths.plots / "train_prior.csv", ["train_bits_per_token", "val_bits_per_token"])
         mlflow.log_metrics({f"final_{k}": v for k, v in summary.items()})
         mlflow.log_artifacts(str(paths.prior), artifact_path="prior")
+        # The tokenizer travels with the prior in MLflow: `models:/vqpipe-prior@alias` samples alone.
+        mlflow.log_artifacts(str(paths.tokenizer), artifact_path="prior/tokenizer")
+        if cfg.registered_model:
+            version = register_export(cfg.registered_model, active.info.run_id, "prior", tokenizer.fingerprint, "vqpipe priors (with their tokenizer)")
+            log.info("registered as MLflow model %s version %s", cfg.registered_model, version)
         log.info("prior written to %s", paths.prior)
         return TrainPriorResult(paths.prior, summary, active.info.run_id)
 

@@ -39,7 +39,7 @@ from components.metrics import make_grid, psnr, ssim
 from components.tokenizers import VQVAE, VQVAE2, Tokenizer, export_config, state_fingerprint
 from components.tokenizers.lpips import LPIPS, reconstruction_loss
 from components.tokenizers.vqgan import LeCAM, PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from pipelines.common import MetricLogger, Paths, absolute_tracking_uri, autocast_dtype, resolve_device, seed_everything, setup_logging, stage_main, stage_run
+from pipelines.common import MetricLogger, Paths, absolute_tracking_uri, autocast_dtype, register_export, resolve_device, seed_everything, setup_logging, stage_main, stage_run
 
 log = logging.getLogger("vqpipe.train_tokenizer")
 VAL_IMAGES = 512  # validation images per evaluation: enough for a stable PSNR, cheap on CPU
@@ -107,29 +107,10 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         mlflow.log_artifacts(str(paths.tokenizer), artifact_path="tokenizer")
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", tokenizer.fingerprint)
         if cfg.registered_model:
-            version = register_tokenizer(cfg.registered_model, active.info.run_id, tokenizer.fingerprint)
+            version = register_export(cfg.registered_model, active.info.run_id, "tokenizer", tokenizer.fingerprint, "vqpipe image tokenizers")
             log.info("registered as MLflow model %s version %s", cfg.registered_model, version)
         log.info("tokenizer %s written to %s", tokenizer.fingerprint[:12], paths.tokenizer)
         return TrainTokenizerResult(paths.tokenizer, tokenizer.fingerprint, summary, active.info.run_id)
-
-
-def register_tokenizer(name: str, run_id: str, fingerprint: str) -> str:
-    """A new version of the registered model `name` whose source is the run's `tokenizer`
-    artifacts (an export directory, not an MLflow-flavoured model: `create_model_version`
-    registers it as it is). Returns the version; give it an alias to use it as
-    `models:/NAME@ALIAS`."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="vqpipe image tokenizers (config.json + model.safetensors)")
-    source = mlflow.get_run(run_id).info.artifact_uri.rstrip("/") + "/tokenizer"
-    version = client.create_model_version(name, source=source, run_id=run_id, tags={"vqpipe.tokenizer_fingerprint": fingerprint})
-    return version.version
 
 
 def build_model(cfg: TrainTokenizerConfig) -> nn.Module:
