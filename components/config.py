@@ -288,9 +288,30 @@ class SampleConfig(_Section):
 
 class EvaluateConfig(_Section):
     batch_size: int = Field(256, ge=1)
-    # Cap on validation images reconstructed (None: all of them).
+    # Cap on validation images reconstructed and compared with samples (None: all of them).
     max_images: int | None = Field(None, ge=1)
+    # Images drawn from the prior for FID, precision/recall and class consistency (0: none).
+    num_samples: int = Field(512, ge=0)
+    sample_temperature: float = Field(1.0, gt=0)
+    sample_cfg_scale: float = Field(1.0, ge=0)
+    # FID's feature space: a local Inception-v3 weights file (pytorch-fid's FID Inception,
+    # safetensors or a state dict; never downloaded). Null: the tokenizer's own encoder,
+    # labelled as such (not comparable with published FIDs).
+    inception_weights: str | None = None
+    # k of the k-NN balls of precision/recall.
+    pr_k: int = Field(3, ge=1)
+    # Steps of the small classifier (trained on the validation images) that judges whether a
+    # sample shows the class it was drawn for.
+    classifier_steps: int = Field(200, ge=1)
+    seed: int = 0
     device: Device = "auto"
+
+    @field_validator("inception_weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"Inception weights file {value!r} not found (a local file; nothing is downloaded)")
+        return value
 
 
 class Params(BaseModel):

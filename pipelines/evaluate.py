@@ -1,15 +1,21 @@
-"""Stage `evaluate`: reconstruction, codebook and prior metrics on the validation split.
+"""Stage `evaluate`: reconstruction, codebook, prior and generation metrics on the validation split.
 
     dvc repro evaluate          # or: python -m pipelines.evaluate
 
-Writes metrics/evaluate.json (PSNR, SSIM, codebook usage % and perplexity of the validation
-tokens, their unigram entropy, the prior's bits per token), eval/reconstructions.png
-(originals above their reconstructions) and plots/codebook_usage.csv; logs all to MLflow.
+Writes metrics/evaluate.json: PSNR, SSIM, codebook usage % and perplexity of the validation
+tokens, their unigram entropy against the prior's bits per token; for `num_samples` images drawn
+from the prior, FID and precision/recall against the validation images (in Inception space
+when `inception_weights` is given, else in the tokenizer encoder's, named by
+`feature_space`) and, for a labelled dataset, class consistency: the share of samples a small
+classifier trained on the validation images assigns to the class they were drawn for. Also
+eval/reconstructions.png (originals above their reconstructions) and plots/codebook_usage.csv;
+logs all to MLflow.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +27,8 @@ from components.data import tokens as token_io
 from components.data.shards import load_split, to_float
 from components.io import write_json
 from components.metrics import bits_per_token, codebook_stats, make_grid, psnr, ssim, used_code_counts
-from components.priors import load_prior
+from components.metrics.generation import class_consistency, frechet_distance, precision_recall, tokenizer_features, train_classifier
+from components.priors import load_prior, sample
 from components.tokenizers import Tokenizer
 from pipelines.common import Paths, resolve_device, stage_main, stage_run
 
@@ -45,7 +52,8 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
     with stage_run("evaluate", cfg) as active:
         import mlflow
 
-        images = to_float(load_split(paths.shards, "val", limit=cfg.max_images)[0])
+        raw, real_labels, _ = load_split(paths.shards, "val", limit=cfg.max_images)
+        images = to_float(raw)
         recon = torch.cat([tokenizer.reconstruct(images[i : i + cfg.batch_size]).cpu() for i in range(0, len(images), cfg.batch_size)])
         stats = codebook_stats({c: val.column(c) for c in val.columns}, tokenizer.column_codebook_sizes)
         labels = torch.from_numpy(val.labels) if prior.num_classes and val.labels is not None else None
@@ -61,6 +69,8 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
             # How much the prior knows beyond code frequencies.
             "prior_gain_bits_per_token": stats["unigram_bits_per_token"] - prior_bits,
         }
+        if cfg.num_samples:
+            metrics.update(_generation_metrics(cfg, tokenizer, prior, images, real_labels, device))
         metrics_path = paths.metrics / "evaluate.json"
         write_json(metrics_path, metrics)
         _write_usage_csv(paths.plots / "codebook_usage.csv", val.tokens, tokenizer.codebook_size)
@@ -71,7 +81,8 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         paths.eval.mkdir(parents=True, exist_ok=True)
         grid.save(paths.eval / "reconstructions.png")
 
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.set_tag("vqpipe.feature_space", metrics.get("feature_space", "none"))
         mlflow.log_image(grid, key="reconstructions")
         mlflow.log_artifact(str(metrics_path))
         log.info(
@@ -79,7 +90,53 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
             metrics["psnr"], metrics["ssim"], metrics["codebook_usage"], metrics["perplexity"],
             prior_bits, stats["unigram_bits_per_token"], active.info.run_id,
         )
+        if "fid" in metrics:
+            log.info(
+                "%d samples: FID %.3f (%s features)  precision %.3f  recall %.3f  class consistency %s",
+                metrics["generated_images"], metrics["fid"], metrics["feature_space"], metrics["precision"], metrics["recall"],
+                f"{metrics['class_consistency']:.3f} (judge {metrics['classifier_val_accuracy']:.3f})" if "class_consistency" in metrics else "n/a",
+            )
         return EvaluateResult(metrics, metrics_path, active.info.run_id)
+
+
+def _generation_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: torch.Tensor, real_labels: torch.Tensor, device) -> dict:
+    """FID, precision/recall and class consistency of `cfg.num_samples` samples against `real`."""
+    generator = torch.Generator(device).manual_seed(cfg.seed) if device.type == "cuda" else torch.Generator().manual_seed(cfg.seed)
+    labels = torch.arange(cfg.num_samples) % prior.num_classes if prior.num_classes else None
+    limits = tokenizer.vocab_limits()
+    started = time.perf_counter()
+    fake = []
+    for start in range(0, cfg.num_samples, cfg.batch_size):
+        count = min(cfg.batch_size, cfg.num_samples - start)
+        batch_labels = labels[start : start + count] if labels is not None else None
+        tokens = sample(prior, count, batch_labels, cfg.sample_temperature, generator=generator, vocab_limits=limits, cfg_scale=cfg.sample_cfg_scale)
+        fake.append(tokenizer.decode(tokenizer.unflatten(tokens)).cpu())
+    fake = torch.cat(fake)
+    log.info("%d samples drawn in %.1f s", len(fake), time.perf_counter() - started)
+    if cfg.inception_weights:
+        from components.metrics.inception import inception_features, load_inception
+
+        net = load_inception(cfg.inception_weights, device)
+        real_f, fake_f = inception_features(net, real), inception_features(net, fake)
+        space = "inception"
+    else:
+        real_f, fake_f = tokenizer_features(tokenizer, real, cfg.batch_size), tokenizer_features(tokenizer, fake, cfg.batch_size)
+        space = "tokenizer_encoder"
+    precision, recall = precision_recall(real_f, fake_f, k=cfg.pr_k)
+    out = {
+        "feature_space": space,
+        "generated_images": len(fake),
+        "fid": frechet_distance(real_f, fake_f),
+        "precision": precision,
+        "recall": recall,
+    }
+    labelled = real_labels >= 0
+    if labels is not None and labelled.sum() > 4:
+        classes = max(prior.num_classes, int(real_labels.max()) + 1)
+        judge, accuracy = train_classifier(real[labelled], real_labels[labelled], classes, steps=cfg.classifier_steps, seed=cfg.seed)
+        out["class_consistency"] = class_consistency(judge, fake, labels)
+        out["classifier_val_accuracy"] = accuracy  # how far the judge itself can be trusted
+    return out
 
 
 def _write_usage_csv(path: Path, tokens, codebook_size: int) -> None:

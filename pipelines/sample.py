@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from components.config import SampleConfig
-from components.metrics import save_grid
+from components.metrics import make_grid, save_grid
 from components.priors import load_prior, sample
 from components.tokenizers import Tokenizer
 from pipelines.common import Paths, resolve_device, seed_everything, stage_main, stage_run
@@ -71,6 +71,10 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
         grid = save_grid(images, grid_path, nrow=per_row, upscale=2)
         tokens_per_second = tokens.numel() / elapsed
         mlflow.log_image(grid, key="samples")
+        if labels is not None:  # one grid per class too, to compare classes across runs in MLflow
+            names = meta.get("class_names") or [str(c) for c in range(num_classes)]
+            for c in range(num_classes):
+                mlflow.log_image(make_grid(images[labels == c], nrow=per_row, upscale=2), key=f"samples_class_{c}_{names[c]}")
         mlflow.log_artifact(str(grid_path))
         mlflow.log_metrics({"images": n, "tokens_per_second": tokens_per_second})
         rows = f"one row per class: {', '.join(meta['class_names'])}" if num_classes and meta.get("class_names") else ""

@@ -251,3 +251,68 @@ def test_build_prior_and_hierarchical_export(tmp_path):
     with pytest.raises(PriorMismatch, match="codebook sizes"):
         load_prior(tmp_path, tokenizer=tok)
     assert math.isfinite(loaded(tokens)[:, :4, 5:].max().item()) is False  # the top level has 5 codes
+
+
+# -- generation metrics -----------------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from components.metrics.generation import class_consistency, frechet_distance, precision_recall, train_classifier  # noqa: E402
+
+
+def test_fid_is_zero_for_identical_sets_and_exact_for_shifted_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 8))
+    assert abs(frechet_distance(a, a)) < 1e-8
+    # Same covariance, means 3 apart along one axis: FID = |mu_a - mu_b|^2 = 9 (up to sampling).
+    b = a + np.array([3.0] + [0.0] * 7)
+    assert abs(frechet_distance(a, b) - 9.0) < 1e-6
+    # Variance 4 vs 1 in 1-D: FID = (sqrt(4) - sqrt(1))^2 = 1.
+    x = rng.normal(size=(200000, 1))
+    assert abs(frechet_distance(x, 2 * x) - 1.0) < 0.01
+    with pytest.raises(ValueError, match="same d"):
+        frechet_distance(a, a[:, :3])
+
+
+def test_precision_recall_on_constructed_sets():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 4))
+    assert precision_recall(real, real.copy()) == (1.0, 1.0)
+    far = real + 100.0
+    assert precision_recall(real, far) == (0.0, 0.0)
+    # Samples from one half of the real distribution: precise, but half the real data missed.
+    half = real[real[:, 0] > 0.5]
+    p, r = precision_recall(real, half)
+    assert p == 1.0 and r < 0.6
+
+
+def test_class_consistency_judge_tells_shapes_apart():
+    from components.data.shapes import render
+    from components.data.images import to_array
+
+    pairs = [render(i) for i in range(400)]
+    images = torch.from_numpy(np.stack([to_array(img) for img, _ in pairs])).float() / 255
+    labels = torch.tensor([label for _, label in pairs])
+    judge, accuracy = train_classifier(images, labels, 4, steps=120)
+    assert accuracy > 0.8
+    assert class_consistency(judge, images, labels) > 0.8
+    assert class_consistency(judge, images, (labels + 1) % 4) < 0.3
+
+
+def test_inception_loads_a_local_state_dict_and_refuses_an_incomplete_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from components.metrics.inception import FIDInceptionV3, inception_features, load_inception
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in FIDInceptionV3().state_dict().items()}
+    save_file(state, str(tmp_path / "inception.safetensors"))
+    torch.save({**state, "fc.weight": torch.zeros(1008, 2048)}, tmp_path / "inception.pth")
+    for name in ("inception.safetensors", "inception.pth"):
+        net = load_inception(tmp_path / name)
+        feats = inception_features(net, torch.rand(2, 3, 32, 32))
+        assert feats.shape == (2, 2048) and np.isfinite(feats).all()
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="missing 1 weights"):
+        load_inception(tmp_path / "partial.safetensors")

@@ -125,6 +125,11 @@ def test_evaluate(tiny_project):
     counts = (paths.plots / "codebook_usage.csv").read_text().splitlines()
     assert len(counts) == 17 and sum(int(line.split(",")[1]) for line in counts[1:]) == metrics["val_images"] * 16
     assert (paths.eval / "reconstructions.png").exists()
+    # Generation metrics of 48 samples, in the tokenizer encoder's space (no Inception given).
+    assert metrics["feature_space"] == "tokenizer_encoder" and metrics["generated_images"] == 48
+    assert metrics["fid"] >= 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert 0 <= metrics["class_consistency"] <= 1 and 0 <= metrics["classifier_val_accuracy"] <= 1
     runs = _stage_runs("evaluate")
     logged = runs[runs.run_id == results["evaluate"].run_id].iloc[0]
     assert logged["metrics.psnr"] == pytest.approx(metrics["psnr"])
+    assert logged["metrics.fid"] == pytest.approx(metrics["fid"]) and logged["tags.vqpipe.feature_space"] == "tokenizer_encoder"
