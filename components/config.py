@@ -236,6 +236,11 @@ class TokenizeConfig(_Section):
     device: Device = "auto"
 
 
+PRIOR_RESUMABLE_CHANGES = (
+    "steps", "val_every", "log_every", "checkpoint_every", "checkpoint_dir", "resume", "device", "precision", "registered_model",
+)
+
+
 class TrainPriorConfig(_Section):
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
@@ -252,6 +257,10 @@ class TrainPriorConfig(_Section):
     # Each trained prior (with its tokenizer) becomes a version of this MLflow registered
     # model: `vqpipe sample --prior models:/NAME@ALIAS`; null registers nothing.
     registered_model: str | None = "vqpipe-prior"
+    # A full training state every this many steps (and at the end), outside DVC's outs.
+    checkpoint_every: int = Field(250, ge=1)
+    checkpoint_dir: str = "checkpoints/train_prior"
+    resume: bool = True
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -262,6 +271,10 @@ class TrainPriorConfig(_Section):
     log_every: int = Field(25, ge=1)
     seed: int = 0
     device: Device = "auto"
+
+    def training_settings(self) -> dict:
+        """What a checkpoint must agree on to be resumed: everything but PRIOR_RESUMABLE_CHANGES."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in PRIOR_RESUMABLE_CHANGES}
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "TrainPriorConfig":

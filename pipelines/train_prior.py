@@ -3,7 +3,9 @@
     dvc repro train_prior          # or: python -m pipelines.train_prior
 
 Class-conditional through a prepended class token when the tokens carry labels, with label
-dropout so the same model samples unconditionally and with classifier-free guidance. For a
+dropout so the same model samples unconditionally and with classifier-free guidance.
+Checkpoints every `checkpoint_every` steps in `checkpoint_dir` and resumes a killed run
+exactly, like train_tokenizer. For a
 VQ-VAE-2 tokenizer, a top prior and a bottom prior conditioned on the top tokens (one joint
 loss, the mean over all tokens). Reads the Parquet parts with pyarrow (columnar, no per-row
 Python) and refuses parts made by another tokenizer. Writes models/prior/{config.json,
@@ -13,6 +15,7 @@ token to MLflow.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from components.checkpoint import CheckpointMismatch, compare_settings, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from components.config import TrainPriorConfig
 from components.data import tokens as token_io
 from components.io import write_json
@@ -67,11 +71,16 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
             }
         )
         amp = autocast_dtype(cfg.precision, device) if device.type == "cuda" else None
+        settings = {**cfg.training_settings(), "tokenizer": tokenizer.fingerprint, "data": hashlib.sha256(train.tokens.tobytes()).hexdigest()}
+        ckpt_dir = Path(cfg.checkpoint_dir) if Path(cfg.checkpoint_dir).is_absolute() else (paths.root / cfg.checkpoint_dir).resolve()
+        start = _restore(cfg, ckpt_dir, settings, model, optimizer, schedule, generator, metrics, device)
+        if start:
+            mlflow.set_tag("vqpipe.resumed_from_step", str(start))
 
         started = time.perf_counter()
-        val_bits = float("nan")
+        val_bits = metrics.last("val_bits_per_token") or float("nan")
         model.train()
-        for step in range(1, cfg.steps + 1):
+        for step in range(start + 1, cfg.steps + 1):
             batch = torch.randint(0, len(tokens), (cfg.batch_size,), generator=generator)
             batch_labels = None
             if labels is not None:
@@ -89,13 +98,16 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val_bits = bits_per_token(model, val_tokens, val_labels)
                 metrics.log(step, {"val_bits_per_token": val_bits})
-                log.info("step %d/%d  train %.3f  val %.3f bits/token  (%.1f steps/s)", step, cfg.steps, loss.item() / math.log(2), val_bits, step / (time.perf_counter() - started))
+                log.info("step %d/%d  train %.3f  val %.3f bits/token  (%.1f steps/s)", step, cfg.steps, loss.item() / math.log(2), val_bits, (step - start) / (time.perf_counter() - started))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _checkpoint(ckpt_dir, settings, model, optimizer, schedule, generator, metrics, step, complete=step == cfg.steps)
         metrics.flush()
 
         save_prior(paths.prior, model.cpu(), tokenizer_fingerprint=tokenizer.fingerprint, grid=tokenizer.column_grids, class_names=class_names)
         summary = {
             "steps": cfg.steps,
-            "steps_per_second": cfg.steps / (time.perf_counter() - started),
+            "resumed_from_step": start,
+            "steps_per_second": (cfg.steps - start) / max(time.perf_counter() - started, 1e-9),
             "train_bits_per_token": metrics.last("train_bits_per_token"),
             "val_bits_per_token": val_bits,
         }
@@ -122,6 +134,53 @@ def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, train: token_io.To
     return build_prior(
         tokenizer, num_classes=num_classes, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
         dropout=cfg.dropout, norm=cfg.norm, tie_weights=cfg.tie_weights,
+    )
+
+
+def _restore(cfg: TrainPriorConfig, ckpt_dir: Path, settings: dict, model, optimizer, schedule, generator, metrics: MetricLogger, device) -> int:
+    """The step to start from: that of an unfinished checkpoint of the same settings in
+    `ckpt_dir` (model, optimizer, schedule, the batch sampler's and every RNG state, the
+    metric history), or of a finished one when only `steps` grew; else 0. An unfinished
+    checkpoint of other settings is refused, naming them."""
+    if not cfg.resume:
+        return 0
+    state = load_checkpoint(ckpt_dir, map_location=device)
+    if state is None:
+        return 0
+    diffs = compare_settings(state["settings"], settings)
+    if state["complete"] and (diffs or state["step"] >= cfg.steps):
+        log.info("checkpoint in %s is of a finished run (step %d); starting over", ckpt_dir, state["step"])
+        return 0
+    if diffs:
+        raise CheckpointMismatch(
+            f"{ckpt_dir} holds an unfinished prior run (step {state['step']}) with other settings:\n  "
+            + "\n  ".join(diffs)
+            + f"\nTo resume it, set those back; to start over, delete {ckpt_dir} or set train_prior.resume: false."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["sampler"])
+    set_rng_state(state["rng"])
+    metrics.history = list(state["history"])
+    log.info("resuming from %s at step %d", ckpt_dir, state["step"])
+    return state["step"]
+
+
+def _checkpoint(ckpt_dir: Path, settings: dict, model, optimizer, schedule, generator, metrics: MetricLogger, step: int, complete: bool) -> None:
+    save_checkpoint(
+        ckpt_dir,
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "sampler": generator.get_state(),
+            "rng": rng_state(),
+            "history": metrics.history,
+            "step": step,
+            "complete": complete,
+            "settings": settings,
+        },
     )
 
 

@@ -174,3 +174,42 @@ def test_compiled_training_keeps_checkpoint_and_export_names(tiny_project, tmp_p
     state = load_checkpoint(params.train_tokenizer.checkpoint_dir)
     assert not any("_orig_mod" in k for k in [*state["model"], *state["disc"]])
     assert Tokenizer.load(paths.tokenizer).encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
+
+
+def test_a_killed_prior_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path):
+    built, _ = tiny_project
+    raw = {**TINY, "train_prior": {**TINY["train_prior"], "steps": 120, "checkpoint_every": 5, "val_every": 60, "log_every": 20}}
+    params = parse_params(raw)
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    for root in (killed, straight):
+        shutil.copytree(built.tokens, Paths(root).tokens)
+        shutil.copytree(built.tokenizer, Paths(root).tokenizer)
+    (killed / "params.yaml").write_text(yaml.safe_dump(raw))
+    ckpt_dir = killed / "checkpoints" / "train_prior"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_prior"], cwd=killed, env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (ckpt_dir / "checkpoint.pt").is_file():
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    state = load_checkpoint(ckpt_dir)
+    assert 5 <= state["step"] < 120 and not state["complete"]
+
+    changed = params.train_prior.model_copy(update={"lr": 1e-3})
+    with pytest.raises(CheckpointMismatch, match=r"lr: 0.003 -> 0.001"):
+        train_prior.run(changed, Paths(killed))
+    resumed = train_prior.run(params.train_prior, Paths(killed))
+    assert resumed.metrics["resumed_from_step"] == state["step"]
+    fresh = train_prior.run(params.train_prior.model_copy(update={"checkpoint_dir": str(tmp_path / "other")}), Paths(straight))
+    assert fresh.metrics["resumed_from_step"] == 0
+    from components.priors import load_prior
+
+    a, b = load_prior(Paths(killed).prior)[0].state_dict(), load_prior(Paths(straight).prior)[0].state_dict()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+    rows = (Paths(killed).plots / "train_prior.csv").read_text().splitlines()
+    assert len(rows) == 121  # the whole loss curve, both halves
