@@ -237,7 +237,7 @@ class TokenizeConfig(_Section):
 
 
 PRIOR_RESUMABLE_CHANGES = (
-    "steps", "val_every", "log_every", "checkpoint_every", "checkpoint_dir", "resume", "device", "precision", "registered_model",
+    "steps", "val_every", "log_every", "checkpoint_every", "checkpoint_dir", "resume", "device", "precision", "registered_model", "use_gpu",
 )
 
 
@@ -261,6 +261,10 @@ class TrainPriorConfig(_Section):
     checkpoint_every: int = Field(250, ge=1)
     checkpoint_dir: str = "checkpoints/train_prior"
     resume: bool = True
+    # Training workers: 1 trains in the stage's process; N > 1 on N Ray Train workers (DDP),
+    # each drawing batch_size / N sequences per step.
+    workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -280,6 +284,8 @@ class TrainPriorConfig(_Section):
     def _heads_divide_width(self) -> "TrainPriorConfig":
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by workers ({self.workers})")
         return self
 
 

@@ -213,3 +213,24 @@ def test_a_killed_prior_run_resumes_to_the_uninterrupted_result(tiny_project, tm
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
     rows = (Paths(killed).plots / "train_prior.csv").read_text().splitlines()
     assert len(rows) == 121  # the whole loss curve, both halves
+
+
+def test_the_prior_trains_on_two_ray_train_workers(tiny_project, tmp_path, mlflow_store, ray_cluster):
+    from mlflow.tracking import MlflowClient
+
+    from components.priors import load_prior
+
+    built, _ = tiny_project
+    raw = {**TINY, "train_prior": {**TINY["train_prior"], "workers": 2, "use_gpu": False, "steps": 6, "checkpoint_every": 3,
+                                   "log_every": 1, "val_every": 3, "checkpoint_dir": str(tmp_path / "ckpt")}}
+    params = parse_params(raw)
+    paths = Paths(tmp_path)
+    shutil.copytree(built.tokens, paths.tokens)
+    shutil.copytree(built.tokenizer, paths.tokenizer)
+    result = train_prior.run(params.train_prior, paths)
+    assert result.metrics["workers"] == 2 and result.metrics["replicas_identical"] is True
+    history = MlflowClient(mlflow_store).get_metric_history(result.run_id, "train_bits_per_token")
+    assert sorted(m.step for m in history) == list(range(1, 7))  # rank 0 logs, once per step
+    prior, _ = load_prior(paths.prior, tokenizer=Tokenizer.load(paths.tokenizer))
+    assert load_checkpoint(tmp_path / "ckpt")["step"] == 6 and len(load_checkpoint(tmp_path / "ckpt")["sampler"]) == 2
+    assert (paths.plots / "train_prior.csv").read_text().count("\n") == 7
