@@ -306,7 +306,10 @@ def _describe(err: BaseException) -> str:
 
 def _run_in_process(job: CorpusJob, files: dict, todo: list[_Work], out: str, finished) -> float:
     """Tokenize `todo` here, two shards at a time on threads; returns when the work began."""
+    import torch
+
     threads = max(1, int(job.cpus_per_worker))
+    previous_threads = torch.get_num_threads()  # the worker sets its own; this process gets its own back
     worker = ShardWorker(files, job.device, threads, job.decode_threads or threads)
     began = time.perf_counter()
     lock = threading.Lock()  # `finished` runs for one shard at a time
@@ -327,9 +330,12 @@ def _run_in_process(job: CorpusJob, files: dict, todo: list[_Work], out: str, fi
                 finished(work, outcome)
             return
 
-    with ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="shard") as pool:
-        for future in [pool.submit(attempt, work) for work in todo]:
-            future.result()
+    try:
+        with ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="shard") as pool:
+            for future in [pool.submit(attempt, work) for work in todo]:
+                future.result()
+    finally:
+        torch.set_num_threads(previous_threads)
     return began
 
 
