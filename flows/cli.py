@@ -159,19 +159,19 @@ def cmd_sample(args) -> int:
     import math
 
     from components.metrics import save_grid
+    from pipelines.common import MLFLOW_SCHEMES
     from pipelines.sample import draw
 
     repo = Path(args.repo)
-    prior = args.prior if args.prior.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) else str(repo / args.prior)
-    tokenizer = args.tokenizer
-    if tokenizer is not None and not tokenizer.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        tokenizer = str(repo / tokenizer)
-    elif tokenizer is None and not prior.startswith("models:/") and not prior.startswith("runs:/"):
-        tokenizer = str(repo / "models" / "tokenizer")
+
+    def in_repo(spec: str) -> str:  # local paths are the project's; MLflow URIs stay as they are
+        return spec if spec.startswith(MLFLOW_SCHEMES) else str(repo / spec)
+
     try:
         drawn = draw(
-            prior, tokenizer, args.n, getattr(args, "class"), cfg_scale=args.cfg, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, device=args.device,
+            in_repo(args.prior), in_repo(args.tokenizer) if args.tokenizer else None, args.n, getattr(args, "class"),
+            cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            batch_size=args.batch_size, device=args.device, default_tokenizer=str(repo / "models" / "tokenizer"),
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -122,10 +122,11 @@ def draw(
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",
+    default_tokenizer: str = "models/tokenizer",
 ) -> Drawn:
     """`n` images from a prior (an export directory or an MLflow URI such as
     `models:/vqpipe-prior@champion`) and its tokenizer (default: the one registered with the
-    prior, else `models/tokenizer`). A conditional prior with no class given samples the classes
+    prior, else `default_tokenizer`). A conditional prior with no class given samples the classes
     round-robin. Every setting is checked before anything is sampled."""
     import tempfile
 
@@ -139,7 +140,7 @@ def draw(
         prior_dir = fetch_export(prior_spec, Path(tmp) / "prior", "prior")
         if tokenizer_spec is None:
             bundled = prior_dir / "tokenizer"
-            tokenizer_spec = str(bundled) if (bundled / "config.json").is_file() else "models/tokenizer"
+            tokenizer_spec = str(bundled) if (bundled / "config.json").is_file() else default_tokenizer
         tokenizer = Tokenizer.load(fetch_export(tokenizer_spec, Path(tmp) / "tokenizer", "tokenizer"), device=dev)
         prior, meta = load_prior(prior_dir, device=dev, tokenizer=tokenizer)
     names = meta.get("class_names")
