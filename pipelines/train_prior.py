@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -44,9 +43,9 @@ from pipelines.common import (
     register_export,
     resolve_device,
     seed_everything,
-    setup_logging,
     stage_main,
     stage_run,
+    train_on_ray,
 )
 
 log = logging.getLogger("vqpipe.train_prior")
@@ -212,48 +211,14 @@ def train_prior_worker(cfg: TrainPriorConfig, job: PriorJob, rank: int, world_si
 
 
 def _train_on_ray(cfg: TrainPriorConfig, job: PriorJob) -> None:
-    """`workers` Ray Train workers (DDP over gloo, or NCCL on GPUs); rank 0's export comes back
-    as the run's Ray checkpoint (kept under checkpoint_dir/ray while it is copied)."""
-    from pipelines.common import init_ray
-
-    ray = init_ray()
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    use_gpu = cfg.use_gpu if isinstance(cfg.use_gpu, bool) else ray.cluster_resources().get("GPU", 0) >= cfg.workers
-    if cfg.workers > ray.cluster_resources().get("CPU", 0):
-        raise RuntimeError(f"train_prior.workers={cfg.workers} but the Ray cluster has {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
-    log.info("training the prior on %d Ray Train workers (%s)", cfg.workers, "NCCL, GPUs" if use_gpu else "gloo, CPUs")
-    trainer = TorchTrainer(
-        _ray_train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": asdict(job), "use_gpu": use_gpu},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=f"train_prior-{job.run_id}", storage_path=str(Path(job.ckpt_dir) / "ray")),
+    train_on_ray(
+        _ray_worker, cfg, asdict(job), stage="train_prior", workers=cfg.workers, use_gpu=cfg.use_gpu,
+        checkpoint_dir=job.ckpt_dir, staging=job.staging,
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train finished without rank 0's export: {result.error}")
-    with result.checkpoint.as_directory() as directory:
-        shutil.copytree(directory, job.staging, dirs_exist_ok=True)
-    shutil.rmtree(Path(job.ckpt_dir) / "ray" / f"train_prior-{job.run_id}", ignore_errors=True)
 
 
-def _ray_train_loop(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-
-    setup_logging()
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    cfg = TrainPriorConfig.model_validate(config["cfg"])
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    os.environ["MLFLOW_TRACKING_URI"] = config["job"]["tracking_uri"]
-    with tempfile.TemporaryDirectory(prefix="vqpipe-prior-rank0-") as staging:
-        job = replace(PriorJob(**config["job"]), staging=staging)
-        train_prior_worker(cfg, job, rank, world_size, device)
-        ray.train.report({"rank": rank}, checkpoint=Checkpoint.from_directory(staging) if rank == 0 else None)
+def _ray_worker(cfg: dict, job: dict, staging: str, rank: int, world_size: int, device: torch.device) -> None:
+    train_prior_worker(TrainPriorConfig.model_validate(cfg), replace(PriorJob(**job), staging=staging), rank, world_size, device)
 
 
 def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, train: token_io.TokenData, class_names):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -39,7 +38,7 @@ from components.metrics import make_grid, psnr, ssim
 from components.tokenizers import VQVAE, VQVAE2, Tokenizer, export_config, state_fingerprint
 from components.tokenizers.lpips import LPIPS, reconstruction_loss
 from components.tokenizers.vqgan import LeCAM, PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from pipelines.common import MetricLogger, Paths, absolute_tracking_uri, autocast_dtype, register_export, resolve_device, seed_everything, setup_logging, stage_main, stage_run
+from pipelines.common import MetricLogger, Paths, absolute_tracking_uri, autocast_dtype, register_export, resolve_device, seed_everything, stage_main, stage_run, train_on_ray
 
 log = logging.getLogger("vqpipe.train_tokenizer")
 VAL_IMAGES = 512  # validation images per evaluation: enough for a stable PSNR, cheap on CPU
@@ -493,50 +492,14 @@ def _validate(model: nn.Module, images: torch.Tensor, device: torch.device) -> d
 
 
 def _train_on_ray(cfg: TrainTokenizerConfig, job: Job) -> None:
-    """`workers` Ray Train workers (DDP over gloo, or NCCL on GPUs); rank 0's export comes back
-    as the run's Ray checkpoint (persisted under checkpoint_dir/ray: on a multi-node cluster
-    checkpoint_dir must be storage every node sees)."""
-    from pipelines.common import init_ray
-
-    ray = init_ray()
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    use_gpu = cfg.use_gpu if isinstance(cfg.use_gpu, bool) else ray.cluster_resources().get("GPU", 0) >= cfg.workers
-    if cfg.workers > ray.cluster_resources().get("CPU", 0):
-        raise RuntimeError(f"train_tokenizer.workers={cfg.workers} but the Ray cluster has {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
-    log.info("training on %d Ray Train workers (%s)", cfg.workers, "NCCL, GPUs" if use_gpu else "gloo, CPUs")
-    trainer = TorchTrainer(
-        _ray_train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": asdict(job), "use_gpu": use_gpu},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=f"train_tokenizer-{job.run_id}", storage_path=str(Path(job.checkpoint_dir) / "ray")),
+    train_on_ray(
+        _ray_worker, cfg, asdict(job), stage="train_tokenizer", workers=cfg.workers, use_gpu=cfg.use_gpu,
+        checkpoint_dir=job.checkpoint_dir, staging=job.staging,
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train finished without rank 0's export: {result.error}")
-    with result.checkpoint.as_directory() as directory:
-        shutil.copytree(directory, job.staging, dirs_exist_ok=True)
-    # Ray's copy of the export served its purpose; the training checkpoint is ours.
-    shutil.rmtree(Path(job.checkpoint_dir) / "ray" / f"train_tokenizer-{job.run_id}", ignore_errors=True)
 
 
-def _ray_train_loop(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-
-    setup_logging()
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    cfg = TrainTokenizerConfig.model_validate(config["cfg"])
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    os.environ["MLFLOW_TRACKING_URI"] = config["job"]["tracking_uri"]
-    with tempfile.TemporaryDirectory(prefix="vqpipe-rank0-") as staging:
-        job = replace(Job(**config["job"]), staging=staging)
-        train_worker(cfg, job, rank, world_size, device)
-        ray.train.report({"rank": rank}, checkpoint=Checkpoint.from_directory(staging) if rank == 0 else None)
+def _ray_worker(cfg: dict, job: dict, staging: str, rank: int, world_size: int, device: torch.device) -> None:
+    train_worker(TrainTokenizerConfig.model_validate(cfg), replace(Job(**job), staging=staging), rank, world_size, device)
 
 
 def main() -> None:

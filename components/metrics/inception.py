@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.io import load_state_file
+
 
 class BasicConv2d(nn.Module):
     def __init__(self, cin: int, cout: int, **kw):
@@ -171,15 +173,7 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDI
     """The FID Inception from a local file (safetensors, or a state dict read with
     `torch.load(weights_only=True)`); refuses a file that lacks any of its weights."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Inception weights {path} not found (give a local file; nothing is downloaded)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = load_state_file(path, "Inception-v3 (evaluate.inception_weights)")
     model = FIDInceptionV3()
     missing, _ = model.load_state_dict(state, strict=False)  # fc.* (the classifier) is not used
     if missing:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.io import load_state_file
+
 # torchvision's vgg16.features up to relu5_3: channels per conv, "M" for max-pooling.
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 # The index (in `features`) of the ReLU after which LPIPS taps a feature map.
@@ -90,16 +92,7 @@ class LPIPS(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> "LPIPS":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"LPIPS weights not found: {path} (train_tokenizer.perceptual_weights)")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw = load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(raw, dict):
-                raise ValueError(f"{path} is not a state dict of tensors")
+        raw = load_state_file(path, "LPIPS (train_tokenizer.perceptual_weights)")
         model = cls()
         expected = set(model.state_dict())
         state = {}

@@ -90,6 +90,22 @@ def _tokenizer_state(root):
     return Tokenizer.load(Paths(root).tokenizer).model.state_dict()
 
 
+def _kill_at_first_checkpoint(module: str, cwd, ckpt_dir) -> dict:
+    """Run the stage `module` in `cwd`, SIGKILL it (its whole process group: the stage and its
+    loader processes, like a lost machine) as soon as its first checkpoint exists; that checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-m", module], cwd=cwd, env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (ckpt_dir / "checkpoint.pt").is_file():
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    return load_checkpoint(ckpt_dir)
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path):
     built, _ = tiny_project
     tokenizer = {"arch": "vqgan", "steps": 24, "checkpoint_every": 3, "num_workers": 2, "val_every": 12, "log_every": 4,
@@ -102,18 +118,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path
     (killed / "params.yaml").write_text(yaml.safe_dump(raw))
     ckpt_dir = killed / "checkpoints" / "train_tokenizer"
 
-    # Its own process group: the kill takes the stage and its loader processes, like a lost machine.
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_tokenizer"], cwd=killed, env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if (ckpt_dir / "checkpoint.pt").is_file():
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
-    state = load_checkpoint(ckpt_dir)
+    state = _kill_at_first_checkpoint("pipelines.train_tokenizer", killed, ckpt_dir)
     assert 3 <= state["step"] < 24 and not state["complete"]
     assert not Paths(killed).tokenizer.exists()
 
@@ -186,17 +191,7 @@ def test_a_killed_prior_run_resumes_to_the_uninterrupted_result(tiny_project, tm
         shutil.copytree(built.tokenizer, Paths(root).tokenizer)
     (killed / "params.yaml").write_text(yaml.safe_dump(raw))
     ckpt_dir = killed / "checkpoints" / "train_prior"
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_prior"], cwd=killed, env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if (ckpt_dir / "checkpoint.pt").is_file():
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
-    state = load_checkpoint(ckpt_dir)
+    state = _kill_at_first_checkpoint("pipelines.train_prior", killed, ckpt_dir)
     assert 5 <= state["step"] < 120 and not state["complete"]
 
     changed = params.train_prior.model_copy(update={"lr": 1e-3})
