@@ -15,7 +15,6 @@ logs all to MLflow.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from components.data.shards import load_split, to_float
 from components.io import write_json
 from components.metrics import bits_per_token, codebook_stats, make_grid, psnr, ssim, used_code_counts
 from components.metrics.generation import class_consistency, frechet_distance, precision_recall, tokenizer_features, train_classifier
-from components.priors import load_prior, sample
+from components.priors import load_prior, sample_images
 from components.tokenizers import Tokenizer
 from pipelines.common import Paths, resolve_device, stage_main, stage_run
 
@@ -103,16 +102,11 @@ def _generation_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: 
     """FID, precision/recall and class consistency of `cfg.num_samples` samples against `real`."""
     generator = torch.Generator(device).manual_seed(cfg.seed) if device.type == "cuda" else torch.Generator().manual_seed(cfg.seed)
     labels = torch.arange(cfg.num_samples) % prior.num_classes if prior.num_classes else None
-    limits = tokenizer.vocab_limits()
-    started = time.perf_counter()
-    fake = []
-    for start in range(0, cfg.num_samples, cfg.batch_size):
-        count = min(cfg.batch_size, cfg.num_samples - start)
-        batch_labels = labels[start : start + count] if labels is not None else None
-        tokens = sample(prior, count, batch_labels, cfg.sample_temperature, generator=generator, vocab_limits=limits, cfg_scale=cfg.sample_cfg_scale)
-        fake.append(tokenizer.decode(tokenizer.unflatten(tokens)).cpu())
-    fake = torch.cat(fake)
-    log.info("%d samples drawn in %.1f s", len(fake), time.perf_counter() - started)
+    fake, _, seconds = sample_images(
+        prior, tokenizer, cfg.num_samples, labels, batch_size=cfg.batch_size, temperature=cfg.sample_temperature,
+        cfg_scale=cfg.sample_cfg_scale, generator=generator,
+    )
+    log.info("%d samples drawn in %.1f s", len(fake), seconds)
     if cfg.inception_weights:
         from components.metrics.inception import inception_features, load_inception
 

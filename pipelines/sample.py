@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from components.config import SampleConfig
 from components.metrics import make_grid, save_grid
-from components.priors import load_prior, sample
+from components.priors import load_prior, sample_images
 from components.tokenizers import Tokenizer
 from pipelines.common import Paths, resolve_device, seed_everything, stage_main, stage_run
 
@@ -51,25 +50,14 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
             per_row = math.ceil(math.sqrt(cfg.num_images))
         n = len(labels) if labels is not None else cfg.num_images
 
-        limits = tokenizer.vocab_limits()
-        started = time.perf_counter()
-        tokens = []
-        for start in range(0, n, cfg.batch_size):
-            batch_labels = labels[start : start + cfg.batch_size] if labels is not None else None
-            count = len(batch_labels) if batch_labels is not None else min(cfg.batch_size, n - start)
-            tokens.append(
-                sample(
-                    prior, count, batch_labels, cfg.temperature, cfg.top_k, generator=generator,
-                    vocab_limits=limits, top_p=cfg.top_p, cfg_scale=cfg.cfg_scale,
-                )
-            )
-        tokens = torch.cat(tokens)
-        elapsed = time.perf_counter() - started
-        images = tokenizer.decode(tokenizer.unflatten(tokens)).cpu()
+        images, tokens, seconds = sample_images(
+            prior, tokenizer, n, labels, batch_size=cfg.batch_size, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, cfg_scale=cfg.cfg_scale, generator=generator,
+        )
 
         grid_path = paths.samples / "grid.png"
         grid = save_grid(images, grid_path, nrow=per_row, upscale=2)
-        tokens_per_second = tokens.numel() / elapsed
+        tokens_per_second = tokens.numel() / seconds
         mlflow.log_image(grid, key="samples")
         if labels is not None:  # one grid per class too, to compare classes across runs in MLflow
             names = meta.get("class_names") or [str(c) for c in range(num_classes)]
@@ -150,20 +138,11 @@ def draw(
     else:
         labels = None
     check_sampling(prior, labels, temperature, top_k, top_p, cfg_scale)
-    generator = seed_everything(seed)
-    limits = tokenizer.vocab_limits()
-    started = time.perf_counter()
-    chunks = []
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        batch_labels = labels[start : start + count] if labels is not None else None
-        chunks.append(
-            sample(prior, count, batch_labels, temperature, top_k, generator=generator, vocab_limits=limits, top_p=top_p, cfg_scale=cfg_scale)
-        )
-    tokens = torch.cat(chunks)
-    rate = tokens.numel() / (time.perf_counter() - started)
-    images = torch.cat([tokenizer.decode(tokenizer.unflatten(tokens[i : i + batch_size])).cpu() for i in range(0, n, batch_size)])
-    return Drawn(images, tokens.cpu(), labels, rate, names)
+    images, tokens, seconds = sample_images(
+        prior, tokenizer, n, labels, batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
+        cfg_scale=cfg_scale, generator=seed_everything(seed),
+    )
+    return Drawn(images, tokens, labels, tokens.numel() / seconds, names)
 
 
 def main() -> None:

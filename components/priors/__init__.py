@@ -1,7 +1,7 @@
 """Autoregressive priors over tokens and sampling from them."""
 
 from components.priors.export import PriorMismatch, build_prior, load_prior, save_prior
-from components.priors.sampling import filter_logits, sample
+from components.priors.sampling import filter_logits, sample, sample_images
 from components.priors.transformer import HierarchicalPrior, PriorConfig, TransformerPrior
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "filter_logits",
     "load_prior",
     "sample",
+    "sample_images",
     "save_prior",
 ]

@@ -128,8 +128,33 @@ def sample(
     model.eval()
     common = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=generator, use_cache=use_cache)
     if isinstance(model, HierarchicalPrior):
-        t = model.top.cfg.seq_len
         top = _sample_one(model.top, n, labels, None, vocab_limits=None, **common)
-        bottom = _sample_one(model.bottom, n, labels, top, vocab_limits=None, **common)
-        return torch.cat([top, bottom], dim=1)[:, : t + model.bottom.cfg.seq_len]
+        return torch.cat([top, _sample_one(model.bottom, n, labels, top, vocab_limits=None, **common)], dim=1)
     return _sample_one(model, n, labels, None, vocab_limits=vocab_limits, **common)
+
+
+@torch.no_grad()
+def sample_images(
+    model: TransformerPrior | HierarchicalPrior,
+    tokenizer,
+    n: int,
+    labels: torch.Tensor | None = None,
+    *,
+    batch_size: int = 64,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """n images drawn in batches of `batch_size` and decoded by `tokenizer` (whose
+    `vocab_limits` bound each position): ((n, 3, H, W) in [0, 1] on the CPU, (n, L) tokens,
+    seconds spent sampling). `options` go to `sample` (temperature, top_k, top_p, cfg_scale,
+    generator)."""
+    import time
+
+    limits = tokenizer.vocab_limits()
+    started = time.perf_counter()
+    tokens = torch.cat([
+        sample(model, min(batch_size, n - start), labels[start : start + batch_size] if labels is not None else None, vocab_limits=limits, **options)
+        for start in range(0, n, batch_size)
+    ])
+    seconds = time.perf_counter() - started
+    images = torch.cat([tokenizer.decode(tokenizer.unflatten(tokens[i : i + batch_size])).cpu() for i in range(0, n, batch_size)])
+    return images, tokens.cpu(), seconds
