@@ -66,20 +66,17 @@ class ShardWorker:
         self.model_lock = threading.Lock()
 
     def node(self) -> str:
-        try:
-            import ray
+        import ray
 
-            return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        except ImportError:
-            return "local"
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
-    def tokenize(self, url: str, out: str, part: str, name: str, batch_size: int) -> tuple[ShardTokens, float, str]:
-        start = time.perf_counter()
+    def tokenize(self, url: str, out: str, part: str, name: str, batch_size: int) -> tuple[ShardTokens, str]:
+        """The shard's result and the node that did it."""
         result = tokenize_shard(
             self.tokenizer, url, out, part, input_name=name, batch_size=batch_size,
             decode_threads=self.decode_threads, model_lock=self.model_lock,
         )
-        return result, time.perf_counter() - start, self.node()
+        return result, self.node()
 
 
 @dataclass
@@ -144,11 +141,9 @@ def _filesystem(output: str):
     return fs, root.rstrip("/")
 
 
-def _existing_parts(fs, root: str, names: list[str]) -> dict[str, token_io.PartInfo | None]:
-    """Part name -> info (None: unreadable) for the parts already in the output; removes
-    leftover temporaries."""
-    fs.makedirs(root, exist_ok=True)
-    listing = set(_listing(fs, root))
+def _existing_parts(fs, root: str, listing: set[str], names: list[str]) -> dict[str, token_io.PartInfo | None]:
+    """Part name -> info (None: unreadable) for the parts of `names` already in the output
+    (`listing`); removes leftover temporaries."""
     for leftover in sorted(n for n in listing if n.startswith(".part-") and n.endswith(".tmp")):
         fs.rm(f"{root}/{leftover}")  # from a killed run: never taken for a part
     present = [n for n in names if n in listing]
@@ -172,10 +167,6 @@ def _listing(fs, root: str) -> list[str]:
         return []
 
 
-def _stale_parts(fs, root: str, names: set[str]) -> list[str]:
-    return sorted(n for n in _listing(fs, root) if n.startswith("part-") and n.endswith(".parquet") and n not in names)
-
-
 @dataclass
 class CorpusPlan:
     tokenizer: Tokenizer
@@ -196,7 +187,9 @@ def plan_corpus(job: CorpusJob) -> CorpusPlan:
     tokenizer = load_tokenizer_files(files)
 
     fs, root = _filesystem(job.output)
-    existing = _existing_parts(fs, root, list(parts.values()))
+    fs.makedirs(root, exist_ok=True)
+    listing = set(_listing(fs, root))  # one listing: on object stores every one is a request
+    existing = _existing_parts(fs, root, listing, list(parts.values()))
     done: dict[str, ShardTokens] = {}
     todo: list[_Work] = []
     other_tokenizer = 0
@@ -215,14 +208,15 @@ def plan_corpus(job: CorpusJob) -> CorpusPlan:
                 other_tokenizer += 1
                 fs.rm(f"{root}/{part}")
         todo.append(_Work(url, name, part))
-    if todo and fs.exists(f"{root}/{token_io.MANIFEST}"):
+    if todo and token_io.MANIFEST in listing:
         fs.rm(f"{root}/{token_io.MANIFEST}")  # a manifest is there only while the output is finished
     log.info(
         "%d input shards: %d parts complete, %d to tokenize%s",
         len(job.inputs), len(done), len(todo),
         f" ({other_tokenizer} made by another tokenizer, removed, are redone)" if other_tokenizer else "",
     )
-    stale = _stale_parts(fs, root, set(parts.values()))
+    ours = set(parts.values())
+    stale = sorted(n for n in listing if n.startswith("part-") and n.endswith(".parquet") and n not in ours)
     if stale:
         log.warning("%d parts in %s belong to no input of this job (e.g. %s); they are not in the manifest", len(stale), job.output, stale[0])
     return CorpusPlan(tokenizer, files, done, todo)
@@ -232,16 +226,18 @@ def tokenize_corpus(
     job: CorpusJob,
     progress: Callable[[ShardTokens | None, dict | None], None] | None = None,
     plan: CorpusPlan | None = None,
+    annotate: Callable[[dict], None] | None = None,
 ) -> CorpusResult:
     """Tokenize `job.inputs` into `job.output`; see the module doc. `progress` is called once per
-    shard tokenized this run (with its result, or with its failure entry)."""
+    shard tokenized this run (with its result, or with its failure entry); `annotate` may add
+    to the manifest before it is written."""
     plan = plan or plan_corpus(job)
     tokenizer, files, done, todo = plan.tokenizer, plan.files, dict(plan.done), plan.todo
     out = job.output if "://" in job.output else str(Path(job.output).resolve())
     failed: list[dict] = []
     nodes: dict[str, int] = {}
 
-    def finished(work: _Work, outcome: tuple[ShardTokens, float, str] | None) -> None:
+    def finished(work: _Work, outcome: tuple[ShardTokens, str] | None) -> None:
         if outcome is None:
             entry = {"input_shard": work.name, "part": work.part, "attempts": work.attempts, "error": work.errors[-1]}
             failed.append(entry)
@@ -249,7 +245,7 @@ def tokenize_corpus(
             if progress:
                 progress(None, entry)
             return
-        result, _, node = outcome
+        result, node = outcome
         done[work.url] = result
         nodes[node] = nodes.get(node, 0) + 1
         if progress:
@@ -262,6 +258,8 @@ def tokenize_corpus(
         seconds = time.perf_counter() - began
 
     manifest = corpus_manifest(tokenizer, [done[url] for url in job.inputs if url in done], failed, len(job.inputs))
+    if annotate:
+        annotate(manifest)
     token_io.write_manifest(job.output, manifest)
     made = [done[w.url] for w in todo if w.url in done]
     return CorpusResult(
@@ -433,18 +431,20 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
             overwrite=True,
             names=names,
         )
-        result = tokenize_corpus(job)
+        split_of = {names[url]: split for split, url in entries}
+
+        def annotate(manifest: dict) -> None:  # what the pipeline's stages read besides the parts
+            for part in manifest["parts"]:
+                part["split"] = split_of[part["input_shard"]]
+            manifest["classes"] = shard_manifest.get("classes")
+            manifest["splits"] = {
+                split: {"rows": sum(p["rows"] for p in manifest["parts"] if p["split"] == split)} for split in ("train", "val")
+            }
+
+        result = tokenize_corpus(job, annotate=annotate)
         if result.failed:
             raise RuntimeError("shards could not be read: " + "; ".join(f"{f['input_shard']}: {f['error']}" for f in result.failed))
-        split_of = {names[url]: split for split, url in entries}
         manifest = result.manifest
-        for part in manifest["parts"]:
-            part["split"] = split_of[part["input_shard"]]
-        manifest["classes"] = shard_manifest.get("classes")
-        manifest["splits"] = {
-            split: {"rows": sum(p["rows"] for p in manifest["parts"] if p["split"] == split)} for split in ("train", "val")
-        }
-        token_io.write_manifest(out_dir, manifest)
         mlflow.log_metrics(
             {
                 "train_rows": manifest["splits"]["train"]["rows"],
