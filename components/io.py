@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -20,6 +21,38 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_url(path: str | Path) -> bool:
+    """A non-local fsspec URL (`s3://`, `memory://`, ...); `file://` and plain paths are local."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def atomic_write_to(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` into a temporary file beside `path`, then renamed into place: `path` is a local
+    path or any fsspec URL (on object stores the rename is a copy, so the object appears whole
+    or not at all)."""
+    path = str(path)
+    if not is_url(path):
+        def local(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                write(f)
+
+        atomic_write(path.removeprefix("file://"), local)
+        return
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    parent, name = target.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open(tmp, "wb") as f:
+            write(f)
+        fs.mv(tmp, target)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
         raise
 
 

@@ -47,6 +47,11 @@ class Paths:
         self.metrics = root / "metrics"
         self.plots = root / "plots"
 
+    def within(self, path: str | Path) -> Path:
+        """`path` as given when absolute, else under the project root (absolute either way)."""
+        path = Path(path)
+        return path if path.is_absolute() else (self.root / path).resolve()
+
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

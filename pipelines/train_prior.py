@@ -85,7 +85,7 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
     with stage_run("train_prior", cfg) as active:
         import mlflow
 
-        ckpt_dir = Path(cfg.checkpoint_dir) if Path(cfg.checkpoint_dir).is_absolute() else (paths.root / cfg.checkpoint_dir).resolve()
+        ckpt_dir = paths.within(cfg.checkpoint_dir)
         with tempfile.TemporaryDirectory(prefix="vqpipe-prior-") as staging:
             job = PriorJob(
                 root=str(paths.root.resolve()), ckpt_dir=str(ckpt_dir), run_id=active.info.run_id,

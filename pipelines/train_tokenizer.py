@@ -83,7 +83,7 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
 
         job = Job(
             shards=str(paths.shards.resolve()),
-            checkpoint_dir=str(Path(cfg.checkpoint_dir) if Path(cfg.checkpoint_dir).is_absolute() else (paths.root / cfg.checkpoint_dir).resolve()),
+            checkpoint_dir=str(paths.within(cfg.checkpoint_dir)),
             staging=staging,
             image_size=image_size,
             data_fingerprint=hashlib.sha256("".join(train_sums).encode()).hexdigest(),

@@ -33,7 +33,6 @@ m tokens in column order, so [p0 group0, p0 group1, p1 group0, p1 group1, ...], 
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components import __version__
-from components.io import atomic_write, write_json
+from components.io import atomic_write_to, is_url
 
 MANIFEST = "_manifest.json"
 META_FINGERPRINT = b"vqpipe.tokenizer_fingerprint"
@@ -117,26 +116,8 @@ def token_table(
 
 
 def write_part(table: pa.Table, path: str | Path) -> None:
-    """Write atomically: a temporary name in the same directory, renamed when complete. `path`
-    is a local path or any fsspec URL (on object stores the rename is a copy: the object
-    appears whole or not at all)."""
-    path = str(path)
-    if not _is_url(path):
-        atomic_write(path.removeprefix("file://"), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-        return
-    import fsspec
-
-    fs, target = fsspec.core.url_to_fs(path)
-    parent, name = target.rsplit("/", 1)
-    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        fs.mv(tmp, target)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
+    """Write atomically (temporary name, renamed when complete) to a local path or any fsspec URL."""
+    atomic_write_to(path, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
 @dataclass
@@ -312,26 +293,14 @@ def iter_token_batches(
         yield held
 
 
-def _is_url(path: str | Path) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:
     """`_manifest.json` in `out_dir` (a local path or any fsspec URL), replaced atomically."""
-    if not _is_url(out_dir):
-        write_json(Path(str(out_dir).removeprefix("file://")) / MANIFEST, manifest)
-        return
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(str(out_dir))
-    target = f"{root.rstrip('/')}/{MANIFEST}"
-    tmp = f"{root.rstrip('/')}/.{MANIFEST}.{uuid.uuid4().hex}.tmp"
-    fs.pipe_file(tmp, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    fs.mv(tmp, target)
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write_to(f"{str(out_dir).rstrip('/')}/{MANIFEST}", lambda f: f.write(data))
 
 
 def read_manifest(token_dir: str | Path) -> dict:
-    if _is_url(token_dir):
+    if is_url(token_dir):
         import fsspec
 
         with fsspec.open(f"{str(token_dir).rstrip('/')}/{MANIFEST}", "r") as f:
