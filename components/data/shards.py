@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 import webdataset as wds
 
+from components.data.corpus import read_shard
 from components.data.images import DECODE_ERRORS, decode_image, describe_error, encode_png, to_array
 from components.data.sources import Reject, SourceItem
 from components.io import atomic_write, write_json
@@ -166,7 +167,7 @@ def decode_training_sample(sample: dict) -> tuple[torch.Tensor, int]:
 def load_split(shard_dir: str | Path, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A whole split in memory, in shard order: (n, 3, H, W) uint8, (n,) int64 labels, keys."""
     images, labels, keys = [], [], []
-    for sample in wds.WebDataset(shard_paths(shard_dir, split), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None):
+    for sample in (sample for url in shard_paths(shard_dir, split) for sample in iter_shard(url)):
         img, label = decode_training_sample(sample)
         images.append(img)
         labels.append(label)
@@ -179,9 +180,9 @@ def load_split(shard_dir: str | Path, split: str, limit: int | None = None) -> t
 
 
 def iter_shard(url: str) -> Iterator[dict]:
-    """Raw samples of one shard, in order (bytes per field plus `__key__`). The shard is read
-    whole wherever this runs: no splitting by DataLoader worker or torch.distributed rank."""
-    yield from wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+    """Raw samples of one shard, in order (bytes per field plus `__key__`), read whole wherever
+    this runs; raises `ShardUnreadable` for a missing or truncated shard (see `read_shard`)."""
+    yield from read_shard(url)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
