@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NONE
 
 from components.data.corpus import expand_inputs
+from components.data.tokens import MANIFEST
 from pipelines.tokenize import CorpusJob, CorpusResult, plan_corpus, tokenize_corpus
 
 
@@ -95,7 +96,7 @@ def summarize(job: CorpusJob, result: CorpusResult) -> dict:
     m = result.manifest
     return {
         "output": job.output,
-        "manifest": f"{job.output.rstrip('/')}/_manifest.json",
+        "manifest": f"{job.output.rstrip('/')}/{MANIFEST}",
         "tokenizer_fingerprint": m["tokenizer_fingerprint"],
         "inputs": m["inputs"],
         "tokenized": result.tokenized,
