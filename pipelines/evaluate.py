@@ -100,7 +100,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
 
 def _generation_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: torch.Tensor, real_labels: torch.Tensor, device) -> dict:
     """FID, precision/recall and class consistency of `cfg.num_samples` samples against `real`."""
-    generator = torch.Generator(device).manual_seed(cfg.seed) if device.type == "cuda" else torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
     labels = torch.arange(cfg.num_samples) % prior.num_classes if prior.num_classes else None
     fake, _, seconds = sample_images(
         prior, tokenizer, cfg.num_samples, labels, batch_size=cfg.batch_size, temperature=cfg.sample_temperature,

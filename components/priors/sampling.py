@@ -20,6 +20,8 @@ def check_sampling(model, labels: torch.Tensor | None, temperature: float, top_k
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if cfg_scale != 1.0 and not model.num_classes:
         raise ValueError(f"cfg_scale {cfg_scale} needs a class-conditional prior; this one is unconditional")
+    if cfg_scale != 1.0 and labels is None:
+        raise ValueError("classifier-free guidance needs the classes to sample")
     if labels is not None and len(labels) and model.num_classes:
         if labels.max() >= model.num_classes or labels.min() < -1:
             raise ValueError(f"class {int(labels.max() if labels.max() >= model.num_classes else labels.min())} out of range [0, {model.num_classes})")
@@ -123,8 +125,6 @@ def sample(
     `vocab_limits` (L,): position i draws only from [0, vocab_limits[i]). A HierarchicalPrior
     draws the top tokens, then the bottom tokens given them."""
     check_sampling(model, labels, temperature, top_k, top_p, cfg_scale)
-    if cfg_scale != 1.0 and labels is None:
-        raise ValueError("classifier-free guidance needs the classes to sample")
     model.eval()
     common = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=generator, use_cache=use_cache)
     if isinstance(model, HierarchicalPrior):
