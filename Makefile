@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch first and pinned exactly: a looser spec resolved by other packages pulls a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test install status clean
+.PHONY: run test lint format install status clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ status: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# ruff's settings are in pyproject.toml; `make format` rewrites, `make lint` only checks.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(BIN)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean:
 	rm -rf data models samples eval metrics plots checkpoints mlflow.db mlruns dvc.lock

@@ -46,14 +46,23 @@ def main() -> None:
     base = shapes_project(args.images, "vqpipe-bench-archs-")
     val = to_float(load_split(base.shards, "val")[0])
 
-    print(f"\n## Architectures: default settings, {args.steps} steps, built-in shapes ({len(val):,} validation images)\n")
+    print(
+        f"\n## Architectures: default settings, {args.steps} steps, built-in shapes ({len(val):,} validation images)\n"
+    )
     print("| arch | tokens/image | parameters | val PSNR | val SSIM | codebook usage | steps/s |")
     print("|---|---|---|---|---|---|---|")
     for name, options in ARCHS.items():
         paths = sibling(base, re.sub(r"[^a-z0-9]+", "_", name))
         disc = {"disc_start": args.steps // 2, **options.get("vqgan", {})}
-        raw = {"train_tokenizer": {**options, "vqgan": disc, "steps": args.steps, "val_every": args.steps,
-                                   "checkpoint_dir": str(paths.root / "checkpoints")}}
+        raw = {
+            "train_tokenizer": {
+                **options,
+                "vqgan": disc,
+                "steps": args.steps,
+                "val_every": args.steps,
+                "checkpoint_dir": str(paths.root / "checkpoints"),
+            }
+        }
         cfg = parse_params(raw).train_tokenizer
         result = train_tokenizer.run(cfg, paths)
         tok = Tokenizer.load(paths.tokenizer)

@@ -109,7 +109,10 @@ def _child(job: dict) -> dict:
 
 def _measure(job: dict) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, __file__, "--child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     if proc.returncode:
@@ -122,7 +125,9 @@ def _mib(n: int) -> str:
 
 
 def lookup_table(repeats: int) -> None:
-    print(f"\n## Nearest-code lookup: N={LOOKUP['n']:,}, d={LOOKUP['d']}, K={LOOKUP['k']:,}, fp32, CPU ({os.cpu_count()} cores)\n")
+    print(
+        f"\n## Nearest-code lookup: N={LOOKUP['n']:,}, d={LOOKUP['d']}, K={LOOKUP['k']:,}, fp32, CPU ({os.cpu_count()} cores)\n"
+    )
     print("| method | median time | peak extra memory | time vs cdist |")
     print("|---|---|---|---|")
     import torch
@@ -136,8 +141,12 @@ def lookup_table(repeats: int) -> None:
         out = scratch / f"ours-{chunk}.pt"
         effective = min(chunk, SEARCH_BUDGET_BYTES // (4 * LOOKUP["k"]))
         label = f"nearest_codes, chunk {chunk}" + (f" (budget caps it at {effective})" if effective < chunk else "")
-        rows.append((label, _measure({"kind": "lookup", "method": "ours", "chunk": chunk, "repeats": repeats, "out": str(out)})))
-        _check_against_cdist(torch.load(out, weights_only=True), torch.load(scratch / "cdist.pt", weights_only=True), chunk)
+        rows.append(
+            (label, _measure({"kind": "lookup", "method": "ours", "chunk": chunk, "repeats": repeats, "out": str(out)}))
+        )
+        _check_against_cdist(
+            torch.load(out, weights_only=True), torch.load(scratch / "cdist.pt", weights_only=True), chunk
+        )
     ref_time = statistics.median(reference["times"])
     for name, r in rows:
         t = statistics.median(r["times"])
@@ -159,7 +168,10 @@ def _check_against_cdist(ours, theirs, chunk: int) -> None:
         worst = ((d_ours - d_theirs) / d_theirs).max().item()
         if worst > 1e-5:
             raise AssertionError(f"chunk {chunk}: a pick {worst:.2e} farther than cdist's")
-    print(f"<!-- chunk {chunk}: {differ.numel()} of {len(ours)} picks differ from cdist's, all float ties -->", file=sys.stderr)
+    print(
+        f"<!-- chunk {chunk}: {differ.numel()} of {len(ours)} picks differ from cdist's, all float ties -->",
+        file=sys.stderr,
+    )
 
 
 def step_table(repeats: int) -> None:
@@ -189,7 +201,9 @@ def quality_table(steps: int, images: int) -> None:
 
     base = shapes_project(images, "vqpipe-bench-")
     val = to_float(load_split(base.shards, "val")[0])
-    print(f"\n## Quality: default tokenizer, {steps} steps, built-in shapes ({images:,} images, {len(val):,} validation)\n")
+    print(
+        f"\n## Quality: default tokenizer, {steps} steps, built-in shapes ({images:,} images, {len(val):,} validation)\n"
+    )
     print("| quantizer | tokens/position | bits/position | val PSNR | codebook usage | perplexity | steps/s |")
     print("|---|---|---|---|---|---|---|")
     for name, raw in QUALITY_CONFIGS.items():

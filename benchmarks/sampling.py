@@ -48,7 +48,15 @@ def main() -> None:
     side = math.isqrt(args.length)
     layout = ((side, args.length // side, 1),) if side * (args.length // side) == args.length else ()
     torch.manual_seed(0)
-    cfg = PriorConfig(vocab_size=args.vocab, seq_len=args.length, num_classes=10, n_layer=args.layers, n_head=args.heads, n_embd=args.width, layout=layout)
+    cfg = PriorConfig(
+        vocab_size=args.vocab,
+        seq_len=args.length,
+        num_classes=10,
+        n_layer=args.layers,
+        n_head=args.heads,
+        n_embd=args.width,
+        layout=layout,
+    )
     model = TransformerPrior(cfg).to(device).eval()
     labels = torch.arange(args.batch) % 10
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -67,12 +75,16 @@ def main() -> None:
 
     sample(model, args.batch, labels, generator=torch.Generator(device).manual_seed(0), use_cache=True)  # warm-up
     cached = statistics.median(
-        timed(lambda: sample(model, args.batch, labels, generator=torch.Generator(device).manual_seed(0), use_cache=True))
+        timed(
+            lambda: sample(model, args.batch, labels, generator=torch.Generator(device).manual_seed(0), use_cache=True)
+        )
         for _ in range(args.repeats)
     )
 
     if args.full:
-        uncached = timed(lambda: sample(model, args.batch, labels, generator=torch.Generator(device).manual_seed(0), use_cache=False))
+        uncached = timed(
+            lambda: sample(model, args.batch, labels, generator=torch.Generator(device).manual_seed(0), use_cache=False)
+        )
         how = "measured"
     else:
         points = sorted({max(1, round(x)) for x in torch.linspace(1, args.length, 9).tolist()})
@@ -89,7 +101,9 @@ def main() -> None:
         uncached += cost[points[0]]
         how = f"integrated from {len(points)} prefix lengths"
 
-    print(f"prior {args.layers}x{args.width} ({params:.1f}M parameters), {args.length} tokens, batch {args.batch}, {device}\n")
+    print(
+        f"prior {args.layers}x{args.width} ({params:.1f}M parameters), {args.length} tokens, batch {args.batch}, {device}\n"
+    )
     print(f"{'sampling':<10} {'seconds':>9} {'tokens/s':>10}")
     print(f"{'cached':<10} {cached:>9.2f} {tokens / cached:>10.0f}")
     print(f"{'uncached':<10} {uncached:>9.2f} {tokens / uncached:>10.0f}   ({how})")

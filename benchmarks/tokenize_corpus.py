@@ -48,7 +48,9 @@ def make_corpus(root: Path, shards: int, per_shard: int, size: int) -> list[str]
                 n += 1
                 buf = io.BytesIO()
                 img.resize((size, size), Image.Resampling.BICUBIC).save(buf, format="PNG")
-                sink.write({"__key__": f"{s:05d}{i:05d}", "png": buf.getvalue(), "cls": str(label), "txt": f"shape {label}"})
+                sink.write(
+                    {"__key__": f"{s:05d}{i:05d}", "png": buf.getvalue(), "cls": str(label), "txt": f"shape {label}"}
+                )
         urls.append(url)
     return urls
 
@@ -129,8 +131,10 @@ def main() -> None:
         batches += [np.stack(arrays[i : i + args.batch_size]) for i in range(0, len(arrays), args.batch_size)]
 
     ray = init_ray()
-    print(f"{total} images ({args.shards} shards of {args.per_shard}, {args.size}px PNG -> {args.image_size}px), "
-          f"batch {args.batch_size}, {args.cpus_per_worker:g} CPU / {args.gpus_per_worker:g} GPU per worker\n")
+    print(
+        f"{total} images ({args.shards} shards of {args.per_shard}, {args.size}px PNG -> {args.image_size}px), "
+        f"batch {args.batch_size}, {args.cpus_per_worker:g} CPU / {args.gpus_per_worker:g} GPU per worker\n"
+    )
     print(f"{'workers':>7}  {'whole job img/s':>15}  {'bare forward img/s':>18}  {'ratio':>5}  {'job wall s':>10}")
     for workers in args.workers:
         job_rates, bare_rates, walls = [], [], []
@@ -138,8 +142,13 @@ def main() -> None:
             out = work / "tokens"
             shutil.rmtree(out, ignore_errors=True)
             job = CorpusJob(
-                inputs=urls, output=str(out), tokenizer=str(work / "tokenizer"), batch_size=args.batch_size,
-                workers=workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                inputs=urls,
+                output=str(out),
+                tokenizer=str(work / "tokenizer"),
+                batch_size=args.batch_size,
+                workers=workers,
+                cpus_per_worker=args.cpus_per_worker,
+                gpus_per_worker=args.gpus_per_worker,
             )
             start = time.perf_counter()
             result = tokenize_corpus(job)
@@ -148,9 +157,13 @@ def main() -> None:
             job_rates.append(result.images_per_second)
             bare_rates.append(bare_forward(ray, files, batches, workers, args))
         job_rate, bare_rate = statistics.median(job_rates), statistics.median(bare_rates)
-        print(f"{workers:>7}  {job_rate:>15.0f}  {bare_rate:>18.0f}  {job_rate / bare_rate:>5.2f}  {statistics.median(walls):>10.2f}")
-    print("\nwhole job: from the workers ready (tokenizer loaded) to the last part written;"
-          "\njob wall: tokenize_corpus end to end (planning, worker start-up, the manifest). `vqpipe tokenize` adds Prefect's start.")
+        print(
+            f"{workers:>7}  {job_rate:>15.0f}  {bare_rate:>18.0f}  {job_rate / bare_rate:>5.2f}  {statistics.median(walls):>10.2f}"
+        )
+    print(
+        "\nwhole job: from the workers ready (tokenizer loaded) to the last part written;"
+        "\njob wall: tokenize_corpus end to end (planning, worker start-up, the manifest). `vqpipe tokenize` adds Prefect's start."
+    )
     shutil.rmtree(work)
 
 

@@ -74,8 +74,10 @@ def main() -> None:
         while True:
             yield images[torch.randint(0, len(images), (cfg.batch_size,), generator=generator)]
 
-    print(f"\n## Tokenizer training: default model, batch {cfg.batch_size}, {images.shape[-1]}x{images.shape[-1]} images, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores\n")
+    print(
+        f"\n## Tokenizer training: default model, batch {cfg.batch_size}, {images.shape[-1]}x{images.shape[-1]} images, "
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores\n"
+    )
     print("| fed by | steps/s | vs in-memory |")
     print("|---|---|---|")
     reference = _steps_per_second(in_memory(), cfg, args.steps, args.warmup)
@@ -97,11 +99,21 @@ def main() -> None:
     print("|---|---|---|---|")
     for workers in (1, 2):
         run_paths = sibling(paths, f"workers{workers}")
-        stage_cfg = cfg.model_copy(update={"workers": workers, "steps": args.steps, "val_every": args.steps, "checkpoint_every": args.steps,
-                                           "checkpoint_dir": str(run_paths.root / "checkpoints")})
+        stage_cfg = cfg.model_copy(
+            update={
+                "workers": workers,
+                "steps": args.steps,
+                "val_every": args.steps,
+                "checkpoint_every": args.steps,
+                "checkpoint_dir": str(run_paths.root / "checkpoints"),
+            }
+        )
         summary = train_tokenizer.run(stage_cfg, run_paths).metrics
-        print(f"| {workers}{' (Ray Train)' if workers > 1 else ' (in process)'} | {summary['steps_per_second']:.2f} | "
-              f"{summary['images_per_second']:.0f} | {summary['replicas_identical']} |", flush=True)
+        print(
+            f"| {workers}{' (Ray Train)' if workers > 1 else ' (in process)'} | {summary['steps_per_second']:.2f} | "
+            f"{summary['images_per_second']:.0f} | {summary['replicas_identical']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

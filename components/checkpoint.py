@@ -76,7 +76,9 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a truncated file, another format, or pickled code
-        raise ValueError(f"{path} is not a readable vqpipe checkpoint ({type(err).__name__}: {err}); delete it to start over") from None
+        raise ValueError(
+            f"{path} is not a readable vqpipe checkpoint ({type(err).__name__}: {err}); delete it to start over"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a vqpipe checkpoint of format {FORMAT}; delete it to start over")
     return state
@@ -94,4 +96,8 @@ def _flat(prefix: str, obj: Any) -> dict[str, Any]:
 def compare_settings(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for every setting that differs (nested keys dotted)."""
     a, b = _flat("", saved), _flat("", current)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+    return [
+        f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "<unset>") != b.get(k, "<unset>")
+    ]

@@ -59,9 +59,7 @@ class ShardConfig(_Section):
     def _check_source(cls, value: str) -> str:
         kind, sep, arg = value.partition(":")
         if not sep or kind not in SOURCE_KINDS:
-            raise ValueError(
-                f"unknown source {value!r} (allowed: builtin:{'|'.join(BUILTIN_SOURCES)}, folder:PATH)"
-            )
+            raise ValueError(f"unknown source {value!r} (allowed: builtin:{'|'.join(BUILTIN_SOURCES)}, folder:PATH)")
         if kind == "builtin" and arg not in BUILTIN_SOURCES:
             raise ValueError(f"unknown builtin source {arg!r} (allowed: {', '.join(BUILTIN_SOURCES)})")
         if kind == "folder" and not arg:
@@ -137,8 +135,19 @@ class VQGANOptions(_Section):
 # Settings a run can change and still resume another run's checkpoint: they change how long
 # or where it runs, or what it logs, not what it learns.
 RESUMABLE_CHANGES = (
-    "steps", "val_every", "log_every", "checkpoint_every", "checkpoint_dir", "resume",
-    "device", "precision", "compile", "num_workers", "workers", "use_gpu", "registered_model",
+    "steps",
+    "val_every",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_dir",
+    "resume",
+    "device",
+    "precision",
+    "compile",
+    "num_workers",
+    "workers",
+    "use_gpu",
+    "registered_model",
 )
 
 
@@ -237,7 +246,16 @@ class TokenizeConfig(_Section):
 
 
 PRIOR_RESUMABLE_CHANGES = (
-    "steps", "val_every", "log_every", "checkpoint_every", "checkpoint_dir", "resume", "device", "precision", "registered_model", "use_gpu",
+    "steps",
+    "val_every",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_dir",
+    "resume",
+    "device",
+    "precision",
+    "registered_model",
+    "use_gpu",
 )
 
 
@@ -281,7 +299,7 @@ class TrainPriorConfig(_Section):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in PRIOR_RESUMABLE_CHANGES}
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "TrainPriorConfig":
+    def _heads_divide_width(self) -> TrainPriorConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.batch_size % self.workers:
@@ -352,7 +370,9 @@ class Params(BaseModel):
         size, factor = self.shard.image_size, self.train_tokenizer.downsample
         if size % factor:
             allowed = ", ".join(str(2**i) for i in range(size.bit_length()) if size % 2**i == 0)
-            problems.append(("train_tokenizer.downsample", f"{factor} does not divide shard.image_size={size} (allowed: {allowed})"))
+            problems.append(
+                ("train_tokenizer.downsample", f"{factor} does not divide shard.image_size={size} (allowed: {allowed})")
+            )
         tok = self.train_tokenizer
         for key, msg in tok.quantizer.latent_problems(tok.latent_dim):
             problems.append((f"train_tokenizer.quantizer.{key}", msg))
@@ -360,24 +380,35 @@ class Params(BaseModel):
             top = factor * tok.vqvae2.top_downsample
             if size % top:
                 problems.append(
-                    ("train_tokenizer.vqvae2.top_downsample", f"downsample x top_downsample = {top} does not divide shard.image_size={size}")
+                    (
+                        "train_tokenizer.vqvae2.top_downsample",
+                        f"downsample x top_downsample = {top} does not divide shard.image_size={size}",
+                    )
                 )
             if tok.vqvae2.top_quantizer is not None:
                 for key, msg in tok.vqvae2.top_quantizer.latent_problems(tok.latent_dim):
                     problems.append((f"train_tokenizer.vqvae2.top_quantizer.{key}", msg))
         if tok.arch == "vqgan" and size < 2 ** (tok.vqgan.disc_layers + 2):
             problems.append(
-                ("train_tokenizer.vqgan.disc_layers", f"{tok.vqgan.disc_layers} layers need images of at least {2 ** (tok.vqgan.disc_layers + 2)} pixels, shard.image_size is {size}")
+                (
+                    "train_tokenizer.vqgan.disc_layers",
+                    f"{tok.vqgan.disc_layers} layers need images of at least {2 ** (tok.vqgan.disc_layers + 2)} pixels, shard.image_size is {size}",
+                )
             )
         if tok.perceptual_weight > 0:
             if not tok.perceptual_weights:
                 problems.append(
-                    ("train_tokenizer.perceptual_weights", f"perceptual_weight is {tok.perceptual_weight} but no LPIPS weights file is given (a local path; nothing is downloaded)")
+                    (
+                        "train_tokenizer.perceptual_weights",
+                        f"perceptual_weight is {tok.perceptual_weight} but no LPIPS weights file is given (a local path; nothing is downloaded)",
+                    )
                 )
             elif not Path(tok.perceptual_weights).is_file():
                 problems.append(("train_tokenizer.perceptual_weights", f"{tok.perceptual_weights} not found"))
         if tok.batch_size % tok.workers:
-            problems.append(("train_tokenizer.batch_size", f"{tok.batch_size} does not split evenly over workers={tok.workers}"))
+            problems.append(
+                ("train_tokenizer.batch_size", f"{tok.batch_size} does not split evenly over workers={tok.workers}")
+            )
         return problems
 
 
@@ -425,7 +456,9 @@ def _problems(err: ValidationError, raw: Any = None) -> list[tuple[str, str]]:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc)
-            msg = _quantizer_key_message(loc, raw) or "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+            msg = _quantizer_key_message(loc, raw) or "unknown key" + (
+                f" (allowed: {', '.join(allowed)})" if allowed else ""
+            )
         elif e["type"] != "value_error" and "input" in e and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         problems.append((_loc_to_key(loc), msg))

@@ -6,8 +6,9 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -35,6 +36,7 @@ def atomic_write_to(path: str | Path, write: Callable[[BinaryIO], None]) -> None
     or not at all)."""
     path = str(path)
     if not is_url(path):
+
         def local(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 write(f)

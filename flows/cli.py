@@ -1,11 +1,11 @@
 """`vqpipe`: run the pipeline, show what is stale, serve it on a schedule, check params.
 
-    vqpipe run [--stage train_prior ...] [--force]
-    vqpipe status
-    vqpipe serve --cron "0 3 * * *"
-    vqpipe validate
-    vqpipe tokenize --tokenizer models/tokenizer --input 'data/{00000..00099}.tar' --output tokens/
-    vqpipe sample --n 64 --class 3 --cfg 2.0 --out grid.png
+vqpipe run [--stage train_prior ...] [--force]
+vqpipe status
+vqpipe serve --cron "0 3 * * *"
+vqpipe validate
+vqpipe tokenize --tokenizer models/tokenizer --input 'data/{00000..00099}.tar' --output tokens/
+vqpipe sample --n 64 --class 3 --cfg 2.0 --out grid.png
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def _print_outputs(repo: Path, run_id: str) -> None:
     uri = tracking_uri(repo)
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
-    print(f"\nMLflow run {run_id}; open the UI with:\n  {mlflow_cmd} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    print(
+        f"\nMLflow run {run_id}; open the UI with:\n  {mlflow_cmd} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    )
 
 
 def cmd_status(args) -> int:
@@ -139,10 +141,20 @@ def cmd_tokenize(args) -> int:
     logging.getLogger("vqpipe").setLevel(logging.INFO)
     try:
         summary = tokenize_flow(
-            tokenizer=args.tokenizer, inputs=args.input, output=args.output, batch_size=args.batch_size,
-            workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-            device=args.device, decode_threads=args.decode_threads, retries=args.retries, overwrite=args.overwrite,
-            in_process=args.in_process, ray_address=args.ray_address, progress_bar=sys.stderr.isatty(),
+            tokenizer=args.tokenizer,
+            inputs=args.input,
+            output=args.output,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
+            device=args.device,
+            decode_threads=args.decode_threads,
+            retries=args.retries,
+            overwrite=args.overwrite,
+            in_process=args.in_process,
+            ray_address=args.ray_address,
+            progress_bar=sys.stderr.isatty(),
         )
     except ShardsFailed as err:
         _print_tokenize_summary(err.summary)
@@ -169,9 +181,18 @@ def cmd_sample(args) -> int:
 
     try:
         drawn = draw(
-            in_repo(args.prior), in_repo(args.tokenizer) if args.tokenizer else None, args.n, getattr(args, "class"),
-            cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            batch_size=args.batch_size, device=args.device, default_tokenizer=str(repo / "models" / "tokenizer"),
+            in_repo(args.prior),
+            in_repo(args.tokenizer) if args.tokenizer else None,
+            args.n,
+            getattr(args, "class"),
+            cfg_scale=args.cfg,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+            default_tokenizer=str(repo / "models" / "tokenizer"),
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -195,19 +216,27 @@ def _print_tokenize_summary(summary: dict) -> None:
         f"{len(summary['failed'])} failed\n"
         f"{summary['rows']} rows from {summary['samples']} samples ({summary['rejected']} rejected, listed in the manifest)\n"
         f"this run: {summary['images_this_run']} images in {summary['seconds']:.1f} s ({summary['images_per_second']:.0f} images/s)"
-        + (f" on {summary['ray_nodes']} Ray node{'s' if summary['ray_nodes'] > 1 else ''}" if summary["ray_nodes"] else "")
+        + (
+            f" on {summary['ray_nodes']} Ray node{'s' if summary['ray_nodes'] > 1 else ''}"
+            if summary["ray_nodes"]
+            else ""
+        )
         + "\n"
         f"manifest: {summary['manifest']}"
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vqpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repo", default=".", help="the project (a DVC repo); default: current directory")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline flow (DVC skips stages that are up to date)")
-    run.add_argument("--stage", action="append", choices=STAGES, help="only this stage (repeatable); default: all, in DAG order")
+    run.add_argument(
+        "--stage", action="append", choices=STAGES, help="only this stage (repeatable); default: all, in DAG order"
+    )
     run.add_argument("--force", action="store_true", help="rerun stages even when DVC finds them up to date")
     run.set_defaults(func=cmd_run)
 
@@ -228,24 +257,50 @@ def build_parser() -> argparse.ArgumentParser:
         description="One Parquet part per input shard; a rerun keeps complete parts of the same tokenizer and redoes "
         "the rest. Exit status 1 when some shards could not be read (named, and listed in _manifest.json), 2 on bad input.",
     )
-    tok.add_argument("--tokenizer", required=True, help="export directory (config.json + model.safetensors) or MLflow URI, e.g. models:/vqpipe-tokenizer@champion")
-    tok.add_argument("--input", required=True, action="append", help="shards: path or URL, {000..099} pattern, glob, @FILE of URLs, pipe:CMD (repeatable)")
-    tok.add_argument("--output", required=True, help="directory for the parts: a path or fsspec URL (s3://, gs://, ...)")
+    tok.add_argument(
+        "--tokenizer",
+        required=True,
+        help="export directory (config.json + model.safetensors) or MLflow URI, e.g. models:/vqpipe-tokenizer@champion",
+    )
+    tok.add_argument(
+        "--input",
+        required=True,
+        action="append",
+        help="shards: path or URL, {000..099} pattern, glob, @FILE of URLs, pipe:CMD (repeatable)",
+    )
+    tok.add_argument(
+        "--output", required=True, help="directory for the parts: a path or fsspec URL (s3://, gs://, ...)"
+    )
     tok.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass (default 256)")
-    tok.add_argument("--workers", type=_positive, default=None, help="Ray workers (default: as many as the cluster's CPUs or GPUs allow)")
-    tok.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker: torch and decode threads (default 1)")
+    tok.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="Ray workers (default: as many as the cluster's CPUs or GPUs allow)",
+    )
+    tok.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs per worker: torch and decode threads (default 1)"
+    )
     tok.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, e.g. 1 (default 0: CPU)")
     tok.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto: cuda when the worker has a GPU)")
-    tok.add_argument("--decode-threads", type=_positive, default=None, help="image decoding threads per worker (default: its CPUs)")
+    tok.add_argument(
+        "--decode-threads", type=_positive, default=None, help="image decoding threads per worker (default: its CPUs)"
+    )
     tok.add_argument("--retries", type=int, default=2, help="further attempts at a shard that fails (default 2)")
     tok.add_argument("--overwrite", action="store_true", help="redo every part, complete or not")
     tok.add_argument("--in-process", action="store_true", help="no Ray: tokenize in this process")
-    tok.add_argument("--ray-address", default=None, help="join this Ray cluster (auto, host:port, ray://...); default RAY_ADDRESS, else a local Ray")
+    tok.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (auto, host:port, ray://...); default RAY_ADDRESS, else a local Ray",
+    )
     tok.set_defaults(func=cmd_tokenize)
 
     smp = sub.add_parser("sample", help="draw images from the trained prior into a PNG grid")
     smp.add_argument("--n", type=_positive, default=64, help="how many images (default 64)")
-    smp.add_argument("--class", default=None, help="class id or name (conditional priors; default: every class in turn)")
+    smp.add_argument(
+        "--class", default=None, help="class id or name (conditional priors; default: every class in turn)"
+    )
     smp.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
     smp.add_argument("--temperature", type=float, default=1.0)
     smp.add_argument("--top-k", type=int, default=None)
@@ -253,8 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--batch-size", type=_positive, default=64)
     smp.add_argument("--device", default="auto")
-    smp.add_argument("--prior", default="models/prior", help="export directory or MLflow URI, e.g. models:/vqpipe-prior@champion (default: models/prior)")
-    smp.add_argument("--tokenizer", default=None, help="default: the tokenizer registered with an MLflow prior, else models/tokenizer")
+    smp.add_argument(
+        "--prior",
+        default="models/prior",
+        help="export directory or MLflow URI, e.g. models:/vqpipe-prior@champion (default: models/prior)",
+    )
+    smp.add_argument(
+        "--tokenizer",
+        default=None,
+        help="default: the tokenizer registered with an MLflow prior, else models/tokenizer",
+    )
     smp.add_argument("--upscale", type=_positive, default=2, help="pixel upscaling of the grid (default 2)")
     smp.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     smp.set_defaults(func=cmd_sample)

@@ -6,8 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 STAGES = ("shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate")
 
@@ -45,7 +45,12 @@ def missing_params(repo: str | Path) -> list[tuple[str, str]]:
             node = raw
             for part in key.split("."):
                 if not isinstance(node, dict) or part not in node:
-                    problems.append((key, f"missing from params.yaml; dvc.yaml's stage {stage!r} tracks it (add it back, e.g. with its default)"))
+                    problems.append(
+                        (
+                            key,
+                            f"missing from params.yaml; dvc.yaml's stage {stage!r} tracks it (add it back, e.g. with its default)",
+                        )
+                    )
                     break
                 node = node[part]
     return problems
@@ -95,7 +100,9 @@ def _reasons(entries) -> list[str]:
     return reasons
 
 
-def repro_stage(repo: str | Path, stage: str, env: dict[str, str], on_line: Callable[[str], None], force: bool = False) -> bool:
+def repro_stage(
+    repo: str | Path, stage: str, env: dict[str, str], on_line: Callable[[str], None], force: bool = False
+) -> bool:
     """`dvc repro --single-item STAGE`, streaming its output line by line.
 
     Returns whether DVC ran the stage's command (False: skipped as unchanged). Raises
@@ -104,7 +111,9 @@ def repro_stage(repo: str | Path, stage: str, env: dict[str, str], on_line: Call
     if force:
         cmd.append("--force")
     lines: list[str] = []
-    with subprocess.Popen(cmd, cwd=repo, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    with subprocess.Popen(
+        cmd, cwd=repo, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")

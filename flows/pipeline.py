@@ -55,14 +55,20 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)
     flow_run_id = str(flow_run.id) if flow_run.id else ""
-    tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": str(flow_run.name or ""), "vqpipe.stage": "pipeline"}
+    tags = {
+        "prefect.flow_run_id": flow_run_id,
+        "prefect.flow_run_name": str(flow_run.name or ""),
+        "vqpipe.stage": "pipeline",
+    }
     with mlflow.start_run(run_name=f"pipeline-{flow_run.name or 'local'}", tags=tags) as parent:
         env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, PARENT_RUN_ENV: parent.info.run_id}
         results = []
         for stage in chosen:
             # A stage that resumes from its checkpoint gets retried: a lost worker or a killed
             # process costs the steps since the last checkpoint, not the run.
-            task_ = reproduce.with_options(retries=1, retry_delay_seconds=10) if stage in RESUMABLE_STAGES else reproduce
+            task_ = (
+                reproduce.with_options(retries=1, retry_delay_seconds=10) if stage in RESUMABLE_STAGES else reproduce
+            )
             results.append(task_(stage, str(root), env, force))
         mlflow.set_tag("vqpipe.stages_ran", ",".join(r["stage"] for r in results if r["ran"]) or "none")
     return {"mlflow_run_id": parent.info.run_id, "flow_run_id": flow_run_id, "stages": results}

@@ -73,7 +73,12 @@ class _Progress:
         if now - self.last >= self.every or self.shards == self.total:
             self.last = now
             self.logger.info(
-                "%d/%d shards, %d images, %.0f images/s, %d failed", self.shards, self.total, self.images, rate, self.failed
+                "%d/%d shards, %d images, %.0f images/s, %d failed",
+                self.shards,
+                self.total,
+                self.images,
+                rate,
+                self.failed,
             )
             update_progress_artifact(self.artifact, 100.0 * self.shards / self.total)
 
@@ -134,9 +139,18 @@ def tokenize_flow(
     manifest, when some shards failed every attempt."""
     urls = list_inputs(inputs)
     job = CorpusJob(
-        inputs=urls, output=output, tokenizer=tokenizer, batch_size=batch_size, workers=workers,
-        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device,
-        decode_threads=decode_threads, retries=retries, overwrite=overwrite, in_process=in_process,
+        inputs=urls,
+        output=output,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        device=device,
+        decode_threads=decode_threads,
+        retries=retries,
+        overwrite=overwrite,
+        in_process=in_process,
         ray_address=ray_address,
     )
     result = tokenize_shards(job, progress_bar)
@@ -144,7 +158,8 @@ def tokenize_flow(
     rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if k != "failed")
     failed = "".join(f"\n- `{f['input_shard']}`: {f['error']}" for f in result.failed[:100])
     create_markdown_artifact(
-        f"| | |\n|---|---|\n{rows}\n| failed | {len(result.failed)} |\n" + (f"\n**Failed shards**{failed}\n" if failed else ""),
+        f"| | |\n|---|---|\n{rows}\n| failed | {len(result.failed)} |\n"
+        + (f"\n**Failed shards**{failed}\n" if failed else ""),
         key="tokenize-summary",
         description="vqpipe tokenize",
     )

@@ -16,8 +16,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -122,8 +122,8 @@ def absolute_tracking_uri(uri: str, root: str | Path = ".") -> str:
     """A sqlite URI with a relative path made absolute (against `root`), so that other
     processes (DVC's, Ray's workers) find the same store."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str((Path(root) / uri[len(prefix):]).resolve())
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str((Path(root) / uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -165,12 +165,14 @@ def register_export(name: str, run_id: str, artifact_path: str, fingerprint: str
     except MlflowException:
         client.create_registered_model(name, description=f"{description} (config.json + model.safetensors)")
     source = mlflow.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
-    version = client.create_model_version(name, source=source, run_id=run_id, tags={"vqpipe.tokenizer_fingerprint": fingerprint})
+    version = client.create_model_version(
+        name, source=source, run_id=run_id, tags={"vqpipe.tokenizer_fingerprint": fingerprint}
+    )
     return version.version
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: BaseModel | None = None) -> Iterator["mlflow.ActiveRun"]:  # noqa: F821
+def stage_run(stage: str, cfg: BaseModel | None = None) -> Iterator[mlflow.ActiveRun]:  # noqa: F821
     """An MLflow run for a stage, nested under the pipeline's run when there is one."""
     import mlflow
 
@@ -248,7 +250,17 @@ def init_ray(num_cpus: int | None = None, address: str | None = None):
     return ray
 
 
-def train_on_ray(worker: Callable, cfg: BaseModel, job: dict, *, stage: str, workers: int, use_gpu: bool | str, checkpoint_dir: str, staging: str) -> None:
+def train_on_ray(
+    worker: Callable,
+    cfg: BaseModel,
+    job: dict,
+    *,
+    stage: str,
+    workers: int,
+    use_gpu: bool | str,
+    checkpoint_dir: str,
+    staging: str,
+) -> None:
     """Run `worker(cfg_json, job, staging, rank, world_size, device)` on `workers` Ray Train
     workers (DDP over gloo, or NCCL on GPUs; `use_gpu: auto` when the cluster has a GPU per
     worker) and copy the directory rank 0 fills (its export) into `staging`. Ray's copy is kept
@@ -262,11 +274,19 @@ def train_on_ray(worker: Callable, cfg: BaseModel, job: dict, *, stage: str, wor
     gpu = use_gpu if isinstance(use_gpu, bool) else resources.get("GPU", 0) >= workers
     if workers > resources.get("CPU", 0):
         raise RuntimeError(f"{stage}.workers={workers} but the Ray cluster has {resources.get('CPU', 0):.0f} CPUs")
-    logging.getLogger(f"vqpipe.{stage}").info("training on %d Ray Train workers (%s)", workers, "NCCL, GPUs" if gpu else "gloo, CPUs")
+    logging.getLogger(f"vqpipe.{stage}").info(
+        "training on %d Ray Train workers (%s)", workers, "NCCL, GPUs" if gpu else "gloo, CPUs"
+    )
     name = f"{stage}-{job['run_id']}"
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"worker": worker, "cfg": cfg.model_dump(mode="json"), "job": job, "use_gpu": gpu, "stage": stage},
+        train_loop_config={
+            "worker": worker,
+            "cfg": cfg.model_dump(mode="json"),
+            "job": job,
+            "use_gpu": gpu,
+            "stage": stage,
+        },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
         run_config=RunConfig(name=name, storage_path=str(Path(checkpoint_dir) / "ray")),

@@ -26,7 +26,13 @@ from components.data import tokens as token_io
 from components.data.shards import load_split, to_float
 from components.io import write_json
 from components.metrics import bits_per_token, codebook_stats, make_grid, psnr, ssim, used_code_counts
-from components.metrics.generation import class_consistency, frechet_distance, precision_recall, tokenizer_features, train_classifier
+from components.metrics.generation import (
+    class_consistency,
+    frechet_distance,
+    precision_recall,
+    tokenizer_features,
+    train_classifier,
+)
 from components.priors import load_prior, sample_images
 from components.tokenizers import Tokenizer
 from pipelines.common import Paths, resolve_device, stage_main, stage_run
@@ -53,7 +59,9 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
 
         raw, real_labels, _ = load_split(paths.shards, "val", limit=cfg.max_images)
         images = to_float(raw)
-        recon = torch.cat([tokenizer.reconstruct(images[i : i + cfg.batch_size]).cpu() for i in range(0, len(images), cfg.batch_size)])
+        recon = torch.cat(
+            [tokenizer.reconstruct(images[i : i + cfg.batch_size]).cpu() for i in range(0, len(images), cfg.batch_size)]
+        )
         stats = codebook_stats({c: val.column(c) for c in val.columns}, tokenizer.column_codebook_sizes)
         labels = torch.from_numpy(val.labels) if prior.num_classes and val.labels is not None else None
         prior_bits = bits_per_token(prior, torch.from_numpy(val.tokens), labels, cfg.batch_size)
@@ -75,7 +83,9 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         _write_usage_csv(paths.plots / "codebook_usage.csv", val.tokens, tokenizer.codebook_size)
 
         n = min(GRID_COLUMNS * 2, len(images))
-        rows = [t for i in range(0, n, GRID_COLUMNS) for t in (images[i : i + GRID_COLUMNS], recon[i : i + GRID_COLUMNS])]
+        rows = [
+            t for i in range(0, n, GRID_COLUMNS) for t in (images[i : i + GRID_COLUMNS], recon[i : i + GRID_COLUMNS])
+        ]
         grid = make_grid(torch.cat(rows), nrow=GRID_COLUMNS, upscale=2)
         paths.eval.mkdir(parents=True, exist_ok=True)
         grid.save(paths.eval / "reconstructions.png")
@@ -86,25 +96,44 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         mlflow.log_artifact(str(metrics_path))
         log.info(
             "PSNR %.2f dB  SSIM %.3f  codebook usage %.1f%%  perplexity %.1f  prior %.3f vs unigram %.3f bits/token (run %s)",
-            metrics["psnr"], metrics["ssim"], metrics["codebook_usage"], metrics["perplexity"],
-            prior_bits, stats["unigram_bits_per_token"], active.info.run_id,
+            metrics["psnr"],
+            metrics["ssim"],
+            metrics["codebook_usage"],
+            metrics["perplexity"],
+            prior_bits,
+            stats["unigram_bits_per_token"],
+            active.info.run_id,
         )
         if "fid" in metrics:
             log.info(
                 "%d samples: FID %.3f (%s features)  precision %.3f  recall %.3f  class consistency %s",
-                metrics["generated_images"], metrics["fid"], metrics["feature_space"], metrics["precision"], metrics["recall"],
-                f"{metrics['class_consistency']:.3f} (judge {metrics['classifier_val_accuracy']:.3f})" if "class_consistency" in metrics else "n/a",
+                metrics["generated_images"],
+                metrics["fid"],
+                metrics["feature_space"],
+                metrics["precision"],
+                metrics["recall"],
+                f"{metrics['class_consistency']:.3f} (judge {metrics['classifier_val_accuracy']:.3f})"
+                if "class_consistency" in metrics
+                else "n/a",
             )
         return EvaluateResult(metrics, metrics_path, active.info.run_id)
 
 
-def _generation_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: torch.Tensor, real_labels: torch.Tensor, device) -> dict:
+def _generation_metrics(
+    cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: torch.Tensor, real_labels: torch.Tensor, device
+) -> dict:
     """FID, precision/recall and class consistency of `cfg.num_samples` samples against `real`."""
     generator = torch.Generator(device).manual_seed(cfg.seed)
     labels = torch.arange(cfg.num_samples) % prior.num_classes if prior.num_classes else None
     fake, _, seconds = sample_images(
-        prior, tokenizer, cfg.num_samples, labels, batch_size=cfg.batch_size, temperature=cfg.sample_temperature,
-        cfg_scale=cfg.sample_cfg_scale, generator=generator,
+        prior,
+        tokenizer,
+        cfg.num_samples,
+        labels,
+        batch_size=cfg.batch_size,
+        temperature=cfg.sample_temperature,
+        cfg_scale=cfg.sample_cfg_scale,
+        generator=generator,
     )
     log.info("%d samples drawn in %.1f s", len(fake), seconds)
     if cfg.inception_weights:
@@ -114,7 +143,10 @@ def _generation_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: 
         real_f, fake_f = inception_features(net, real), inception_features(net, fake)
         space = "inception"
     else:
-        real_f, fake_f = tokenizer_features(tokenizer, real, cfg.batch_size), tokenizer_features(tokenizer, fake, cfg.batch_size)
+        real_f, fake_f = (
+            tokenizer_features(tokenizer, real, cfg.batch_size),
+            tokenizer_features(tokenizer, fake, cfg.batch_size),
+        )
         space = "tokenizer_encoder"
     precision, recall = precision_recall(real_f, fake_f, k=cfg.pr_k)
     out = {
@@ -127,7 +159,9 @@ def _generation_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: 
     labelled = real_labels >= 0
     if labels is not None and labelled.sum() > 4:
         classes = max(prior.num_classes, int(real_labels.max()) + 1)
-        judge, accuracy = train_classifier(real[labelled], real_labels[labelled], classes, steps=cfg.classifier_steps, seed=cfg.seed)
+        judge, accuracy = train_classifier(
+            real[labelled], real_labels[labelled], classes, steps=cfg.classifier_steps, seed=cfg.seed
+        )
         out["class_consistency"] = class_consistency(judge, fake, labels)
         out["classifier_val_accuracy"] = accuracy  # how far the judge itself can be trusted
     return out

@@ -51,8 +51,16 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
         n = len(labels) if labels is not None else cfg.num_images
 
         images, tokens, seconds = sample_images(
-            prior, tokenizer, n, labels, batch_size=cfg.batch_size, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, cfg_scale=cfg.cfg_scale, generator=generator,
+            prior,
+            tokenizer,
+            n,
+            labels,
+            batch_size=cfg.batch_size,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            cfg_scale=cfg.cfg_scale,
+            generator=generator,
         )
 
         grid_path = paths.samples / "grid.png"
@@ -62,11 +70,15 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
         if labels is not None:  # one grid per class too, to compare classes across runs in MLflow
             names = meta.get("class_names") or [str(c) for c in range(num_classes)]
             for c in range(num_classes):
-                mlflow.log_image(make_grid(images[labels == c], nrow=per_row, upscale=2), key=f"samples_class_{c}_{names[c]}")
+                mlflow.log_image(
+                    make_grid(images[labels == c], nrow=per_row, upscale=2), key=f"samples_class_{c}_{names[c]}"
+                )
         mlflow.log_artifact(str(grid_path))
         mlflow.log_metrics({"images": n, "tokens_per_second": tokens_per_second})
         rows = f"one row per class: {', '.join(meta['class_names'])}" if num_classes and meta.get("class_names") else ""
-        log.info("%d samples (%.0f tokens/s) in %s %s (run %s)", n, tokens_per_second, grid_path, rows, active.info.run_id)
+        log.info(
+            "%d samples (%.0f tokens/s) in %s %s (run %s)", n, tokens_per_second, grid_path, rows, active.info.run_id
+        )
         return SampleResult(grid_path, images, labels, tokens_per_second)
 
 
@@ -139,8 +151,16 @@ def draw(
         labels = None
     check_sampling(prior, labels, temperature, top_k, top_p, cfg_scale)
     images, tokens, seconds = sample_images(
-        prior, tokenizer, n, labels, batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
-        cfg_scale=cfg_scale, generator=seed_everything(seed),
+        prior,
+        tokenizer,
+        n,
+        labels,
+        batch_size=batch_size,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cfg_scale=cfg_scale,
+        generator=seed_everything(seed),
     )
     return Drawn(images, tokens, labels, tokens.numel() / seconds, names)
 

@@ -37,7 +37,13 @@ def run(cfg: ShardConfig, paths: Paths = Paths()) -> ShardResult:
         items, early_rejects = source.scan()
         partitions = plan_partitions(items, cfg.val_fraction, cfg.seed, cfg.samples_per_shard)
         out_dir = _fresh_dir(paths.shards)
-        log.info("%s: %d inputs, %d listed as unusable, %d partitions", source.description, len(items), len(early_rejects), len(partitions))
+        log.info(
+            "%s: %d inputs, %d listed as unusable, %d partitions",
+            source.description,
+            len(items),
+            len(early_rejects),
+            len(partitions),
+        )
 
         if len(items) >= cfg.ray_min_inputs:
             results = _write_with_ray(source, partitions, out_dir, cfg)
@@ -65,8 +71,12 @@ def run(cfg: ShardConfig, paths: Paths = Paths()) -> ShardResult:
         mlflow.log_artifact(str(out_dir / "rejects.jsonl"))
         log.info(
             "wrote %d train + %d val samples in %d shards to %s; %d rejected (run %s)",
-            manifest["samples"]["train"], manifest["samples"]["val"], len(manifest["shards"]), out_dir,
-            manifest["rejected"], active.info.run_id,
+            manifest["samples"]["train"],
+            manifest["samples"]["val"],
+            len(manifest["shards"]),
+            out_dir,
+            manifest["rejected"],
+            active.info.run_id,
         )
         return ShardResult(out_dir, manifest)
 

@@ -18,10 +18,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from components.config import TokenizeConfig
 from components.data import shards as shard_io
@@ -73,8 +73,14 @@ class ShardWorker:
     def tokenize(self, url: str, out: str, part: str, name: str, batch_size: int) -> tuple[ShardTokens, str]:
         """The shard's result and the node that did it."""
         result = tokenize_shard(
-            self.tokenizer, url, out, part, input_name=name, batch_size=batch_size,
-            decode_threads=self.decode_threads, model_lock=self.model_lock,
+            self.tokenizer,
+            url,
+            out,
+            part,
+            input_name=name,
+            batch_size=batch_size,
+            decode_threads=self.decode_threads,
+            model_lock=self.model_lock,
         )
         return result, self.node()
 
@@ -212,13 +218,20 @@ def plan_corpus(job: CorpusJob) -> CorpusPlan:
         fs.rm(f"{root}/{token_io.MANIFEST}")  # a manifest is there only while the output is finished
     log.info(
         "%d input shards: %d parts complete, %d to tokenize%s",
-        len(job.inputs), len(done), len(todo),
+        len(job.inputs),
+        len(done),
+        len(todo),
         f" ({other_tokenizer} made by another tokenizer, removed, are redone)" if other_tokenizer else "",
     )
     ours = set(parts.values())
     stale = sorted(n for n in listing if n.startswith("part-") and n.endswith(".parquet") and n not in ours)
     if stale:
-        log.warning("%d parts in %s belong to no input of this job (e.g. %s); they are not in the manifest", len(stale), job.output, stale[0])
+        log.warning(
+            "%d parts in %s belong to no input of this job (e.g. %s); they are not in the manifest",
+            len(stale),
+            job.output,
+            stale[0],
+        )
     return CorpusPlan(tokenizer, files, done, todo)
 
 
@@ -344,7 +357,9 @@ def _run_on_ray(job: CorpusJob, files: dict, todo: list[_Work], out: str, finish
     resources = ray.cluster_resources()
     if job.gpus_per_worker > 0:
         if resources.get("GPU", 0) < job.gpus_per_worker:
-            raise ValueError(f"gpus_per_worker={job.gpus_per_worker}, but the Ray cluster has {resources.get('GPU', 0):g} GPUs")
+            raise ValueError(
+                f"gpus_per_worker={job.gpus_per_worker}, but the Ray cluster has {resources.get('GPU', 0):g} GPUs"
+            )
         fit = int(resources["GPU"] / job.gpus_per_worker)
     else:
         fit = int(resources.get("CPU", 1) / job.cpus_per_worker)
@@ -354,14 +369,23 @@ def _run_on_ray(job: CorpusJob, files: dict, todo: list[_Work], out: str, finish
     # GPU machine would pile onto a device Ray never gave it.
     device = job.device if job.gpus_per_worker > 0 or job.device != "auto" else "cpu"
     actor_cls = ray.remote(ShardWorker).options(
-        num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker, max_restarts=3, scheduling_strategy="SPREAD",
+        num_cpus=job.cpus_per_worker,
+        num_gpus=job.gpus_per_worker,
+        max_restarts=3,
+        scheduling_strategy="SPREAD",
         max_concurrency=SHARDS_AT_ONCE,
     )
     files_ref = ray.put(files)
     actors = [actor_cls.remote(files_ref, device, threads, job.decode_threads or threads) for _ in range(count)]
     ray.get([a.node.remote() for a in actors])  # started, tokenizer loaded
     began = time.perf_counter()
-    log.info("tokenizing %d shards on %d Ray workers (%g CPU, %g GPU each)", len(todo), count, job.cpus_per_worker, job.gpus_per_worker)
+    log.info(
+        "tokenizing %d shards on %d Ray workers (%g CPU, %g GPU each)",
+        len(todo),
+        count,
+        job.cpus_per_worker,
+        job.gpus_per_worker,
+    )
 
     queue = list(reversed(todo))  # popped from the end: input order
     inflight: dict = {}  # object ref -> (actor index, work)
@@ -438,12 +462,15 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
                 part["split"] = split_of[part["input_shard"]]
             manifest["classes"] = shard_manifest.get("classes")
             manifest["splits"] = {
-                split: {"rows": sum(p["rows"] for p in manifest["parts"] if p["split"] == split)} for split in ("train", "val")
+                split: {"rows": sum(p["rows"] for p in manifest["parts"] if p["split"] == split)}
+                for split in ("train", "val")
             }
 
         result = tokenize_corpus(job, annotate=annotate)
         if result.failed:
-            raise RuntimeError("shards could not be read: " + "; ".join(f"{f['input_shard']}: {f['error']}" for f in result.failed))
+            raise RuntimeError(
+                "shards could not be read: " + "; ".join(f"{f['input_shard']}: {f['error']}" for f in result.failed)
+            )
         manifest = result.manifest
         mlflow.log_metrics(
             {
@@ -455,7 +482,13 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
             }
         )
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", manifest["tokenizer_fingerprint"])
-        log.info("wrote %d parts (%d rows) to %s (run %s)", len(manifest["parts"]), manifest["rows"], out_dir, active.info.run_id)
+        log.info(
+            "wrote %d parts (%d rows) to %s (run %s)",
+            len(manifest["parts"]),
+            manifest["rows"],
+            out_dir,
+            active.info.run_id,
+        )
         return TokenizeResult(out_dir, manifest)
 
 

@@ -27,7 +27,14 @@ from pathlib import Path
 
 import torch
 
-from components.checkpoint import CheckpointMismatch, compare_settings, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from components.checkpoint import (
+    CheckpointMismatch,
+    compare_settings,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from components.config import TrainPriorConfig
 from components.data import tokens as token_io
 from components.io import write_json
@@ -88,8 +95,11 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
         ckpt_dir = paths.within(cfg.checkpoint_dir)
         with tempfile.TemporaryDirectory(prefix="vqpipe-prior-") as staging:
             job = PriorJob(
-                root=str(paths.root.resolve()), ckpt_dir=str(ckpt_dir), run_id=active.info.run_id,
-                tracking_uri=absolute_tracking_uri(mlflow.get_tracking_uri()), staging=staging,
+                root=str(paths.root.resolve()),
+                ckpt_dir=str(ckpt_dir),
+                run_id=active.info.run_id,
+                tracking_uri=absolute_tracking_uri(mlflow.get_tracking_uri()),
+                staging=staging,
             )
             if cfg.workers == 1:
                 train_prior_worker(cfg, job, rank=0, world_size=1, device=resolve_device(cfg.device))
@@ -107,7 +117,13 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
         # The tokenizer travels with the prior in MLflow: `models:/vqpipe-prior@alias` samples alone.
         mlflow.log_artifacts(str(paths.tokenizer), artifact_path="prior/tokenizer")
         if cfg.registered_model:
-            version = register_export(cfg.registered_model, active.info.run_id, "prior", tokenizer.fingerprint, "vqpipe priors (with their tokenizer)")
+            version = register_export(
+                cfg.registered_model,
+                active.info.run_id,
+                "prior",
+                tokenizer.fingerprint,
+                "vqpipe priors (with their tokenizer)",
+            )
             log.info("registered as MLflow model %s version %s", cfg.registered_model, version)
         log.info("prior written to %s", paths.prior)
         return TrainPriorResult(paths.prior, summary, active.info.run_id)
@@ -138,13 +154,21 @@ def train_prior_worker(cfg: TrainPriorConfig, job: PriorJob, rank: int, world_si
         from mlflow.entities import Param
 
         values = {
-            "model.parameters": sum(p.numel() for p in model.parameters()), "model.kind": type(model).__name__,
-            "data.train_rows": len(tokens), "data.num_classes": model.num_classes,
+            "model.parameters": sum(p.numel() for p in model.parameters()),
+            "model.kind": type(model).__name__,
+            "data.train_rows": len(tokens),
+            "data.num_classes": model.num_classes,
         }
         metrics.client.log_batch(job.run_id, params=[Param(k, str(v)) for k, v in values.items()])
     amp = autocast_dtype(cfg.precision, device) if device.type == "cuda" else None
-    settings = {**cfg.training_settings(), "tokenizer": tokenizer.fingerprint, "data": hashlib.sha256(train.tokens.tobytes()).hexdigest()}
-    start = _restore(cfg, Path(job.ckpt_dir), settings, model, optimizer, schedule, generator, metrics, rank, world_size, device)
+    settings = {
+        **cfg.training_settings(),
+        "tokenizer": tokenizer.fingerprint,
+        "data": hashlib.sha256(train.tokens.tobytes()).hexdigest(),
+    }
+    start = _restore(
+        cfg, Path(job.ckpt_dir), settings, model, optimizer, schedule, generator, metrics, rank, world_size, device
+    )
     if start and lead:
         metrics.client.set_tag(job.run_id, "vqpipe.resumed_from_step", str(start))
 
@@ -182,9 +206,27 @@ def train_prior_worker(cfg: TrainPriorConfig, job: PriorJob, rank: int, world_si
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val_bits = bits_per_token(model, val_tokens, val_labels)
                 metrics.log(step, {"val_bits_per_token": val_bits})
-                log.info("step %d/%d  train %.3f  val %.3f bits/token  (%.1f steps/s)", step, cfg.steps, bits.item(), val_bits, (step - start) / (time.perf_counter() - started))
+                log.info(
+                    "step %d/%d  train %.3f  val %.3f bits/token  (%.1f steps/s)",
+                    step,
+                    cfg.steps,
+                    bits.item(),
+                    val_bits,
+                    (step - start) / (time.perf_counter() - started),
+                )
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _checkpoint(Path(job.ckpt_dir), settings, model, optimizer, schedule, generator, metrics, step, step == cfg.steps, world_size)
+            _checkpoint(
+                Path(job.ckpt_dir),
+                settings,
+                model,
+                optimizer,
+                schedule,
+                generator,
+                metrics,
+                step,
+                step == cfg.steps,
+                world_size,
+            )
     identical = True
     if world_size > 1:  # DDP keeps the replicas equal: check it, a sha256 of each rank's weights
         import torch.distributed as dist
@@ -196,7 +238,13 @@ def train_prior_worker(cfg: TrainPriorConfig, job: PriorJob, rank: int, world_si
         return
     metrics.flush()
     staging = Path(job.staging)
-    save_prior(staging / "prior", model.cpu(), tokenizer_fingerprint=tokenizer.fingerprint, grid=tokenizer.column_grids, class_names=class_names)
+    save_prior(
+        staging / "prior",
+        model.cpu(),
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        grid=tokenizer.column_grids,
+        class_names=class_names,
+    )
     summary = {
         "steps": cfg.steps,
         "workers": world_size,
@@ -212,13 +260,21 @@ def train_prior_worker(cfg: TrainPriorConfig, job: PriorJob, rank: int, world_si
 
 def _train_on_ray(cfg: TrainPriorConfig, job: PriorJob) -> None:
     train_on_ray(
-        _ray_worker, cfg, asdict(job), stage="train_prior", workers=cfg.workers, use_gpu=cfg.use_gpu,
-        checkpoint_dir=job.ckpt_dir, staging=job.staging,
+        _ray_worker,
+        cfg,
+        asdict(job),
+        stage="train_prior",
+        workers=cfg.workers,
+        use_gpu=cfg.use_gpu,
+        checkpoint_dir=job.ckpt_dir,
+        staging=job.staging,
     )
 
 
 def _ray_worker(cfg: dict, job: dict, staging: str, rank: int, world_size: int, device: torch.device) -> None:
-    train_prior_worker(TrainPriorConfig.model_validate(cfg), replace(PriorJob(**job), staging=staging), rank, world_size, device)
+    train_prior_worker(
+        TrainPriorConfig.model_validate(cfg), replace(PriorJob(**job), staging=staging), rank, world_size, device
+    )
 
 
 def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, train: token_io.TokenData, class_names):
@@ -229,12 +285,30 @@ def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, train: token_io.To
     if labelled:
         num_classes = len(class_names) if class_names else int(train.labels.max()) + 1
     return build_prior(
-        tokenizer, num_classes=num_classes, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-        dropout=cfg.dropout, norm=cfg.norm, tie_weights=cfg.tie_weights,
+        tokenizer,
+        num_classes=num_classes,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        dropout=cfg.dropout,
+        norm=cfg.norm,
+        tie_weights=cfg.tie_weights,
     )
 
 
-def _restore(cfg: TrainPriorConfig, ckpt_dir: Path, settings: dict, model, optimizer, schedule, generator, metrics, rank: int, world_size: int, device) -> int:
+def _restore(
+    cfg: TrainPriorConfig,
+    ckpt_dir: Path,
+    settings: dict,
+    model,
+    optimizer,
+    schedule,
+    generator,
+    metrics,
+    rank: int,
+    world_size: int,
+    device,
+) -> int:
     """The step to start from: that of an unfinished checkpoint of the same settings in
     `ckpt_dir` (model, optimizer, schedule, every rank's batch sampler and RNG states, the
     metric history), or of a finished one when only `steps` grew; else 0. An unfinished
@@ -266,7 +340,18 @@ def _restore(cfg: TrainPriorConfig, ckpt_dir: Path, settings: dict, model, optim
     return state["step"]
 
 
-def _checkpoint(ckpt_dir: Path, settings: dict, model, optimizer, schedule, generator, metrics, step: int, complete: bool, world_size: int) -> None:
+def _checkpoint(
+    ckpt_dir: Path,
+    settings: dict,
+    model,
+    optimizer,
+    schedule,
+    generator,
+    metrics,
+    step: int,
+    complete: bool,
+    world_size: int,
+) -> None:
     """Every rank's sampler and RNG states gathered; rank 0 (the one with `metrics`) writes."""
     mine = {"sampler": generator.get_state(), "rng": rng_state()}
     if world_size > 1:

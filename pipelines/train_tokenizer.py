@@ -29,7 +29,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from components.checkpoint import CheckpointMismatch, compare_settings, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from components.checkpoint import (
+    CheckpointMismatch,
+    compare_settings,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from components.config import TrainTokenizerConfig
 from components.data.shards import load_split, read_manifest, shard_paths, to_float
 from components.data.stream import TrainingStream
@@ -38,7 +45,18 @@ from components.metrics import make_grid, psnr, ssim
 from components.tokenizers import VQVAE, VQVAE2, Tokenizer, export_config, state_fingerprint
 from components.tokenizers.lpips import LPIPS, reconstruction_loss
 from components.tokenizers.vqgan import LeCAM, PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from pipelines.common import MetricLogger, Paths, absolute_tracking_uri, autocast_dtype, register_export, resolve_device, seed_everything, stage_main, stage_run, train_on_ray
+from pipelines.common import (
+    MetricLogger,
+    Paths,
+    absolute_tracking_uri,
+    autocast_dtype,
+    register_export,
+    resolve_device,
+    seed_everything,
+    stage_main,
+    stage_run,
+    train_on_ray,
+)
 
 log = logging.getLogger("vqpipe.train_tokenizer")
 VAL_IMAGES = 512  # validation images per evaluation: enough for a stable PSNR, cheap on CPU
@@ -73,7 +91,9 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
     manifest = read_manifest(paths.shards)
     image_size = manifest["image_size"]
     if image_size % cfg.downsample:
-        raise ValueError(f"train_tokenizer.downsample={cfg.downsample} does not divide the shards' image size {image_size}")
+        raise ValueError(
+            f"train_tokenizer.downsample={cfg.downsample} does not divide the shards' image size {image_size}"
+        )
     if cfg.workers == 1:
         resolve_device(cfg.device)  # fail before the run starts, not in it
     train_sums = sorted(s["sha256"] for s in manifest["shards"] if s["split"] == "train")
@@ -106,7 +126,9 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         mlflow.log_artifacts(str(paths.tokenizer), artifact_path="tokenizer")
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", tokenizer.fingerprint)
         if cfg.registered_model:
-            version = register_export(cfg.registered_model, active.info.run_id, "tokenizer", tokenizer.fingerprint, "vqpipe image tokenizers")
+            version = register_export(
+                cfg.registered_model, active.info.run_id, "tokenizer", tokenizer.fingerprint, "vqpipe image tokenizers"
+            )
             log.info("registered as MLflow model %s version %s", cfg.registered_model, version)
         log.info("tokenizer %s written to %s", tokenizer.fingerprint[:12], paths.tokenizer)
         return TrainTokenizerResult(paths.tokenizer, tokenizer.fingerprint, summary, active.info.run_id)
@@ -114,9 +136,19 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
 
 def build_model(cfg: TrainTokenizerConfig) -> nn.Module:
     """The autoencoder of `cfg.arch` (VQ-GAN's generator is a VQVAE)."""
-    common = dict(channels=cfg.channels, num_downsamples=cfg.num_downsamples, num_res_blocks=cfg.num_res_blocks, latent_dim=cfg.latent_dim)
+    common = dict(
+        channels=cfg.channels,
+        num_downsamples=cfg.num_downsamples,
+        num_res_blocks=cfg.num_res_blocks,
+        latent_dim=cfg.latent_dim,
+    )
     if cfg.arch == "vqvae2":
-        return VQVAE2(quantizer=cfg.quantizer, top_quantizer=cfg.top_quantizer, top_downsamples=cfg.vqvae2.top_downsample.bit_length() - 1, **common)
+        return VQVAE2(
+            quantizer=cfg.quantizer,
+            top_quantizer=cfg.top_quantizer,
+            top_downsamples=cfg.vqvae2.top_downsample.bit_length() - 1,
+            **common,
+        )
     return VQVAE(quantizer=cfg.quantizer, **common)
 
 
@@ -126,8 +158,16 @@ class TokenizerTrainer:
     step, both only after `disc_start` steps. `generator`/`discriminator` may be DDP- or
     compile-wrapped; `model`/`disc` are the plain modules."""
 
-    def __init__(self, cfg: TrainTokenizerConfig, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
-                 disc: nn.Module | None = None, lpips: LPIPS | None = None, lecam: LeCAM | None = None):
+    def __init__(
+        self,
+        cfg: TrainTokenizerConfig,
+        model: nn.Module,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        disc: nn.Module | None = None,
+        lpips: LPIPS | None = None,
+        lecam: LeCAM | None = None,
+    ):
         self.cfg = cfg
         self.model = self.generator = model
         self.disc = self.discriminator = disc
@@ -138,19 +178,27 @@ class TokenizerTrainer:
         gan = cfg.arch == "vqgan"
         betas = (0.5, 0.9) if gan else (0.9, 0.999)  # taming-transformers' betas for GAN training
         self.opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
-        self.opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.vqgan.disc_lr or cfg.lr, betas=betas) if disc is not None else None
+        self.opt_d = (
+            torch.optim.Adam(disc.parameters(), lr=cfg.vqgan.disc_lr or cfg.lr, betas=betas)
+            if disc is not None
+            else None
+        )
 
     def gan_active(self, step: int) -> bool:
         """Steps are counted from 1: with disc_start = k the discriminator first trains at step k + 1."""
         return self.disc is not None and step > self.cfg.vqgan.disc_start
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        return torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        )
 
     def step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One step on a uint8 batch (b, 3, H, W); returns detached scalars for logging."""
         cfg = self.cfg
-        x = (to_float(images).to(self.device, non_blocking=True) * 2.0 - 1.0).contiguous(memory_format=torch.channels_last)
+        x = (to_float(images).to(self.device, non_blocking=True) * 2.0 - 1.0).contiguous(
+            memory_format=torch.channels_last
+        )
         with self._autocast():
             out = self.generator(x)
             rec = reconstruction_loss(cfg.recon_loss, out.reconstruction, x)
@@ -165,7 +213,10 @@ class TokenizerTrainer:
             self.disc.requires_grad_(False)
             with self._autocast():
                 g_loss = generator_loss(cfg.vqgan.disc_loss, self.disc(out.reconstruction))
-            weight = adaptive_weight(rec, g_loss, self.model.last_layer, cfg.vqgan.adaptive_weight_max) * cfg.vqgan.disc_weight
+            weight = (
+                adaptive_weight(rec, g_loss, self.model.last_layer, cfg.vqgan.adaptive_weight_max)
+                * cfg.vqgan.disc_weight
+            )
             loss = loss + weight * g_loss
             parts.update(g_loss=g_loss.detach(), adaptive_weight=weight)
             self.disc.requires_grad_(True)
@@ -184,7 +235,11 @@ class TokenizerTrainer:
             logits = self.discriminator(torch.cat([real, fake.to(real.dtype)]))
         logits_real, logits_fake = logits.float().chunk(2)
         d_loss = discriminator_loss(cfg.disc_loss, logits_real, logits_fake)
-        parts = {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
+        parts = {
+            "d_loss": d_loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
         if self.lecam is not None:
             penalty = self.lecam.penalty(logits_real, logits_fake)
             d_loss = d_loss + cfg.lecam_weight * penalty
@@ -213,16 +268,24 @@ class TokenizerTrainer:
             self.lecam.load_state_dict(state["lecam"])
 
 
-def build_trainer(cfg: TrainTokenizerConfig, device: torch.device, perceptual_weights: str | None = None) -> TokenizerTrainer:
-    model = build_model(cfg).to(device, memory_format=torch.channels_last)  # ~20% faster convolutions (oneDNN, tensor cores)
+def build_trainer(
+    cfg: TrainTokenizerConfig, device: torch.device, perceptual_weights: str | None = None
+) -> TokenizerTrainer:
+    model = build_model(cfg).to(
+        device, memory_format=torch.channels_last
+    )  # ~20% faster convolutions (oneDNN, tensor cores)
     disc = lecam = lpips = None
     if cfg.arch == "vqgan":
-        disc = PatchDiscriminator(3, cfg.vqgan.disc_channels, cfg.vqgan.disc_layers).to(device, memory_format=torch.channels_last)
+        disc = PatchDiscriminator(3, cfg.vqgan.disc_channels, cfg.vqgan.disc_layers).to(
+            device, memory_format=torch.channels_last
+        )
         if cfg.vqgan.lecam_weight > 0:
             lecam = LeCAM(cfg.vqgan.lecam_decay).to(device)
     if cfg.perceptual_weight > 0:
         lpips = LPIPS.load(perceptual_weights or cfg.perceptual_weights).to(device)
-    return TokenizerTrainer(cfg, model, device, autocast_dtype(cfg.precision, device), disc=disc, lpips=lpips, lecam=lecam)
+    return TokenizerTrainer(
+        cfg, model, device, autocast_dtype(cfg.precision, device), disc=disc, lpips=lpips, lecam=lecam
+    )
 
 
 def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int, device: torch.device) -> None:
@@ -237,7 +300,9 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
     roles = world_size * max(loader_workers, 1)
     settings = {**cfg.training_settings(), "image_size": job.image_size, "data": job.data_fingerprint}
 
-    start, history, data_start, previous_run = _restore(cfg, job, trainer, settings, rank, world_size, roles, per_rank, device)
+    start, history, data_start, previous_run = _restore(
+        cfg, job, trainer, settings, rank, world_size, roles, per_rank, device
+    )
     if rank > 0 and start == 0:
         torch.manual_seed(cfg.seed + 7919 * rank)  # replicas draw their own noise (dropout, Gumbel)
 
@@ -254,8 +319,16 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
         compile_convolutions(trainer)
 
     # A stream that cannot be replayed exactly continues on fresh samples instead.
-    loader = build_loader(cfg, job.shards, per_rank, rank, world_size, start_batch=data_start or 0,
-                          seed=cfg.seed if data_start is not None else cfg.seed + start, pin_memory=device.type == "cuda")
+    loader = build_loader(
+        cfg,
+        job.shards,
+        per_rank,
+        rank,
+        world_size,
+        start_batch=data_start or 0,
+        seed=cfg.seed if data_start is not None else cfg.seed + start,
+        pin_memory=device.type == "cuda",
+    )
     lead = rank == 0
     metrics = monitor = None
     if lead:
@@ -299,8 +372,13 @@ def train_worker(cfg: TrainTokenizerConfig, job: Job, rank: int, world_size: int
                     metrics.client.log_image(job.run_id, val["grid"], key="reconstructions", step=step)
                     log.info(
                         "step %d/%d  loss %.4f  usage %.1f%%  perplexity %.1f  val PSNR %.2f dB  (%.1f steps/s)",
-                        step, cfg.steps, parts["loss"].item(), parts["codebook_usage"].item(),
-                        parts["perplexity"].item(), val["psnr"], (step - start) / (time.perf_counter() - started),
+                        step,
+                        cfg.steps,
+                        parts["loss"].item(),
+                        parts["codebook_usage"].item(),
+                        parts["perplexity"].item(),
+                        val["psnr"],
+                        (step - start) / (time.perf_counter() - started),
                     )
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _checkpoint(job, trainer, settings, step, step == cfg.steps, roles, per_rank, metrics, world_size)
@@ -359,18 +437,36 @@ def compile_convolutions(trainer: TokenizerTrainer) -> None:
         trainer.disc.compile()
 
 
-def build_loader(cfg: TrainTokenizerConfig, shards: str | Path, per_rank: int, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0, seed: int | None = None, pin_memory: bool = False) -> DataLoader:
+def build_loader(
+    cfg: TrainTokenizerConfig,
+    shards: str | Path,
+    per_rank: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
+    seed: int | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
     """Endless uint8 training batches from the train shards, decoded in `cfg.num_workers`
     DataLoader processes (components/data/stream.py: split, shuffling, resuming)."""
     workers = cfg.num_workers
     stream = TrainingStream(
-        shard_paths(shards, "train"), per_rank, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed if seed is None else seed,
-        rank=rank, world_size=world_size, loader_workers=workers, start_batch=start_batch,
+        shard_paths(shards, "train"),
+        per_rank,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed if seed is None else seed,
+        rank=rank,
+        world_size=world_size,
+        loader_workers=workers,
+        start_batch=start_batch,
     )
     return DataLoader(
-        stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None, pin_memory=pin_memory,
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+        pin_memory=pin_memory,
         # Its own generator: the loader must not draw from the global RNG, which a resumed run restores.
         generator=torch.Generator().manual_seed(cfg.seed),
     )
@@ -413,7 +509,17 @@ def _system_metrics(job: Job):
         return None
 
 
-def _restore(cfg, job: Job, trainer: TokenizerTrainer, settings: dict, rank: int, world_size: int, roles: int, per_rank: int, device):
+def _restore(
+    cfg,
+    job: Job,
+    trainer: TokenizerTrainer,
+    settings: dict,
+    rank: int,
+    world_size: int,
+    roles: int,
+    per_rank: int,
+    device,
+):
     """(start step, metric history, data position or None, MLflow run of the checkpoint) from
     job.checkpoint_dir's checkpoint."""
     path = Path(job.checkpoint_dir)
@@ -444,12 +550,33 @@ def _restore(cfg, job: Job, trainer: TokenizerTrainer, settings: dict, rank: int
         torch.manual_seed(cfg.seed + 7919 * rank + state["step"])
     exact = state["roles"] == roles and state["batch_per_rank"] == per_rank
     if rank == 0:
-        log.info("resuming from %s at step %d%s", path, state["step"],
-                 "" if exact else " (workers or batch layout changed: continuing on fresh samples rather than the exact data position)")
-    return state["step"], list(state.get("history", [])), state["step"] if exact else None, state.get("mlflow_run_id", "")
+        log.info(
+            "resuming from %s at step %d%s",
+            path,
+            state["step"],
+            ""
+            if exact
+            else " (workers or batch layout changed: continuing on fresh samples rather than the exact data position)",
+        )
+    return (
+        state["step"],
+        list(state.get("history", [])),
+        state["step"] if exact else None,
+        state.get("mlflow_run_id", ""),
+    )
 
 
-def _checkpoint(job: Job, trainer: TokenizerTrainer, settings: dict, step: int, complete: bool, roles: int, per_rank: int, metrics, world_size: int) -> None:
+def _checkpoint(
+    job: Job,
+    trainer: TokenizerTrainer,
+    settings: dict,
+    step: int,
+    complete: bool,
+    roles: int,
+    per_rank: int,
+    metrics,
+    world_size: int,
+) -> None:
     rng = rng_state()
     if world_size > 1:
         import torch.distributed as dist
@@ -493,13 +620,21 @@ def _validate(model: nn.Module, images: torch.Tensor, device: torch.device) -> d
 
 def _train_on_ray(cfg: TrainTokenizerConfig, job: Job) -> None:
     train_on_ray(
-        _ray_worker, cfg, asdict(job), stage="train_tokenizer", workers=cfg.workers, use_gpu=cfg.use_gpu,
-        checkpoint_dir=job.checkpoint_dir, staging=job.staging,
+        _ray_worker,
+        cfg,
+        asdict(job),
+        stage="train_tokenizer",
+        workers=cfg.workers,
+        use_gpu=cfg.use_gpu,
+        checkpoint_dir=job.checkpoint_dir,
+        staging=job.staging,
     )
 
 
 def _ray_worker(cfg: dict, job: dict, staging: str, rank: int, world_size: int, device: torch.device) -> None:
-    train_worker(TrainTokenizerConfig.model_validate(cfg), replace(Job(**job), staging=staging), rank, world_size, device)
+    train_worker(
+        TrainTokenizerConfig.model_validate(cfg), replace(Job(**job), staging=staging), rank, world_size, device
+    )
 
 
 def main() -> None:

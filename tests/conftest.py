@@ -29,7 +29,16 @@ TINY = {
         "log_every": 2,
     },
     "tokenize": {"batch_size": 32, "num_actors": 2},
-    "train_prior": {"n_layer": 1, "n_head": 2, "n_embd": 16, "steps": 8, "batch_size": 16, "warmup_steps": 2, "val_every": 4, "log_every": 2},
+    "train_prior": {
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "steps": 8,
+        "batch_size": 16,
+        "warmup_steps": 2,
+        "val_every": 4,
+        "log_every": 2,
+    },
     "sample": {"num_per_class": 2, "batch_size": 8},
     "evaluate": {"batch_size": 64, "num_samples": 48, "classifier_steps": 40},
 }

@@ -46,7 +46,9 @@ def _image(rng: np.random.Generator, kind: str) -> tuple[bytes, str]:
         img = Image.fromarray(rng.integers(0, 256, (18, 18, 3), dtype=np.uint8)).convert("P")
         return _encode(img, "PNG"), "png"
     if kind == "cmyk":
-        return _encode(Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).convert("CMYK"), "JPEG"), "jpg"
+        return _encode(
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).convert("CMYK"), "JPEG"
+        ), "jpg"
     if kind == "16bit":
         arr = rng.integers(0, 65536, (22, 22), dtype=np.uint16)
         return _encode(Image.fromarray(arr), "PNG"), "png"  # mode I;16

@@ -17,8 +17,8 @@ import contextlib
 import subprocess
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from braceexpand import braceexpand
 
@@ -33,7 +33,9 @@ def _glob(pattern: str) -> list[str]:
     import fsspec
 
     if pattern.startswith(("http://", "https://")):
-        raise ValueError(f"cannot list {pattern!r}: HTTP has no directory listing (give a brace pattern or a file of URLs)")
+        raise ValueError(
+            f"cannot list {pattern!r}: HTTP has no directory listing (give a brace pattern or a file of URLs)"
+        )
     fs, path = fsspec.core.url_to_fs(pattern)
     local = "://" not in pattern or pattern.startswith("file://")
     found = sorted(fs.glob(path))
@@ -118,7 +120,7 @@ class _Tail:
 def _open(url: str) -> Iterator:
     """A binary stream of the shard: a local path, any fsspec URL, or `pipe:COMMAND`."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         failure: BaseException | None = None
         try:
             yield proc.stdout

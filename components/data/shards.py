@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import webdataset as wds
@@ -76,7 +76,9 @@ def plan_partitions(items: list[SourceItem], val_fraction: float, seed: int, per
     return partitions
 
 
-def write_partition(source, partition: Partition, out_dir: str | Path, image_size: int, classes: list[str] | None) -> PartitionResult:
+def write_partition(
+    source, partition: Partition, out_dir: str | Path, image_size: int, classes: list[str] | None
+) -> PartitionResult:
     """Load, preprocess and write one partition to `out_dir/partition.name`, atomically."""
     out_dir = Path(out_dir)
     final = out_dir / partition.name
@@ -108,13 +110,22 @@ def write_partition(source, partition: Partition, out_dir: str | Path, image_siz
     return PartitionResult(partition.name, partition.split, len(partition.items), written, sha256_file(final), rejects)
 
 
-def write_manifest(out_dir: str | Path, results: list[PartitionResult], early_rejects: list[Reject], info: dict) -> dict:
+def write_manifest(
+    out_dir: str | Path, results: list[PartitionResult], early_rejects: list[Reject], info: dict
+) -> dict:
     """manifest.json and rejects.jsonl; returns the manifest. Counts add up by construction:
     inputs = written + rejected, per shard and in total."""
     out_dir = Path(out_dir)
     rejects = list(early_rejects) + [r for res in results for r in res.rejects]
     shards = [
-        {"name": r.name, "split": r.split, "inputs": r.inputs, "samples": r.written, "rejected": len(r.rejects), "sha256": r.sha256}
+        {
+            "name": r.name,
+            "split": r.split,
+            "inputs": r.inputs,
+            "samples": r.written,
+            "rejected": len(r.rejects),
+            "sha256": r.sha256,
+        }
         for r in sorted(results, key=lambda r: r.name)
     ]
     written = {split: sum(s["samples"] for s in shards if s["split"] == split) for split in ("train", "val")}
@@ -164,7 +175,9 @@ def decode_training_sample(sample: dict) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(to_array(decode_image(data))), sample_label(sample)
 
 
-def load_split(shard_dir: str | Path, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_split(
+    shard_dir: str | Path, split: str, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A whole split in memory, in shard order: (n, 3, H, W) uint8, (n,) int64 labels, keys."""
     images, labels, keys = [], [], []
     for sample in (sample for url in shard_paths(shard_dir, split) for sample in iter_shard(url)):
@@ -206,4 +219,3 @@ __all__ = [
     "write_manifest",
     "write_partition",
 ]
-

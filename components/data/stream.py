@@ -17,7 +17,7 @@ are unchanged (`resumable_position`).
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info

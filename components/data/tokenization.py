@@ -51,7 +51,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def _path_of(url: str) -> list[str]:
     """The path components naming a shard: of the URL, or of the file a `pipe:` command reads."""
     if url.startswith("pipe:"):
-        words = url[len("pipe:"):].split()
+        words = url[len("pipe:") :].split()
         named = [w for w in words if ".tar" in w or ".tgz" in w] or words or ["pipe"]
         url = named[-1]
     path = url.split("://", 1)[-1].split("?", 1)[0]
@@ -202,13 +202,23 @@ def tokenize_shard(
     }
     labels = [_label(c) for c in classes]
     numeric = all(lbl is not None for lbl, c in zip(labels, classes) if c is not None)
-    label_array = np.asarray([-1 if lbl is None else lbl for lbl in labels], dtype=np.int32) if numeric and any(c is not None for c in classes) else None
+    label_array = (
+        np.asarray([-1 if lbl is None else lbl for lbl in labels], dtype=np.int32)
+        if numeric and any(c is not None for c in classes)
+        else None
+    )
     name = input_name or url
     table = token_table(
-        keys, columns, label_array,
-        fingerprint=tokenizer.fingerprint, codebook_size=tokenizer.codebook_size, grid=grids,
+        keys,
+        columns,
+        label_array,
+        fingerprint=tokenizer.fingerprint,
+        codebook_size=tokenizer.codebook_size,
+        grid=grids,
         levels=[tokenizer.level_columns(level) for level in tokenizer.levels],
-        captions=captions, meta=meta, classes=None if numeric else classes,
+        captions=captions,
+        meta=meta,
+        classes=None if numeric else classes,
         source={"input_shard": name, "samples": samples, "rejects": rejects},
     )
     write_part(table, f"{out.rstrip('/')}/{part}")

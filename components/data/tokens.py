@@ -33,9 +33,9 @@ m tokens in column order, so [p0 group0, p0 group1, p1 group0, p1 group1, ...], 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -145,7 +145,9 @@ def part_info(path: str | Path, filesystem=None) -> PartInfo:
         grid=json.loads(schema_meta[META_GRID]),
         rows=meta.num_rows,
         # Parts written before hierarchical tokenizers have one level.
-        levels=json.loads(schema_meta[META_LEVELS]) if META_LEVELS in schema_meta else [list(json.loads(schema_meta[META_GRID]))],
+        levels=json.loads(schema_meta[META_LEVELS])
+        if META_LEVELS in schema_meta
+        else [list(json.loads(schema_meta[META_GRID]))],
         source=json.loads(schema_meta[META_SOURCE]) if META_SOURCE in schema_meta else None,
     )
 
@@ -207,7 +209,9 @@ def _sequences(table: pa.Table | pa.RecordBatch, levels: list) -> np.ndarray:
     """(n, L) int64 in the documented order: per level (n, h*w, m) -> (n, h*w*m), a position's m
     tokens side by side; then the levels one after the other, coarsest first."""
     n = table.num_rows
-    blocks = [np.stack([list_to_matrix(table.column(name)) for name in level], axis=-1).reshape(n, -1) for level in levels]
+    blocks = [
+        np.stack([list_to_matrix(table.column(name)) for name in level], axis=-1).reshape(n, -1) for level in levels
+    ]
     return np.concatenate(blocks, axis=1)
 
 
@@ -241,11 +245,15 @@ class TokenBatch:
     tokens: np.ndarray  # (b, L) int64: [boi] + the image's tokens + vocab_offset + [eoi]
     labels: np.ndarray  # (b,) int64, -1 where unlabelled
 
-    def rows(self, start: int, stop: int) -> "TokenBatch":
+    def rows(self, start: int, stop: int) -> TokenBatch:
         return TokenBatch(self.keys[start:stop], self.tokens[start:stop], self.labels[start:stop])
 
-    def concat(self, other: "TokenBatch") -> "TokenBatch":
-        return TokenBatch(self.keys + other.keys, np.concatenate([self.tokens, other.tokens]), np.concatenate([self.labels, other.labels]))
+    def concat(self, other: TokenBatch) -> TokenBatch:
+        return TokenBatch(
+            self.keys + other.keys,
+            np.concatenate([self.tokens, other.tokens]),
+            np.concatenate([self.labels, other.labels]),
+        )
 
 
 def iter_token_batches(
@@ -272,7 +280,9 @@ def iter_token_batches(
     levels, size = infos[0].levels, infos[0].codebook_size
     for name, token in (("boi", boi), ("eoi", eoi)):
         if token is not None and (token < 0 or vocab_offset <= token < vocab_offset + size):
-            raise ValueError(f"{name}={token} must be >= 0 and outside the image codes [{vocab_offset}, {vocab_offset + size})")
+            raise ValueError(
+                f"{name}={token} must be >= 0 and outside the image codes [{vocab_offset}, {vocab_offset + size})"
+            )
     columns = ["key", *(c for level in levels for c in level)]
     held: TokenBatch | None = None  # fewer than batch_size rows, carried into the next record batch
     for path in paths:

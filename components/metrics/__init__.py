@@ -5,4 +5,13 @@ from components.metrics.grid import make_grid, save_grid
 from components.metrics.prior import bits_per_token
 from components.metrics.reconstruction import psnr, ssim
 
-__all__ = ["bits_per_token", "code_counts", "codebook_stats", "make_grid", "psnr", "save_grid", "ssim", "used_code_counts"]
+__all__ = [
+    "bits_per_token",
+    "code_counts",
+    "codebook_stats",
+    "make_grid",
+    "psnr",
+    "save_grid",
+    "ssim",
+    "used_code_counts",
+]

@@ -50,7 +50,10 @@ def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) with k-NN balls."""
-    real_t, fake_t = torch.as_tensor(np.asarray(real), dtype=torch.float64), torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    real_t, fake_t = (
+        torch.as_tensor(np.asarray(real), dtype=torch.float64),
+        torch.as_tensor(np.asarray(fake), dtype=torch.float64),
+    )
     if min(len(real_t), len(fake_t)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
     real_r, fake_r = _knn_radii(real_t, k), _knn_radii(fake_t, k)
@@ -79,10 +82,20 @@ class SmallClassifier(nn.Module):
     def __init__(self, num_classes: int, width: int = 24):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, num_classes),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -90,8 +103,14 @@ class SmallClassifier(nn.Module):
 
 
 def train_classifier(
-    images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, steps: int = 300, batch_size: int = 64,
-    held_out: float = 0.2, seed: int = 0,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    steps: int = 300,
+    batch_size: int = 64,
+    held_out: float = 0.2,
+    seed: int = 0,
 ) -> tuple[SmallClassifier, float]:
     """A SmallClassifier trained on (images, labels) in [0, 1], with random flips; returns it and
     its accuracy on the held-out fraction (how far its verdict on samples can be trusted)."""
@@ -123,7 +142,9 @@ def train_classifier(
 
 
 @torch.no_grad()
-def class_consistency(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+def class_consistency(
+    classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+) -> float:
     """Fraction of images the classifier assigns to the class they were generated for."""
     classifier.eval()
     hits = 0

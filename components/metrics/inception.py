@@ -46,12 +46,15 @@ class InceptionA(nn.Module):
         self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg(x)),
+            ],
+            1,
+        )
 
 
 class InceptionB(nn.Module):
@@ -63,11 +66,14 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):
@@ -88,12 +94,15 @@ class InceptionC(nn.Module):
         dbl = x
         for i in range(1, 6):
             dbl = getattr(self, f"branch7x7dbl_{i}")(dbl)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-            dbl,
-            self.branch_pool(_avg(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                dbl,
+                self.branch_pool(_avg(x)),
+            ],
+            1,
+        )
 
 
 class InceptionD(nn.Module):
@@ -129,12 +138,15 @@ class InceptionE(nn.Module):
         b3 = self.branch3x3_1(x)
         dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg(x)
-        return torch.cat([
-            self.branch1x1(x),
-            torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
-            torch.cat([self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl)], 1),
-            self.branch_pool(pool),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
+                torch.cat([self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl)], 1),
+                self.branch_pool(pool),
+            ],
+            1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -177,7 +189,9 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDI
     model = FIDInceptionV3()
     missing, _ = model.load_state_dict(state, strict=False)  # fc.* (the classifier) is not used
     if missing:
-        raise ValueError(f"{path} is not an Inception-v3 state dict: missing {len(missing)} weights, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{path} is not an Inception-v3 state dict: missing {len(missing)} weights, e.g. {missing[:3]}"
+        )
     return model.to(device).eval()
 
 

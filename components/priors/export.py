@@ -36,26 +36,41 @@ def build_prior(tokenizer, num_classes: int = 0, **sizes) -> TransformerPrior | 
     n_head, n_embd, dropout, norm, tie_weights."""
     levels = level_layouts(tokenizer)
     if len(levels) == 1:
-        (_, (h, w, m), vocab), = levels
-        return TransformerPrior(PriorConfig(vocab_size=vocab, seq_len=h * w * m, num_classes=num_classes, layout=((h, w, m),), **sizes))
+        ((_, (h, w, m), vocab),) = levels
+        return TransformerPrior(
+            PriorConfig(vocab_size=vocab, seq_len=h * w * m, num_classes=num_classes, layout=((h, w, m),), **sizes)
+        )
     if len(levels) != 2:
         raise ValueError(f"priors handle one or two token levels, not {len(levels)}")
     (_, top_layout, top_vocab), (_, bottom_layout, bottom_vocab) = levels
     top_len = top_layout[0] * top_layout[1] * top_layout[2]
     top = PriorConfig(vocab_size=top_vocab, seq_len=top_len, num_classes=num_classes, layout=(top_layout,), **sizes)
     bottom = replace(
-        top, vocab_size=bottom_vocab, seq_len=bottom_layout[0] * bottom_layout[1] * bottom_layout[2],
-        layout=(top_layout, bottom_layout), prefix_len=top_len, prefix_vocab=top_vocab,
+        top,
+        vocab_size=bottom_vocab,
+        seq_len=bottom_layout[0] * bottom_layout[1] * bottom_layout[2],
+        layout=(top_layout, bottom_layout),
+        prefix_len=top_len,
+        prefix_vocab=top_vocab,
     )
     return HierarchicalPrior(top, bottom)
 
 
-def save_prior(path: str | Path, model, *, tokenizer_fingerprint: str, grid: dict[str, tuple[int, int]], class_names: list[str] | None) -> None:
+def save_prior(
+    path: str | Path,
+    model,
+    *,
+    tokenizer_fingerprint: str,
+    grid: dict[str, tuple[int, int]],
+    class_names: list[str] | None,
+) -> None:
     """grid: token column -> (h, w) of the tokenizer the prior models (`Tokenizer.column_grids`)."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp))
-    config = {"hierarchical": model.configs()} if isinstance(model, HierarchicalPrior) else {"model": model.cfg.to_dict()}
+    config = (
+        {"hierarchical": model.configs()} if isinstance(model, HierarchicalPrior) else {"model": model.cfg.to_dict()}
+    )
     write_json(
         path / "config.json",
         {
@@ -81,7 +96,9 @@ def _vocab_sizes(model) -> list[int]:
     return [model.cfg.vocab_size]
 
 
-def load_prior(path: str | Path, device: str | torch.device = "cpu", tokenizer=None) -> tuple[TransformerPrior | HierarchicalPrior, dict]:
+def load_prior(
+    path: str | Path, device: str | torch.device = "cpu", tokenizer=None
+) -> tuple[TransformerPrior | HierarchicalPrior, dict]:
     """Load a prior; with `tokenizer`, refuse one trained on other tokens (fingerprint,
     codebook sizes, sequence length, grids)."""
     path = Path(path)
@@ -93,7 +110,9 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu", tokenizer=N
     if tokenizer is not None:
         problems = []
         if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
-            problems.append(f"tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]} != {tokenizer.fingerprint[:12]}")
+            problems.append(
+                f"tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]} != {tokenizer.fingerprint[:12]}"
+            )
         expected = [vocab for _, _, vocab in level_layouts(tokenizer)]
         if "model" in meta and len(expected) > 1:  # one model over a multi-level sequence (older exports)
             expected = [tokenizer.codebook_size]

@@ -8,7 +8,9 @@ import torch
 from components.priors.transformer import HierarchicalPrior, TransformerPrior
 
 
-def check_sampling(model, labels: torch.Tensor | None, temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float) -> None:
+def check_sampling(
+    model, labels: torch.Tensor | None, temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float
+) -> None:
     """Raise ValueError for settings that cannot be sampled, before any work."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -24,12 +26,16 @@ def check_sampling(model, labels: torch.Tensor | None, temperature: float, top_k
         raise ValueError("classifier-free guidance needs the classes to sample")
     if labels is not None and len(labels) and model.num_classes:
         if labels.max() >= model.num_classes or labels.min() < -1:
-            raise ValueError(f"class {int(labels.max() if labels.max() >= model.num_classes else labels.min())} out of range [0, {model.num_classes})")
+            raise ValueError(
+                f"class {int(labels.max() if labels.max() >= model.num_classes else labels.min())} out of range [0, {model.num_classes})"
+            )
     elif labels is not None and len(labels) and (labels >= 0).any():
         raise ValueError("class labels given, but the prior is unconditional")
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
     """(b, V) logits -> tempered logits with everything outside the top k, and outside the
     smallest set of most likely tokens whose probability reaches top_p, set to -inf."""
     if temperature <= 0:
@@ -87,7 +93,9 @@ def _sample_one(
     cache = None
     for i in range(length):
         if use_cache:
-            logits, cache = model.forward_tokens(idx if i == 0 else idx[:, -1:], start=0 if i == 0 else p + i, cache=cache)
+            logits, cache = model.forward_tokens(
+                idx if i == 0 else idx[:, -1:], start=0 if i == 0 else p + i, cache=cache
+            )
         else:
             logits, _ = model.forward_tokens(idx)
         step = logits[:, -1].float()
@@ -126,7 +134,9 @@ def sample(
     draws the top tokens, then the bottom tokens given them."""
     check_sampling(model, labels, temperature, top_k, top_p, cfg_scale)
     model.eval()
-    common = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=generator, use_cache=use_cache)
+    common = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=generator, use_cache=use_cache
+    )
     if isinstance(model, HierarchicalPrior):
         top = _sample_one(model.top, n, labels, None, vocab_limits=None, **common)
         return torch.cat([top, _sample_one(model.bottom, n, labels, top, vocab_limits=None, **common)], dim=1)
@@ -151,10 +161,20 @@ def sample_images(
 
     limits = tokenizer.vocab_limits()
     started = time.perf_counter()
-    tokens = torch.cat([
-        sample(model, min(batch_size, n - start), labels[start : start + batch_size] if labels is not None else None, vocab_limits=limits, **options)
-        for start in range(0, n, batch_size)
-    ])
+    tokens = torch.cat(
+        [
+            sample(
+                model,
+                min(batch_size, n - start),
+                labels[start : start + batch_size] if labels is not None else None,
+                vocab_limits=limits,
+                **options,
+            )
+            for start in range(0, n, batch_size)
+        ]
+    )
     seconds = time.perf_counter() - started
-    images = torch.cat([tokenizer.decode(tokenizer.unflatten(tokens[i : i + batch_size])).cpu() for i in range(0, n, batch_size)])
+    images = torch.cat(
+        [tokenizer.decode(tokenizer.unflatten(tokens[i : i + batch_size])).cpu() for i in range(0, n, batch_size)]
+    )
     return images, tokens.cpu(), seconds

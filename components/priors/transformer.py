@@ -64,7 +64,7 @@ class PriorConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PriorConfig":
+    def from_dict(cls, d: dict) -> PriorConfig:
         values = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         values["layout"] = tuple(tuple(level) for level in d.get("layout", ()))
         return cls(**values)

@@ -47,7 +47,7 @@ class FSQConfig(QuantizerConfig):
             return [("levels", f"{len(self.levels)} channels is more than latent_dim={latent_dim}")]
         return []
 
-    def build(self, dim: int) -> "FSQ":
+    def build(self, dim: int) -> FSQ:
         self.check_latent(dim)
         return FSQ(self.levels, dim)
 
@@ -68,8 +68,14 @@ class FSQ(nn.Module):
         self.codebook_size = math.prod(levels)
         self.eps = eps
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
-        self.register_buffer("radix", torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=torch.long), persistent=False)
-        self.register_buffer("half_width", torch.tensor([lvl // 2 for lvl in levels], dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "radix",
+            torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=torch.long),
+            persistent=False,
+        )
+        self.register_buffer(
+            "half_width", torch.tensor([lvl // 2 for lvl in levels], dtype=torch.float32), persistent=False
+        )
         self.project_in, self.project_out = projections(dim, self.code_dim)
 
     def bound(self, h: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,14 @@ class GumbelConfig(QuantizerConfig):
     straight_through: bool = True
 
     @model_validator(mode="after")
-    def _cooling(self) -> "GumbelConfig":
+    def _cooling(self) -> GumbelConfig:
         if self.temperature_end > self.temperature_start:
-            raise ValueError(f"temperature_end ({self.temperature_end}) must not exceed temperature_start ({self.temperature_start})")
+            raise ValueError(
+                f"temperature_end ({self.temperature_end}) must not exceed temperature_start ({self.temperature_start})"
+            )
         return self
 
-    def build(self, dim: int) -> "GumbelQuantizer":
+    def build(self, dim: int) -> GumbelQuantizer:
         return GumbelQuantizer(dim=dim, **self.model_dump(exclude={"type"}))
 
 

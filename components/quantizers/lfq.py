@@ -61,10 +61,12 @@ class LFQConfig(QuantizerConfig):
 
     def latent_problems(self, latent_dim: int) -> list[tuple[str, str]]:
         if self.bits > latent_dim:
-            return [("codebook_size", f"2^{self.bits} codes need {self.bits} channels, more than latent_dim={latent_dim}")]
+            return [
+                ("codebook_size", f"2^{self.bits} codes need {self.bits} channels, more than latent_dim={latent_dim}")
+            ]
         return []
 
-    def build(self, dim: int) -> "LFQ":
+    def build(self, dim: int) -> LFQ:
         self.check_latent(dim)
         options = self.model_dump(exclude={"type", "codebook_size"})
         return LFQ(self.bits, dim, **options)
@@ -141,7 +143,9 @@ class LFQ(nn.Module):
         """(n, g) per-bit log-odds -> entropy of the batch-mean distribution over the 2^g
         sub-codes of the group, exactly."""
         g = logits.shape[1]
-        codes = (torch.arange(2**g, device=logits.device).unsqueeze(1) >> torch.arange(g - 1, -1, -1, device=logits.device)) & 1
+        codes = (
+            torch.arange(2**g, device=logits.device).unsqueeze(1) >> torch.arange(g - 1, -1, -1, device=logits.device)
+        ) & 1
         log_on, log_off = F.logsigmoid(logits), F.logsigmoid(-logits)
         # log p(sub-code) = sum over its bits of log p(bit): (n, 2^g) by two matmuls.
         log_probs = log_on @ codes.t().float() + log_off @ (1 - codes).t().float()

@@ -26,10 +26,12 @@ class ProductConfig(VQOptions):
             return [("groups", f"{self.groups} groups do not divide latent_dim={latent_dim}")]
         width = latent_dim // self.groups
         if self.codebook_dim is not None and self.codebook_dim > width:
-            return [("codebook_dim", f"{self.codebook_dim} is larger than a group's width (latent_dim / groups = {width})")]
+            return [
+                ("codebook_dim", f"{self.codebook_dim} is larger than a group's width (latent_dim / groups = {width})")
+            ]
         return []
 
-    def build(self, dim: int) -> "ProductQuantizer":
+    def build(self, dim: int) -> ProductQuantizer:
         self.check_latent(dim)
         return ProductQuantizer([self.build_codebook(dim // self.groups) for _ in range(self.groups)])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-QUANTIZERS: dict[str, type["QuantizerConfig"]] = {}
+QUANTIZERS: dict[str, type[QuantizerConfig]] = {}
 
 
 class QuantizerConfig(BaseModel):

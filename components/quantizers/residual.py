@@ -20,7 +20,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from components.quantizers.base import QuantizerOutput, check_finite, check_last_dim, code_counts, mean_stats, projections, usage_stats
+from components.quantizers.base import (
+    QuantizerOutput,
+    check_finite,
+    check_last_dim,
+    code_counts,
+    mean_stats,
+    projections,
+    usage_stats,
+)
 from components.quantizers.registry import register
 from components.quantizers.vq import VectorQuantizer, VQOptions
 
@@ -40,7 +48,7 @@ class ResidualConfig(VQOptions):
             problems.append(("cosine", "not supported for residual stages (a residual's norm is information)"))
         return problems
 
-    def build(self, dim: int) -> "ResidualQuantizer":
+    def build(self, dim: int) -> ResidualQuantizer:
         self.check_latent(dim)
         code_dim = self.codebook_dim or dim
         stage_options = self.model_copy(update={"codebook_dim": None})

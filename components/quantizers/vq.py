@@ -65,10 +65,15 @@ class VQOptions(QuantizerConfig):
 
     def latent_problems(self, latent_dim: int) -> list[tuple[str, str]]:
         if self.codebook_dim is not None and self.codebook_dim > latent_dim:
-            return [("codebook_dim", f"{self.codebook_dim} is larger than the latent it quantizes (latent_dim={latent_dim})")]
+            return [
+                (
+                    "codebook_dim",
+                    f"{self.codebook_dim} is larger than the latent it quantizes (latent_dim={latent_dim})",
+                )
+            ]
         return []
 
-    def build_codebook(self, dim: int) -> "VectorQuantizer":
+    def build_codebook(self, dim: int) -> VectorQuantizer:
         """One nearest-code codebook over vectors of width `dim` with these options."""
         options = self.model_dump(exclude={"type", "groups", "stages", "shared_codebook", "dropout"})
         return VectorQuantizer(dim=dim, **options)
@@ -78,7 +83,7 @@ class VQOptions(QuantizerConfig):
 class VQConfig(VQOptions):
     type: Literal["vq"] = "vq"
 
-    def build(self, dim: int) -> "VectorQuantizer":
+    def build(self, dim: int) -> VectorQuantizer:
         self.check_latent(dim)
         return self.build_codebook(dim)
 
@@ -312,7 +317,9 @@ class VectorQuantizer(nn.Module):
         self._init_pool.append(h[torch.randperm(h.shape[0], device=h.device)[:per_batch]])
         if len(self._init_pool) < self.kmeans_init_batches:
             return
-        centroids, counts = kmeans(torch.cat(self._init_pool), self.codebook_size, self.kmeans_iters, self.search_chunk_size, self.cosine)
+        centroids, counts = kmeans(
+            torch.cat(self._init_pool), self.codebook_size, self.kmeans_iters, self.search_chunk_size, self.cosine
+        )
         # EMA counts at the rate of one batch, at least one, so every code starts as a cluster.
         self._set_codes(everything, centroids, (counts / len(self._init_pool)).clamp(min=1))
         self._init_pool = []

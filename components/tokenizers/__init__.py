@@ -5,4 +5,14 @@ from components.tokenizers.tokenizer import ARCHS, Tokenizer, build_model, expor
 from components.tokenizers.vqvae import VQVAE, TokenizerOutput
 from components.tokenizers.vqvae2 import VQVAE2
 
-__all__ = ["ARCHS", "Tokenizer", "TokenizerOutput", "VQVAE", "VQVAE2", "build_model", "export_config", "save_export", "state_fingerprint"]
+__all__ = [
+    "ARCHS",
+    "Tokenizer",
+    "TokenizerOutput",
+    "VQVAE",
+    "VQVAE2",
+    "build_model",
+    "export_config",
+    "save_export",
+    "state_fingerprint",
+]

@@ -66,7 +66,7 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)
 
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -90,7 +90,7 @@ class LPIPS(nn.Module):
         return total
 
     @classmethod
-    def load(cls, path: str | Path) -> "LPIPS":
+    def load(cls, path: str | Path) -> LPIPS:
         path = Path(path)
         raw = load_state_file(path, "LPIPS (train_tokenizer.perceptual_weights)")
         model = cls()

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from components import __version__
 from components.io import atomic_write, write_json
@@ -169,7 +169,9 @@ class Tokenizer:
     def vocab_limits(self) -> torch.Tensor:
         """(num_tokens,) codebook size at each position of the flattened sequence: a level with
         a smaller codebook than `codebook_size` must not be sampled past its own."""
-        return torch.cat([torch.full((self._level_tokens(lv),), self._quantizer(lv).codebook_size) for lv in self.levels])
+        return torch.cat(
+            [torch.full((self._level_tokens(lv),), self._quantizer(lv).codebook_size) for lv in self.levels]
+        )
 
     def _as_levels(self, indices) -> dict[str, torch.Tensor]:
         if isinstance(indices, dict):
@@ -205,7 +207,9 @@ class Tokenizer:
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape (b, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+            raise ValueError(
+                f"expected images of shape (b, {', '.join(map(str, expected))}), got {tuple(images.shape)}"
+            )
         return images.to(self.device, torch.float32) * 2.0 - 1.0
 
     @torch.no_grad()
@@ -233,7 +237,9 @@ class Tokenizer:
             idx, shape = by_level[level], self.level_index_shape(level)
             where = f" of level {level!r}" if level else ""
             if idx.ndim != 1 + len(shape) or tuple(idx.shape[1:]) != shape:
-                raise ValueError(f"expected indices{where} of shape (b, {', '.join(map(str, shape))}), got {tuple(idx.shape)}")
+                raise ValueError(
+                    f"expected indices{where} of shape (b, {', '.join(map(str, shape))}), got {tuple(idx.shape)}"
+                )
             size = self._quantizer(level).codebook_size
             idx = idx.to(self.device, torch.long)
             if idx.numel() and (idx.min() < 0 or idx.max() >= size):
@@ -251,7 +257,7 @@ class Tokenizer:
         return self.fingerprint
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Tokenizer":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
         path = Path(path)
         config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         for p in (config_path, weights_path):

@@ -34,9 +34,17 @@ class PatchDiscriminator(nn.Module):
         mult = 1
         for n in range(1, layers):
             prev, mult = mult, min(2**n, 8)
-            seq += [nn.Conv2d(channels * prev, channels * mult, 4, 2, 1, bias=False), nn.GroupNorm(8, channels * mult), nn.LeakyReLU(0.2)]
+            seq += [
+                nn.Conv2d(channels * prev, channels * mult, 4, 2, 1, bias=False),
+                nn.GroupNorm(8, channels * mult),
+                nn.LeakyReLU(0.2),
+            ]
         prev, mult = mult, min(2**layers, 8)
-        seq += [nn.Conv2d(channels * prev, channels * mult, 4, 1, 1, bias=False), nn.GroupNorm(8, channels * mult), nn.LeakyReLU(0.2)]
+        seq += [
+            nn.Conv2d(channels * prev, channels * mult, 4, 1, 1, bias=False),
+            nn.GroupNorm(8, channels * mult),
+            nn.LeakyReLU(0.2),
+        ]
         seq += [nn.Conv2d(channels * mult, 1, 4, 1, 1)]
         self.net = nn.Sequential(*seq)
         for m in self.modules():
@@ -75,7 +83,9 @@ def generator_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown discriminator loss {kind!r} (allowed: {', '.join(DISC_LOSSES)})")
 
 
-def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_weight(
+    rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
     """||d rec / d W_last|| / (||d adv / d W_last|| + 1e-4), clamped to [0, max_weight] and
     detached; W_last is the decoder's last layer. Balances the two terms where they meet the
     image. Under torch.distributed the replicas' weights are averaged so all use one value."""

@@ -27,7 +27,12 @@ class _Down(nn.Module):
         layers: list[nn.Module] = []
         for _ in range(n):
             layers += [ResBlock(in_channels, in_channels), Downsample(in_channels)]
-        layers += [ResBlock(in_channels, in_channels), norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 1)]
+        layers += [
+            ResBlock(in_channels, in_channels),
+            norm(in_channels),
+            nn.SiLU(),
+            nn.Conv2d(in_channels, out_channels, 1),
+        ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +117,9 @@ class VQVAE2(nn.Module):
         return {"top": q_t.indices, "bottom": q_b.indices}
 
     def decode_indices(self, indices: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._decode(self.top_quantizer.indices_to_codes(indices["top"]), self.quantizer.indices_to_codes(indices["bottom"]))
+        return self._decode(
+            self.top_quantizer.indices_to_codes(indices["top"]), self.quantizer.indices_to_codes(indices["bottom"])
+        )
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:
         q_t, q_b = self._quantize(x, fp32=True)

@@ -26,7 +26,9 @@ FSQ = QUANTIZERS["fsq"]
 
 def _vqvae2(top=None) -> VQVAE2:
     torch.manual_seed(0)
-    return VQVAE2(VQ(codebook_size=16), top or VQ(codebook_size=16), channels=8, num_downsamples=1, num_res_blocks=1, latent_dim=8)
+    return VQVAE2(
+        VQ(codebook_size=16), top or VQ(codebook_size=16), channels=8, num_downsamples=1, num_res_blocks=1, latent_dim=8
+    )
 
 
 def test_vqvae2_levels_shapes_and_exact_decoding():
@@ -45,15 +47,31 @@ def test_vqvae2_gradients_reach_both_encoders_and_the_top_decoder():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     out = model(x)
     ((out.reconstruction - x) ** 2).mean().add(out.quant_loss).backward()
-    for part in (model.encoder, model.top_encoder, model.top_decoder, model.bottom_in, model.top_upsample, model.decoder):
+    for part in (
+        model.encoder,
+        model.top_encoder,
+        model.top_decoder,
+        model.bottom_in,
+        model.top_upsample,
+        model.decoder,
+    ):
         assert sum(p.grad.abs().sum() for p in part.parameters()) > 0
     assert {"codebook_usage_top", "codebook_usage_bottom", "codebook_usage"} <= set(out.parts)
 
 
 def test_hierarchical_tokenizer_flattens_top_then_bottom(tmp_path):
     model = _vqvae2(top=FSQ(levels=[3, 3])).eval()
-    config = {"arch": "vqvae2", "image_size": 16, "channels": 8, "num_downsamples": 1, "num_res_blocks": 1, "latent_dim": 8,
-              "quantizer": VQ(codebook_size=16).model_dump(), "top_downsample": 2, "top_quantizer": FSQ(levels=[3, 3]).model_dump()}
+    config = {
+        "arch": "vqvae2",
+        "image_size": 16,
+        "channels": 8,
+        "num_downsamples": 1,
+        "num_res_blocks": 1,
+        "latent_dim": 8,
+        "quantizer": VQ(codebook_size=16).model_dump(),
+        "top_downsample": 2,
+        "top_quantizer": FSQ(levels=[3, 3]).model_dump(),
+    }
     tok = Tokenizer(model, config)
     assert tok.levels == ("top", "bottom") and tok.token_columns == ["tokens_top", "tokens_bottom"]
     assert tok.column_grids == {"tokens_top": (4, 4), "tokens_bottom": (8, 8)} and tok.num_tokens == 16 + 64
@@ -62,7 +80,9 @@ def test_hierarchical_tokenizer_flattens_top_then_bottom(tmp_path):
     images = torch.rand(2, 3, 16, 16)
     indices = tok.encode(images)
     flat = tok.flatten(indices)
-    assert torch.equal(flat[:, :16], indices["top"].reshape(2, -1)) and torch.equal(flat[:, 16:], indices["bottom"].reshape(2, -1))
+    assert torch.equal(flat[:, :16], indices["top"].reshape(2, -1)) and torch.equal(
+        flat[:, 16:], indices["bottom"].reshape(2, -1)
+    )
     back = tok.unflatten(flat)
     assert all(torch.equal(back[k], indices[k]) for k in indices)
     columns = tok.encode_columns(images)
@@ -94,7 +114,9 @@ def test_gan_losses():
     assert discriminator_loss("hinge", real, fake).item() == pytest.approx(0.75)
     assert generator_loss("hinge", fake).item() == pytest.approx(1.5)
     ns = torch.nn.functional.softplus
-    assert discriminator_loss("non_saturating", real, fake).item() == pytest.approx((ns(-real).mean() + ns(fake).mean()).item())
+    assert discriminator_loss("non_saturating", real, fake).item() == pytest.approx(
+        (ns(-real).mean() + ns(fake).mean()).item()
+    )
     assert PatchDiscriminator(3, 8, 2)(torch.rand(2, 3, 16, 16)).shape == (2, 1, 2, 2)
 
 
@@ -111,8 +133,15 @@ def test_lecam_tracks_the_discriminator_means():
 def _trainer(disc_start: int):
     from pipelines.train_tokenizer import build_trainer
 
-    raw = {**TINY, "train_tokenizer": {**TINY["train_tokenizer"], "arch": "vqgan", "recon_loss": "l1",
-                                       "vqgan": {"disc_start": disc_start, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.1}}}
+    raw = {
+        **TINY,
+        "train_tokenizer": {
+            **TINY["train_tokenizer"],
+            "arch": "vqgan",
+            "recon_loss": "l1",
+            "vqgan": {"disc_start": disc_start, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.1},
+        },
+    }
     torch.manual_seed(0)
     return build_trainer(parse_params(raw).train_tokenizer, torch.device("cpu"))
 
@@ -169,7 +198,9 @@ def test_lpips_refuses_an_incomplete_file_and_config_needs_a_path(tmp_path):
     with pytest.raises(ConfigError, match="train_tokenizer.perceptual_weights: perceptual_weight is 0.5 but no LPIPS"):
         parse_params({"train_tokenizer": {"perceptual_weight": 0.5}})
     with pytest.raises(ConfigError, match="nope.safetensors not found"):
-        parse_params({"train_tokenizer": {"perceptual_weight": 0.5, "perceptual_weights": str(tmp_path / "nope.safetensors")}})
+        parse_params(
+            {"train_tokenizer": {"perceptual_weight": 0.5, "perceptual_weights": str(tmp_path / "nope.safetensors")}}
+        )
 
 
 def test_arch_options_are_checked_at_load():
@@ -178,24 +209,43 @@ def test_arch_options_are_checked_at_load():
     with pytest.raises(ConfigError, match="train_tokenizer.vqgan.disc_layers: 3 layers need images of at least 32"):
         parse_params({"shard": {"image_size": 16}, "train_tokenizer": {"arch": "vqgan"}})
     with pytest.raises(ConfigError, match="train_tokenizer.vqvae2.top_downsample"):
-        parse_params({"shard": {"image_size": 16}, "train_tokenizer": {"arch": "vqvae2", "downsample": 4, "vqvae2": {"top_downsample": 8}}})
+        parse_params(
+            {
+                "shard": {"image_size": 16},
+                "train_tokenizer": {"arch": "vqvae2", "downsample": 4, "vqvae2": {"top_downsample": 8}},
+            }
+        )
     with pytest.raises(ConfigError, match="train_tokenizer.vqvae2.top_quantizer.levels"):
-        parse_params({"train_tokenizer": {"arch": "vqvae2", "vqvae2": {"top_quantizer": {"type": "vq", "levels": [8]}}}})
+        parse_params(
+            {"train_tokenizer": {"arch": "vqvae2", "vqvae2": {"top_quantizer": {"type": "vq", "levels": [8]}}}}
+        )
     with pytest.raises(ConfigError, match="train_tokenizer.batch_size: 64 does not split evenly over workers=3"):
         parse_params({"train_tokenizer": {"workers": 3}})
 
 
 def test_checkpoint_round_trip_and_settings_diff(tmp_path):
     torch.manual_seed(1)
-    state = {"model": {"w": torch.randn(3)}, "step": 7, "complete": False, "rng": [rng_state()], "history": [{"step": 1, "loss": 0.5}]}
+    state = {
+        "model": {"w": torch.randn(3)},
+        "step": 7,
+        "complete": False,
+        "rng": [rng_state()],
+        "history": [{"step": 1, "loss": 0.5}],
+    }
     expected = torch.rand(3)
     save_checkpoint(tmp_path, state)
     loaded = load_checkpoint(tmp_path)
-    assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["history"] == state["history"]
+    assert (
+        loaded["step"] == 7
+        and torch.equal(loaded["model"]["w"], state["model"]["w"])
+        and loaded["history"] == state["history"]
+    )
     torch.rand(5), np.random.rand(), __import__("random").random()
     set_rng_state(loaded["rng"][0])
     assert torch.equal(torch.rand(3), expected)
-    assert compare_settings({"lr": 0.1, "vqgan": {"disc_start": 5}}, {"lr": 0.2, "vqgan": {"disc_start": 5}}) == ["lr: 0.1 -> 0.2"]
+    assert compare_settings({"lr": 0.1, "vqgan": {"disc_start": 5}}, {"lr": 0.2, "vqgan": {"disc_start": 5}}) == [
+        "lr: 0.1 -> 0.2"
+    ]
     assert load_checkpoint(tmp_path / "none") is None
 
 
@@ -219,7 +269,9 @@ def labelled_shards(tmp_path_factory):
         with wds.TarWriter(url) as sink:
             for i in range(10):
                 n = s * 10 + i
-                sink.write({"__key__": f"k{n:03d}", "png": encode_png(Image.new("RGB", (8, 8), (n, n, n))), "cls": str(n)})
+                sink.write(
+                    {"__key__": f"k{n:03d}", "png": encode_png(Image.new("RGB", (8, 8), (n, n, n))), "cls": str(n)}
+                )
         urls.append(url)
     return urls
 
@@ -228,7 +280,9 @@ def _labels(urls, n, **kwargs):
     from torch.utils.data import DataLoader
 
     workers = kwargs.pop("loader_workers", 0)
-    stream = TrainingStream(urls, 4, shuffle_buffer=kwargs.pop("shuffle_buffer", 6), seed=3, loader_workers=workers, **kwargs)
+    stream = TrainingStream(
+        urls, 4, shuffle_buffer=kwargs.pop("shuffle_buffer", 6), seed=3, loader_workers=workers, **kwargs
+    )
     it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
     try:
         return [next(it)[1].tolist() for _ in range(n)]
@@ -250,8 +304,10 @@ def test_stream_splits_samples_between_ranks(labelled_shards):
     # Each role holds 7 or 8 of the 30 samples per epoch: one batch of 4 per role stays in epoch 0
     # (without a shuffle buffer, which reads ahead).
     seen = [
-        x for rank in (0, 1)
-        for batch in _labels(labelled_shards, 2, rank=rank, world_size=2, loader_workers=2, shuffle_buffer=0) for x in batch
+        x
+        for rank in (0, 1)
+        for batch in _labels(labelled_shards, 2, rank=rank, world_size=2, loader_workers=2, shuffle_buffer=0)
+        for x in batch
     ]
     assert len(seen) == len(set(seen)) == 16
     assert batches_made_by(0, 5, 2) == 3 and batches_made_by(1, 5, 2) == 2 and batches_made_by(1, 0, 2) == 0

@@ -107,12 +107,16 @@ def test_unknown_source():
 
 
 def test_image_size_not_divisible_by_downsampling():
-    problems = _problems({"shard": {"image_size": 24}, "train_tokenizer": {"downsample": 16, "quantizer": {"type": "vq"}}})
+    problems = _problems(
+        {"shard": {"image_size": 24}, "train_tokenizer": {"downsample": 16, "quantizer": {"type": "vq"}}}
+    )
     assert "train_tokenizer.downsample" in problems and "8" in problems["train_tokenizer.downsample"]
 
 
 def test_downsample_power_of_two_and_heads():
-    problems = _problems({"train_tokenizer": {"downsample": 3, "quantizer": {"type": "vq"}}, "train_prior": {"n_embd": 30, "n_head": 4}})
+    problems = _problems(
+        {"train_tokenizer": {"downsample": 3, "quantizer": {"type": "vq"}}, "train_prior": {"n_embd": 30, "n_head": 4}}
+    )
     assert "train_tokenizer.downsample" in problems
     assert any(k.startswith("train_prior") for k in problems)
 
@@ -138,7 +142,10 @@ def test_stage_exits_2_before_any_work(tmp_path):
     # would create it there.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.shard"], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "pipelines.shard"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         env={**env, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 2

@@ -26,7 +26,10 @@ def test_files_of_urls_pipes_and_repeats(tmp_path):
     listing = tmp_path / "urls.txt"
     listing.write_text(f"# shards\n{tmp_path / 'one.tar'}\n\ns3://b/{{0..1}}.tar\npipe:curl -s https://h/2.tar\n")
     assert expand_inputs([f"@{listing}", "s3://b/1.tar"]) == [
-        str(tmp_path / "one.tar"), "s3://b/0.tar", "s3://b/1.tar", "pipe:curl -s https://h/2.tar",
+        str(tmp_path / "one.tar"),
+        "s3://b/0.tar",
+        "s3://b/1.tar",
+        "pipe:curl -s https://h/2.tar",
     ]
 
 

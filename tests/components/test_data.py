@@ -61,7 +61,12 @@ def test_token_parquet_round_trip_with_metadata(tmp_path, codebook_size, arrow_t
     tokens = rng.integers(0, codebook_size, (5, 12))
     labels = np.array([0, 1, 2, 1, 0])
     table = token_io.token_table(
-        [f"k{i}" for i in range(5)], {"tokens": tokens}, labels, fingerprint="f" * 64, codebook_size=codebook_size, grid=(3, 4)
+        [f"k{i}" for i in range(5)],
+        {"tokens": tokens},
+        labels,
+        fingerprint="f" * 64,
+        codebook_size=codebook_size,
+        grid=(3, 4),
     )
     token_io.write_part(table, tmp_path / "part-train-000000.parquet")
     assert [p.name for p in tmp_path.iterdir()] == ["part-train-000000.parquet"]  # no temporary left behind
@@ -82,7 +87,12 @@ def test_several_token_columns_flatten_position_by_position(tmp_path):
     group0 = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     group1 = group0 + 100
     table = token_io.token_table(
-        ["a", "b"], {"tokens_group0": group0, "tokens_group1": group1}, None, fingerprint="f" * 64, codebook_size=70000, grid=(2, 2)
+        ["a", "b"],
+        {"tokens_group0": group0, "tokens_group1": group1},
+        None,
+        fingerprint="f" * 64,
+        codebook_size=70000,
+        grid=(2, 2),
     )
     token_io.write_part(table, tmp_path / "part-x.parquet")
     schema = pq.read_schema(tmp_path / "part-x.parquet")
@@ -104,8 +114,10 @@ def _two_level_parts(tmp_path, fingerprint="f" * 64):
             [f"p{i}-{k}" for k in range(n)],
             {"tokens_top": rng.integers(0, 9, (n, 2)), "tokens_bottom": rng.integers(0, 16, (n, 4))},
             np.arange(n) if i == 0 else None,
-            fingerprint=fingerprint, codebook_size=16,
-            grid={"tokens_top": (1, 2), "tokens_bottom": (2, 2)}, levels=[["tokens_top"], ["tokens_bottom"]],
+            fingerprint=fingerprint,
+            codebook_size=16,
+            grid={"tokens_top": (1, 2), "tokens_bottom": (2, 2)},
+            levels=[["tokens_top"], ["tokens_bottom"]],
         )
         write_part(table, tmp_path / f"part-{i}.parquet")
         paths.append(tmp_path / f"part-{i}.parquet")
@@ -143,8 +155,14 @@ def test_captions_and_meta_travel_as_nullable_string_columns(tmp_path):
     from components.data.tokens import token_table, write_part
 
     table = token_table(
-        ["a", "b"], {"tokens": np.zeros((2, 4), dtype=np.int64)}, None, fingerprint="f" * 64, codebook_size=16, grid=(2, 2),
-        captions=["a red circle", None], meta=[None, None],
+        ["a", "b"],
+        {"tokens": np.zeros((2, 4), dtype=np.int64)},
+        None,
+        fingerprint="f" * 64,
+        codebook_size=16,
+        grid=(2, 2),
+        captions=["a red circle", None],
+        meta=[None, None],
     )
     write_part(table, tmp_path / "part.parquet")
     read = pq.read_table(tmp_path / "part.parquet")

@@ -7,7 +7,9 @@ from components.priors.export import PriorMismatch
 
 def _prior(num_classes=3) -> TransformerPrior:
     torch.manual_seed(0)
-    return TransformerPrior(PriorConfig(vocab_size=11, seq_len=9, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16)).eval()
+    return TransformerPrior(
+        PriorConfig(vocab_size=11, seq_len=9, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16)
+    ).eval()
 
 
 def test_kv_cache_gives_the_logits_of_full_recomputation():
@@ -95,26 +97,45 @@ from components.priors.sampling import guided  # noqa: E402
 
 def _layout_prior(num_classes=3, **kw) -> TransformerPrior:
     torch.manual_seed(0)
-    cfg = PriorConfig(vocab_size=11, seq_len=12, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16, layout=((3, 2, 2),), **kw)
+    cfg = PriorConfig(
+        vocab_size=11, seq_len=12, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16, layout=((3, 2, 2),), **kw
+    )
     return TransformerPrior(cfg).eval()
 
 
 def _hierarchical(num_classes=3) -> HierarchicalPrior:
     torch.manual_seed(0)
-    top = PriorConfig(vocab_size=5, seq_len=4, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16, layout=((2, 2, 1),))
+    top = PriorConfig(
+        vocab_size=5, seq_len=4, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16, layout=((2, 2, 1),)
+    )
     bottom = PriorConfig(
-        vocab_size=9, seq_len=16, num_classes=num_classes, n_layer=2, n_head=2, n_embd=16,
-        layout=((2, 2, 1), (4, 4, 1)), prefix_len=4, prefix_vocab=5,
+        vocab_size=9,
+        seq_len=16,
+        num_classes=num_classes,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        layout=((2, 2, 1), (4, 4, 1)),
+        prefix_len=4,
+        prefix_vocab=5,
     )
     return HierarchicalPrior(top, bottom).eval()
 
 
 @pytest.mark.parametrize("kind", ["2d-rmsnorm-tied", "hierarchical", "guided", "nucleus"])
 def test_cached_sampling_equals_uncached_for_every_kind(kind):
-    model = _hierarchical() if kind == "hierarchical" else _layout_prior(norm="rmsnorm", tie_weights=True) if kind == "2d-rmsnorm-tied" else _layout_prior()
+    model = (
+        _hierarchical()
+        if kind == "hierarchical"
+        else _layout_prior(norm="rmsnorm", tie_weights=True)
+        if kind == "2d-rmsnorm-tied"
+        else _layout_prior()
+    )
     opts = {"guided": {"cfg_scale": 2.5}, "nucleus": {"top_p": 0.7}}.get(kind, {})
     labels = torch.tensor([0, 1, 2, -1, 1])
-    runs = [sample(model, 5, labels, generator=torch.Generator().manual_seed(1), use_cache=c, **opts) for c in (True, False)]
+    runs = [
+        sample(model, 5, labels, generator=torch.Generator().manual_seed(1), use_cache=c, **opts) for c in (True, False)
+    ]
     assert torch.equal(runs[0], runs[1]) and runs[0].shape == (5, model.seq_len)
 
 
@@ -154,7 +175,9 @@ def test_the_bottom_prior_depends_on_the_top_tokens():
 
 def test_samples_stay_inside_top_k_and_top_p():
     torch.manual_seed(0)
-    model = TransformerPrior(PriorConfig(vocab_size=16, seq_len=10, n_layer=1, n_head=2, n_embd=16, layout=((2, 5, 1),))).eval()
+    model = TransformerPrior(
+        PriorConfig(vocab_size=16, seq_len=10, n_layer=1, n_head=2, n_embd=16, layout=((2, 5, 1),))
+    ).eval()
     with torch.no_grad():
         model.tok_emb.weight.mul_(20)  # peaked distributions: the nucleus is a real cut
     for opts in ({"top_k": 3}, {"top_p": 0.6}, {"top_k": 5, "top_p": 0.8}):
@@ -171,7 +194,13 @@ def test_samples_stay_inside_top_k_and_top_p():
 
 @pytest.mark.parametrize(
     "opts, match",
-    [({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": 0}, "temperature"), ({"labels": torch.tensor([7])}, "out of range")],
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": 0}, "temperature"),
+        ({"labels": torch.tensor([7])}, "out of range"),
+    ],
 )
 def test_bad_sampling_settings_are_refused(opts, match):
     opts = {"labels": torch.tensor([1]), **opts}
@@ -211,7 +240,9 @@ def test_prior_learns_a_markov_chain_to_its_entropy():
     true_bits = total / length
 
     torch.manual_seed(0)
-    model = TransformerPrior(PriorConfig(vocab_size=4, seq_len=length, n_layer=2, n_head=2, n_embd=32, layout=((4, 4, 1),)))
+    model = TransformerPrior(
+        PriorConfig(vocab_size=4, seq_len=length, n_layer=2, n_head=2, n_embd=32, layout=((4, 4, 1),))
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     train = chain(20000)
     for step in range(250):
@@ -287,8 +318,8 @@ def test_precision_recall_on_constructed_sets():
 
 
 def test_class_consistency_judge_tells_shapes_apart():
-    from components.data.shapes import render
     from components.data.images import to_array
+    from components.data.shapes import render
 
     pairs = [render(i) for i in range(400)]
     images = torch.from_numpy(np.stack([to_array(img) for img, _ in pairs])).float() / 255

@@ -5,8 +5,13 @@ from components.quantizers import VQConfig
 from components.tokenizers import VQVAE, Tokenizer
 
 CONFIG = {
-    "arch": "vqvae", "image_size": 16, "channels": 8, "num_downsamples": 2,
-    "num_res_blocks": 1, "latent_dim": 4, "quantizer": VQConfig(codebook_size=16).model_dump(),
+    "arch": "vqvae",
+    "image_size": 16,
+    "channels": 8,
+    "num_downsamples": 2,
+    "num_res_blocks": 1,
+    "latent_dim": 4,
+    "quantizer": VQConfig(codebook_size=16).model_dump(),
 }
 
 

@@ -16,7 +16,17 @@ from components.config import parse_params
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT_FILES = ["components", "pipelines", "flows", "dvc.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+PROJECT_FILES = [
+    "components",
+    "pipelines",
+    "flows",
+    "dvc.yaml",
+    "pyproject.toml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+]
 
 
 def _make_repo(dest: Path) -> Path:
@@ -51,14 +61,22 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     first = pipeline(repo=str(repo))
     assert [s["stage"] for s in first["stages"]] == list(STAGES)
     assert all(s["ran"] for s in first["stages"])
-    for out in ("samples/grid.png", "eval/reconstructions.png", "metrics/evaluate.json", "models/tokenizer/model.safetensors", "data/tokens/_manifest.json"):
+    for out in (
+        "samples/grid.png",
+        "eval/reconstructions.png",
+        "metrics/evaluate.json",
+        "models/tokenizer/model.safetensors",
+        "data/tokens/_manifest.json",
+    ):
         assert (repo / out).exists(), out
     assert (repo / "dvc.lock").exists()
     # The token shards come from this repo's shards (not from some other working directory).
     shards = json.loads((repo / "data/shards/manifest.json").read_text())
     tokens = json.loads((repo / "data/tokens/_manifest.json").read_text())
     assert {split: tokens["splits"][split]["rows"] for split in ("train", "val")} == shards["samples"]
-    assert sorted(p["input_shard"] for p in tokens["parts"]) == sorted(f"data/shards/{s['name']}" for s in shards["shards"])
+    assert sorted(p["input_shard"] for p in tokens["parts"]) == sorted(
+        f"data/shards/{s['name']}" for s in shards["shards"]
+    )
 
     parent = mlflow.get_run(first["mlflow_run_id"])
     assert parent.data.tags["prefect.flow_run_id"] == first["flow_run_id"] != ""
@@ -114,5 +132,9 @@ def test_downstream_follows_outputs_through_the_dag():
         "sample": ["shard"],
         "evaluate": ["shard"],
     }
-    assert downstream(ROOT, {"tokenize"}) == {"train_prior": ["tokenize"], "sample": ["tokenize"], "evaluate": ["tokenize"]}
+    assert downstream(ROOT, {"tokenize"}) == {
+        "train_prior": ["tokenize"],
+        "sample": ["tokenize"],
+        "evaluate": ["tokenize"],
+    }
     assert downstream(ROOT, {"sample"}) == {}

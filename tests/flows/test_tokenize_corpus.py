@@ -46,7 +46,11 @@ def reference(corpus, tiny_project, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     job = CorpusJob(
         inputs=[str(t.path) for t in truths] + [str(root / "shards" / "gone-00099.tar")],
-        output=str(out), tokenizer=str(paths.tokenizer), batch_size=4, in_process=True, retry_delay=0,
+        output=str(out),
+        tokenizer=str(paths.tokenizer),
+        batch_size=4,
+        in_process=True,
+        retry_delay=0,
     )
     return out, tokenize_corpus(job)
 
@@ -64,7 +68,9 @@ def _cli_env(prefect_url: str) -> dict:
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """Run in a process group of its own, killed whole on timeout (Ray nodes included)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -100,7 +106,10 @@ def test_counts_add_up_and_odd_images_become_rows(reference, corpus, tiny_projec
     # The truncated shard and the missing one: retried, then failed, and no part for either.
     failed = {Path(f["input_shard"]).name: f for f in manifest["failed"]}
     assert set(failed) == {truths[-1].path.name, "gone-00099.tar"}
-    assert "truncated tar" in failed[truths[-1].path.name]["error"] and "no such shard" in failed["gone-00099.tar"]["error"]
+    assert (
+        "truncated tar" in failed[truths[-1].path.name]["error"]
+        and "no such shard" in failed["gone-00099.tar"]["error"]
+    )
     assert all(f["attempts"] == 3 for f in failed.values())
     assert len(_parts(out)) == 23 and not list(out.glob(".*"))
 
@@ -156,7 +165,11 @@ def test_two_ray_nodes_give_the_same_output_as_one_process(reference, corpus, ti
     env = {**_cli_env(prefect_url), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = _run([sys.executable, "-c", script], tmp_path, env, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "2 of 25 input shards failed" in proc.stderr and "gone-00099.tar" in proc.stderr and "corpus-00023.tar" in proc.stderr
+    assert (
+        "2 of 25 input shards failed" in proc.stderr
+        and "gone-00099.tar" in proc.stderr
+        and "corpus-00023.tar" in proc.stderr
+    )
     assert "on 2 Ray nodes" in proc.stdout, proc.stdout
     assert _parts(out) == _parts(out_ref)  # byte for byte
     assert token_io.read_manifest(out) == token_io.read_manifest(out_ref)
@@ -172,16 +185,40 @@ def test_killed_midway_then_rerun_gives_the_uninterrupted_output(corpus, tiny_pr
     listing = tmp_path / "inputs.txt"
     listing.write_text("\n".join(inputs) + "\n")
     ref = tmp_path / "ref"
-    tokenize_corpus(CorpusJob(inputs=inputs, output=str(ref), tokenizer=str(paths.tokenizer), batch_size=4, in_process=True))
+    tokenize_corpus(
+        CorpusJob(inputs=inputs, output=str(ref), tokenizer=str(paths.tokenizer), batch_size=4, in_process=True)
+    )
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "flows.cli", "tokenize", "--tokenizer", str(paths.tokenizer), "--input", f"@{listing}",
-           "--output", str(out), "--batch-size", "4", "--in-process"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "tokenize",
+        "--tokenizer",
+        str(paths.tokenizer),
+        "--input",
+        f"@{listing}",
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--in-process",
+    ]
     gate.touch()
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_cli_env(prefect_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=_cli_env(prefect_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while len(list(out.glob("part-*.parquet"))) < 22:  # all but the blocked shard (two shards run at once)
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "timeout"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "timeout"
+        )
         time.sleep(0.05)
     time.sleep(0.3)  # the blocked shard is being read
     os.killpg(proc.pid, signal.SIGKILL)
@@ -212,11 +249,20 @@ def test_another_tokenizer_redoes_the_parts_and_overwrite_redoes_all(reference, 
     other = Tokenizer.load(tmp_path / "other")
     out = tmp_path / "tokens"
     shutil.copytree(out_ref, out)
-    job = CorpusJob(inputs=[str(t.path) for t in truths[:-1]], output=str(out), tokenizer=str(tmp_path / "other"), batch_size=4, in_process=True)
+    job = CorpusJob(
+        inputs=[str(t.path) for t in truths[:-1]],
+        output=str(out),
+        tokenizer=str(tmp_path / "other"),
+        batch_size=4,
+        in_process=True,
+    )
     result = tokenize_corpus(job)
     assert (result.tokenized, result.skipped) == (23, 0)
     assert {token_io.part_info(p).fingerprint for p in out.glob("part-*.parquet")} == {other.fingerprint}
-    assert token_io.read_tokens(sorted(out.glob("part-*.parquet")), fingerprint=other.fingerprint).tokens.shape[0] == result.manifest["rows"]
+    assert (
+        token_io.read_tokens(sorted(out.glob("part-*.parquet")), fingerprint=other.fingerprint).tokens.shape[0]
+        == result.manifest["rows"]
+    )
     with pytest.raises(token_io.TokenShardMismatch):
         token_io.read_tokens(sorted(out.glob("part-*.parquet")), fingerprint=first.manifest["tokenizer_fingerprint"])
     again = tokenize_corpus(job)
@@ -230,7 +276,11 @@ def test_tokenizer_from_the_mlflow_registry(tiny_project, tmp_path, mlflow_store
 
     paths, results = tiny_project
     client = MlflowClient(tracking_uri=mlflow_store)
-    version = next(v for v in client.search_model_versions("name='vqpipe-tokenizer'") if v.run_id == results["train_tokenizer"].run_id)
+    version = next(
+        v
+        for v in client.search_model_versions("name='vqpipe-tokenizer'")
+        if v.run_id == results["train_tokenizer"].run_id
+    )
     client.set_registered_model_alias("vqpipe-tokenizer", "champion", version.version)
     local = resolve_tokenizer("models:/vqpipe-tokenizer@champion", tmp_path)
     assert Tokenizer.load(local).fingerprint == results["train_tokenizer"].fingerprint
@@ -245,7 +295,10 @@ def test_cli_bad_input_exits_2_before_any_work(tmp_path, tiny_project):
     from flows.cli import main
 
     paths, _ = tiny_project
-    assert main(["tokenize", "--tokenizer", str(tmp_path / "none"), "--input", "x.tar", "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(["tokenize", "--tokenizer", str(tmp_path / "none"), "--input", "x.tar", "--output", str(tmp_path / "o")])
+        == 2
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -259,11 +312,19 @@ def test_any_fsspec_destination_and_text_classes(tiny_project, tmp_path):
     paths, _ = tiny_project
     png = io_png()
     _tar(tmp_path / "named.tar", {"a.png": png, "a.cls": b"dog", "b.png": png, "b.cls": b"cat", "c.png": png})
-    job = CorpusJob(inputs=[str(tmp_path / "named.tar")], output="memory://corpus-tokens", tokenizer=str(paths.tokenizer), in_process=True)
+    job = CorpusJob(
+        inputs=[str(tmp_path / "named.tar")],
+        output="memory://corpus-tokens",
+        tokenizer=str(paths.tokenizer),
+        in_process=True,
+    )
     result = tokenize_corpus(job)
     assert result.manifest["rows"] == 3 and token_io.read_manifest("memory://corpus-tokens") == result.manifest
     fs = fsspec.filesystem("memory")
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/corpus-tokens", detail=False)) == ["_manifest.json", "part-named.parquet"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/corpus-tokens", detail=False)) == [
+        "_manifest.json",
+        "part-named.parquet",
+    ]
     with fs.open("/corpus-tokens/part-named.parquet", "rb") as f:
         table = pq.read_table(f)
     assert table.column("cls").to_pylist() == ["dog", "cat", None] and "label" not in table.column_names

@@ -27,8 +27,18 @@ ARCHS = {
         {"tokens_top": [2, 2], "tokens_bottom": [4, 4]},
     ),
     "vqgan": (
-        {"arch": "vqgan", "recon_loss": "l1", "perceptual_weight": 0.1,
-         "vqgan": {"disc_start": 2, "disc_channels": 8, "disc_layers": 2, "disc_loss": "non_saturating", "lecam_weight": 0.01}},
+        {
+            "arch": "vqgan",
+            "recon_loss": "l1",
+            "perceptual_weight": 0.1,
+            "vqgan": {
+                "disc_start": 2,
+                "disc_channels": 8,
+                "disc_layers": 2,
+                "disc_loss": "non_saturating",
+                "lecam_weight": 0.01,
+            },
+        },
         {"tokens": [4, 4]},
     ),
 }
@@ -37,7 +47,13 @@ ARCHS = {
 def _params(tmp_path, **tokenizer):
     raw = {
         **TINY,
-        "train_tokenizer": {**TINY["train_tokenizer"], "steps": 4, "val_every": 4, "checkpoint_dir": str(tmp_path / "ckpt"), **tokenizer},
+        "train_tokenizer": {
+            **TINY["train_tokenizer"],
+            "steps": 4,
+            "val_every": 4,
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+            **tokenizer,
+        },
         "train_prior": {**TINY["train_prior"], "steps": 2, "val_every": 2},
         "sample": {"num_per_class": 1, "batch_size": 4},
     }
@@ -80,7 +96,9 @@ def test_pipeline_with_each_architecture(arch, tiny_project, tmp_path, mlflow_st
     run = MlflowClient(mlflow_store).get_run(result.run_id)
     assert {"loss", "recon_loss", "codebook_usage", "perplexity", "lr", "val_psnr", "val_ssim"} <= set(run.data.metrics)
     if arch == "vqgan":
-        assert {"g_loss", "d_loss", "adaptive_weight", "lecam_penalty", "perceptual_loss", "lr_disc"} <= set(run.data.metrics)
+        assert {"g_loss", "d_loss", "adaptive_weight", "lecam_penalty", "perceptual_loss", "lr_disc"} <= set(
+            run.data.metrics
+        )
         assert run.data.params["train_tokenizer.vqgan.disc_start"] == "2"
     else:
         assert {"codebook_usage_top", "codebook_usage_bottom"} <= set(run.data.metrics)
@@ -93,8 +111,14 @@ def _tokenizer_state(root):
 def _kill_at_first_checkpoint(module: str, cwd, ckpt_dir) -> dict:
     """Run the stage `module` in `cwd`, SIGKILL it (its whole process group: the stage and its
     loader processes, like a lost machine) as soon as its first checkpoint exists; that checkpoint."""
-    proc = subprocess.Popen([sys.executable, "-m", module], cwd=cwd, env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=cwd,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         if (ckpt_dir / "checkpoint.pt").is_file():
@@ -108,9 +132,16 @@ def _kill_at_first_checkpoint(module: str, cwd, ckpt_dir) -> dict:
 
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path):
     built, _ = tiny_project
-    tokenizer = {"arch": "vqgan", "steps": 24, "checkpoint_every": 3, "num_workers": 2, "val_every": 12, "log_every": 4,
-                 "vqgan": {"disc_start": 4, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.01},
-                 "checkpoint_dir": "checkpoints/train_tokenizer"}
+    tokenizer = {
+        "arch": "vqgan",
+        "steps": 24,
+        "checkpoint_every": 3,
+        "num_workers": 2,
+        "val_every": 12,
+        "log_every": 4,
+        "vqgan": {"disc_start": 4, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.01},
+        "checkpoint_dir": "checkpoints/train_tokenizer",
+    }
     raw, params = _params(tmp_path, **tokenizer)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     for root in (killed, straight):
@@ -148,13 +179,23 @@ def test_two_ray_train_workers_train_one_run_with_identical_replicas(tiny_projec
 
     built, _ = tiny_project
     # VQ-GAN: DDP with two optimizers, the adaptive weight and LeCAM's averages across replicas.
-    _, params = _params(tmp_path, workers=2, steps=6, checkpoint_every=3, log_every=1, use_gpu=False, arch="vqgan",
-                        vqgan={"disc_start": 2, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.01})
+    _, params = _params(
+        tmp_path,
+        workers=2,
+        steps=6,
+        checkpoint_every=3,
+        log_every=1,
+        use_gpu=False,
+        arch="vqgan",
+        vqgan={"disc_start": 2, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.01},
+    )
     paths = Paths(tmp_path)
     shutil.copytree(built.shards, paths.shards)
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("vqpipe")
-    stage_runs = lambda: client.search_runs([experiment.experiment_id], "tags.`vqpipe.stage` = 'train_tokenizer'", max_results=1000)  # noqa: E731
+    stage_runs = lambda: client.search_runs(
+        [experiment.experiment_id], "tags.`vqpipe.stage` = 'train_tokenizer'", max_results=1000
+    )  # noqa: E731
     before = len(stage_runs())
 
     result = train_tokenizer.run(params.train_tokenizer, paths)
@@ -171,8 +212,9 @@ def test_two_ray_train_workers_train_one_run_with_identical_replicas(tiny_projec
 
 def test_compiled_training_keeps_checkpoint_and_export_names(tiny_project, tmp_path):
     built, _ = tiny_project
-    _, params = _params(tmp_path, compile=True, steps=3, arch="vqgan",
-                        vqgan={"disc_start": 1, "disc_channels": 8, "disc_layers": 2})
+    _, params = _params(
+        tmp_path, compile=True, steps=3, arch="vqgan", vqgan={"disc_start": 1, "disc_channels": 8, "disc_layers": 2}
+    )
     paths = Paths(tmp_path)
     shutil.copytree(built.shards, paths.shards)
     train_tokenizer.run(params.train_tokenizer, paths)
@@ -183,7 +225,10 @@ def test_compiled_training_keeps_checkpoint_and_export_names(tiny_project, tmp_p
 
 def test_a_killed_prior_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path):
     built, _ = tiny_project
-    raw = {**TINY, "train_prior": {**TINY["train_prior"], "steps": 120, "checkpoint_every": 5, "val_every": 60, "log_every": 20}}
+    raw = {
+        **TINY,
+        "train_prior": {**TINY["train_prior"], "steps": 120, "checkpoint_every": 5, "val_every": 60, "log_every": 20},
+    }
     params = parse_params(raw)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     for root in (killed, straight):
@@ -199,7 +244,9 @@ def test_a_killed_prior_run_resumes_to_the_uninterrupted_result(tiny_project, tm
         train_prior.run(changed, Paths(killed))
     resumed = train_prior.run(params.train_prior, Paths(killed))
     assert resumed.metrics["resumed_from_step"] == state["step"]
-    fresh = train_prior.run(params.train_prior.model_copy(update={"checkpoint_dir": str(tmp_path / "other")}), Paths(straight))
+    fresh = train_prior.run(
+        params.train_prior.model_copy(update={"checkpoint_dir": str(tmp_path / "other")}), Paths(straight)
+    )
     assert fresh.metrics["resumed_from_step"] == 0
     from components.priors import load_prior
 
@@ -216,8 +263,19 @@ def test_the_prior_trains_on_two_ray_train_workers(tiny_project, tmp_path, mlflo
     from components.priors import load_prior
 
     built, _ = tiny_project
-    raw = {**TINY, "train_prior": {**TINY["train_prior"], "workers": 2, "use_gpu": False, "steps": 6, "checkpoint_every": 3,
-                                   "log_every": 1, "val_every": 3, "checkpoint_dir": str(tmp_path / "ckpt")}}
+    raw = {
+        **TINY,
+        "train_prior": {
+            **TINY["train_prior"],
+            "workers": 2,
+            "use_gpu": False,
+            "steps": 6,
+            "checkpoint_every": 3,
+            "log_every": 1,
+            "val_every": 3,
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+        },
+    }
     params = parse_params(raw)
     paths = Paths(tmp_path)
     shutil.copytree(built.tokens, paths.tokens)

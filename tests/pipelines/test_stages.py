@@ -132,4 +132,7 @@ def test_evaluate(tiny_project):
     runs = _stage_runs("evaluate")
     logged = runs[runs.run_id == results["evaluate"].run_id].iloc[0]
     assert logged["metrics.psnr"] == pytest.approx(metrics["psnr"])
-    assert logged["metrics.fid"] == pytest.approx(metrics["fid"]) and logged["tags.vqpipe.feature_space"] == "tokenizer_encoder"
+    assert (
+        logged["metrics.fid"] == pytest.approx(metrics["fid"])
+        and logged["tags.vqpipe.feature_space"] == "tokenizer_encoder"
+    )

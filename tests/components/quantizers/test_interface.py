@@ -17,7 +17,13 @@ CONFIGS = {
     "gumbel": {"type": "gumbel", "codebook_size": 16},
     "product": {"type": "product", "codebook_size": 16, "groups": 2},
     "residual": {"type": "residual", "codebook_size": 16, "stages": 3},
-    "residual-shared-lowdim": {"type": "residual", "codebook_size": 16, "stages": 2, "shared_codebook": True, "codebook_dim": 4},
+    "residual-shared-lowdim": {
+        "type": "residual",
+        "codebook_size": 16,
+        "stages": 2,
+        "shared_codebook": True,
+        "codebook_dim": 4,
+    },
     "fsq": {"type": "fsq", "levels": [4, 3, 5]},
     "lfq": {"type": "lfq", "codebook_size": 64},
 }

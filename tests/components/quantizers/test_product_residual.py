@@ -53,7 +53,11 @@ def test_quantizer_dropout_keeps_a_prefix_of_the_stages_per_sample():
     out = rq(z)
     kept = []
     for b in range(64):
-        matches = [s for s in range(1, 5) if torch.equal(before.indices_to_codes(out.indices[b : b + 1], stages=s), out.quantized[b : b + 1])]
+        matches = [
+            s
+            for s in range(1, 5)
+            if torch.equal(before.indices_to_codes(out.indices[b : b + 1], stages=s), out.quantized[b : b + 1])
+        ]
         assert matches, f"sample {b} is not the sum of a prefix of its stages"
         kept.append(matches[0])
     assert set(kept) == {1, 2, 3, 4}
