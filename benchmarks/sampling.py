@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from components.priors import PriorConfig, TransformerPrior, sample
-    from pipelines.common import resolve_device
+    from pipelines.runtime import resolve_device
 
     device = resolve_device(args.device)
     side = math.isqrt(args.length)

@@ -61,7 +61,7 @@ class ForwardWorker:
     def __init__(self, files, device, threads):
         import torch
 
-        from pipelines.common import resolve_device
+        from pipelines.runtime import resolve_device
         from pipelines.tokenize import load_tokenizer_files
 
         torch.set_num_threads(threads)
@@ -113,7 +113,7 @@ def main() -> None:
     from components.data.corpus import read_shard
     from components.data.images import decode_image, to_array
     from components.tokenizers.tokenizer import CONFIG_FILE, WEIGHTS_FILE, Tokenizer, export_config
-    from pipelines.common import init_ray
+    from pipelines.distributed import init_ray
     from pipelines.tokenize import CorpusJob, tokenize_corpus
     from pipelines.train_tokenizer import build_model
 

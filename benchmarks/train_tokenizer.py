@@ -31,7 +31,7 @@ def _steps_per_second(batches, cfg, steps: int, warmup: int) -> float:
     """Median over 3 windows of steps/s, after `warmup` steps (k-means init, worker start-up)."""
     import torch
 
-    from pipelines.common import resolve_device
+    from pipelines.runtime import resolve_device
     from pipelines.train_tokenizer import build_trainer, compile_convolutions
 
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def main() -> None:
         print(f"| WebDataset loader, num_workers={workers} | {rate:.2f} | {rate / reference:.2f} |", flush=True)
 
     from pipelines import train_tokenizer
-    from pipelines.common import init_ray
+    from pipelines.distributed import init_ray
 
     init_ray()
     print(f"\n## The train_tokenizer stage, {args.steps} steps, global batch {cfg.batch_size}\n")

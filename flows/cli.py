@@ -125,8 +125,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from pipelines.common import MLFLOW_SCHEMES
     from pipelines.tokenize import resolve_tokenizer
+    from pipelines.tracking import MLFLOW_SCHEMES
 
     if not args.tokenizer.startswith(MLFLOW_SCHEMES):
         try:  # a wrong local path fails here, before Prefect and Ray start
@@ -135,7 +135,7 @@ def cmd_tokenize(args) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     from flows.tokenize import ShardsFailed, tokenize_flow
-    from pipelines.common import setup_logging
+    from pipelines.runtime import setup_logging
 
     setup_logging()  # the plan, retries and failures (vqpipe.tokenize) beside Prefect's lines
     logging.getLogger("vqpipe").setLevel(logging.INFO)
@@ -171,8 +171,8 @@ def cmd_sample(args) -> int:
     import math
 
     from components.metrics import save_grid
-    from pipelines.common import MLFLOW_SCHEMES
     from pipelines.sample import draw
+    from pipelines.tracking import MLFLOW_SCHEMES
 
     repo = Path(args.repo)
 

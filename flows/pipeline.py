@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from components.config import load_params
 from flows.dvc import STAGES, repro_stage, stage_status
-from pipelines.common import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, PARENT_RUN_ENV, absolute_tracking_uri
+from pipelines.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, PARENT_RUN_ENV, absolute_tracking_uri
 
 RESUMABLE_STAGES = ("train_tokenizer", "train_prior")
 

@@ -35,7 +35,8 @@ from components.metrics.generation import (
 )
 from components.priors import load_prior, sample_images
 from components.tokenizers import Tokenizer
-from pipelines.common import Paths, resolve_device, stage_main, stage_run
+from pipelines.runtime import Paths, resolve_device, stage_main
+from pipelines.tracking import stage_run
 
 log = logging.getLogger("vqpipe.evaluate")
 GRID_COLUMNS = 16

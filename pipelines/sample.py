@@ -19,7 +19,8 @@ from components.config import SampleConfig
 from components.metrics import make_grid, save_grid
 from components.priors import load_prior, sample_images
 from components.tokenizers import Tokenizer
-from pipelines.common import Paths, resolve_device, seed_everything, stage_main, stage_run
+from pipelines.runtime import Paths, resolve_device, seed_everything, stage_main
+from pipelines.tracking import stage_run
 
 log = logging.getLogger("vqpipe.sample")
 
@@ -131,7 +132,7 @@ def draw(
     import tempfile
 
     from components.priors.sampling import check_sampling
-    from pipelines.common import fetch_export
+    from pipelines.tracking import fetch_export
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

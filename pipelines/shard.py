@@ -18,7 +18,9 @@ from pathlib import Path
 from components.config import ShardConfig
 from components.data.shards import Partition, PartitionResult, plan_partitions, write_manifest, write_partition
 from components.data.sources import open_source
-from pipelines.common import Paths, init_ray, stage_main, stage_run
+from pipelines.distributed import init_ray
+from pipelines.runtime import Paths, stage_main
+from pipelines.tracking import stage_run
 
 log = logging.getLogger("vqpipe.shard")
 

@@ -30,7 +30,9 @@ from components.data.corpus import ShardUnreadable
 from components.data.tokenization import ShardTokens, part_names, tokenize_shard
 from components.tokenizers import Tokenizer
 from components.tokenizers.tokenizer import CONFIG_FILE, WEIGHTS_FILE
-from pipelines.common import Paths, fetch_export, init_ray, resolve_device, stage_main, stage_run
+from pipelines.distributed import init_ray
+from pipelines.runtime import Paths, resolve_device, stage_main
+from pipelines.tracking import fetch_export, stage_run
 
 log = logging.getLogger("vqpipe.tokenize")
 
@@ -40,7 +42,7 @@ SHARDS_AT_ONCE = 2  # per worker
 def resolve_tokenizer(spec: str, dest: str | Path) -> Path:
     """The local directory of the tokenizer `spec` names: an export directory as it is, or an
     MLflow model or artifact URI (`models:/name@alias`, `models:/name/3`, `runs:/id/tokenizer`)
-    downloaded into `dest` (see `pipelines.common.fetch_export`)."""
+    downloaded into `dest` (see `pipelines.tracking.fetch_export`)."""
     return fetch_export(spec, dest, "tokenizer")
 
 

@@ -42,18 +42,9 @@ from components.metrics import bits_per_token
 from components.priors import build_prior, save_prior
 from components.tokenizers import Tokenizer
 from components.tokenizers.tokenizer import state_fingerprint
-from pipelines.common import (
-    MetricLogger,
-    Paths,
-    absolute_tracking_uri,
-    autocast_dtype,
-    register_export,
-    resolve_device,
-    seed_everything,
-    stage_main,
-    stage_run,
-    train_on_ray,
-)
+from pipelines.distributed import train_on_ray
+from pipelines.runtime import Paths, autocast_dtype, resolve_device, seed_everything, stage_main
+from pipelines.tracking import MetricLogger, absolute_tracking_uri, register_export, stage_run
 
 log = logging.getLogger("vqpipe.train_prior")
 

@@ -45,18 +45,9 @@ from components.metrics import make_grid, psnr, ssim
 from components.tokenizers import VQVAE, VQVAE2, Tokenizer, export_config, state_fingerprint
 from components.tokenizers.lpips import LPIPS, reconstruction_loss
 from components.tokenizers.vqgan import LeCAM, PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from pipelines.common import (
-    MetricLogger,
-    Paths,
-    absolute_tracking_uri,
-    autocast_dtype,
-    register_export,
-    resolve_device,
-    seed_everything,
-    stage_main,
-    stage_run,
-    train_on_ray,
-)
+from pipelines.distributed import train_on_ray
+from pipelines.runtime import Paths, autocast_dtype, resolve_device, seed_everything, stage_main
+from pipelines.tracking import MetricLogger, absolute_tracking_uri, register_export, stage_run
 
 log = logging.getLogger("vqpipe.train_tokenizer")
 VAL_IMAGES = 512  # validation images per evaluation: enough for a stable PSNR, cheap on CPU

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from components.config import Params, parse_params  # noqa: E402
-from pipelines.common import Paths  # noqa: E402
+from pipelines.runtime import Paths
 
 TINY = {
     "shard": {"num_images": 160, "image_size": 16, "samples_per_shard": 40, "val_fraction": 0.2},

@@ -17,7 +17,7 @@ from components.config import parse_params
 from components.data import tokens as token_io
 from components.tokenizers import Tokenizer
 from pipelines import evaluate, sample, tokenize, train_prior, train_tokenizer
-from pipelines.common import Paths
+from pipelines.runtime import Paths
 from tests.components.test_architectures import _lpips_file
 from tests.conftest import TINY
 

@@ -13,7 +13,7 @@ from components.data import tokens as token_io
 from components.priors import load_prior
 from components.tokenizers import Tokenizer
 from pipelines import sample, tokenize, train_prior, train_tokenizer
-from pipelines.common import Paths
+from pipelines.runtime import Paths
 from tests.conftest import TINY
 
 QUANTIZERS = {

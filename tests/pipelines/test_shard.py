@@ -6,7 +6,7 @@ from PIL import Image
 from components.config import parse_params
 from components.data.shards import read_manifest
 from pipelines import shard
-from pipelines.common import Paths
+from pipelines.runtime import Paths
 from tests.conftest import TINY
 
 

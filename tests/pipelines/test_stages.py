@@ -90,7 +90,7 @@ def test_train_prior_refuses_tokens_of_another_tokenizer(tiny_project, tiny_para
     import shutil
 
     from pipelines import train_prior
-    from pipelines.common import Paths
+    from pipelines.runtime import Paths
 
     paths, _ = tiny_project
     other = Paths(tmp_path)

@@ -1,0 +1,89 @@
+"""How a stage runs on this machine: project paths, logging, the entry point, devices,
+precision and seeding. Nothing here changes what a stage produces."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.config import ConfigError, Params, load_params
+
+
+class Paths:
+    """Where the stages read and write, relative to a project root (the DVC repo)."""
+
+    def __init__(self, root: str | Path = "."):
+        root = Path(root)
+        self.root = root
+        self.shards = root / "data" / "shards"
+        self.tokens = root / "data" / "tokens"
+        self.tokenizer = root / "models" / "tokenizer"
+        self.prior = root / "models" / "prior"
+        self.samples = root / "samples"
+        self.eval = root / "eval"
+        self.metrics = root / "metrics"
+        self.plots = root / "plots"
+
+    def within(self, path: str | Path) -> Path:
+        """`path` as given when absolute, else under the project root (absolute either way)."""
+        path = Path(path)
+        return path if path.is_absolute() else (self.root / path).resolve()
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def stage_main(section: str, run: Callable, params_path: str = "params.yaml") -> None:
+    """Entry point of `python -m pipelines.<stage>`: params errors exit 2 before any work."""
+    setup_logging()
+    try:
+        params: Params = load_params(params_path)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run(getattr(params, section))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` (auto|fp32|bf16) on `device`; None means fp32.
+
+    auto picks bf16 only where it is computed natively: emulated bf16 is slower than fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and _cpu_has_native_bf16() else None
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
