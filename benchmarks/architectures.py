@@ -4,7 +4,7 @@ settings on the built-in shapes data. Prints a table (not a timed test).
     .venv/bin/python benchmarks/architectures.py [--steps 600] [--images 16000]
 
 Per architecture: tokens per image, validation PSNR and SSIM (all validation images, through the
-exported tokenizer), codebook usage (mean over levels), the stage's steps/s. VQ-GAN runs without
+exported tokenizer), codebook usage (mean over tiers), the stage's steps/s. VQ-GAN runs without
 LPIPS (no weights file here) and its discriminator starts halfway.
 """
 

@@ -2,22 +2,58 @@
 
 Every error names the offending key (`train_tokenizer.quantizer.codebook_size`) and what is
 allowed there; `ConfigError` carries them all. Stages take these models, never raw dicts.
+
+Each setting is an outcome (it changes what its stage produces: a DVC param, listed in
+dvc.yaml) or a runtime setting (`runtime(...)`: how fast, where or how verbosely the stage runs;
+not tracked, so changing it reruns nothing). `outcome_params` lists the former; a test keeps
+dvc.yaml equal to it. Keys renamed since an earlier version are refused with their new name.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from components.quantizers import QUANTIZERS, QuantizerConfig, options_of, types_with_option
 
+if TYPE_CHECKING:
+    import torch
+
 BUILTIN_SOURCES = ("shapes",)
 SOURCE_KINDS = ("builtin", "folder")
 Device = str  # "auto", "cpu", "cuda", "cuda:N"
+
+# Keys of an earlier version -> their name now (CHANGELOG.md). An old key is refused, naming the new one.
+RENAMED = {
+    "shard.num_workers": "shard.ray_tasks",
+    "train_tokenizer.workers": "train_tokenizer.ddp_workers",
+    "train_tokenizer.num_workers": "train_tokenizer.loader_workers",
+    "tokenize.num_actors": "tokenize.actors",
+    "tokenize.num_cpus_per_actor": "tokenize.cpus_per_actor",
+    "tokenize.num_gpus_per_actor": "tokenize.gpus_per_actor",
+    "train_prior.workers": "train_prior.ddp_workers",
+    "sample.temperature": "sample.sampling.temperature",
+    "sample.top_k": "sample.sampling.top_k",
+    "sample.top_p": "sample.sampling.top_p",
+    "sample.cfg_scale": "sample.sampling.guidance_scale",
+    "evaluate.sample_temperature": "evaluate.sampling.temperature",
+    "evaluate.sample_cfg_scale": "evaluate.sampling.guidance_scale",
+}
+
+
+def runtime(default: Any, **constraints: Any) -> Any:
+    """A field that only changes how fast, where or how verbosely a stage runs, never what it
+    produces: not a DVC param (see `outcome_params`)."""
+    return Field(default, json_schema_extra={"runtime": True}, **constraints)
+
+
+def is_runtime(model: type[BaseModel], name: str) -> bool:
+    extra = model.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("runtime"))
 
 
 class ConfigError(ValueError):
@@ -41,6 +77,44 @@ class _Section(BaseModel):
         raise ValueError(f"unknown device {value!r} (allowed: auto, cpu, cuda, cuda:N)")
 
 
+class SamplingOptions(BaseModel):
+    """How tokens are drawn. Invalid values fail when the options are made, naming the key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Divides the logits: < 1 sharper, > 1 more varied.
+    temperature: float = Field(1.0, gt=0)
+    # Draw only among the k likeliest codes (None: all).
+    top_k: int | None = Field(None, ge=1)
+    # Nucleus sampling: the smallest set of likeliest codes holding top_p of the probability.
+    top_p: float | None = Field(None, gt=0, le=1)
+    # Classifier-free guidance for a conditional prior, u + s (c - u): 1 = plain conditional
+    # sampling, 0 = unconditional, > 1 stronger class evidence.
+    guidance_scale: float = Field(1.0, ge=0)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def check(self, model, labels: torch.Tensor | None) -> None:
+        """ValueError when these options cannot sample `model` for `labels`, before any work."""
+        if self.guided and not model.num_classes:
+            raise ValueError(
+                f"guidance_scale {self.guidance_scale} needs a class-conditional prior; this one is unconditional"
+            )
+        if self.guided and labels is None:
+            raise ValueError("classifier-free guidance needs the classes to sample")
+        if labels is None or not len(labels):
+            return
+        if not model.num_classes:
+            if (labels >= 0).any():
+                raise ValueError("class labels given, but the prior is unconditional")
+            return
+        bad = labels[(labels >= model.num_classes) | (labels < -1)]
+        if len(bad):
+            raise ValueError(f"class {int(bad[0])} out of range [0, {model.num_classes})")
+
+
 class ShardConfig(_Section):
     source: str = "builtin:shapes"
     # Only for builtin sources; a folder source takes every image it finds.
@@ -49,10 +123,11 @@ class ShardConfig(_Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     samples_per_shard: int = Field(1000, ge=1)
     seed: int = 0
-    # Below this many inputs Ray's start-up costs more than it saves.
-    ray_min_inputs: int = Field(10000, ge=1)
-    # 0: one Ray task per core.
-    num_workers: int = Field(0, ge=0)
+    # Below this many inputs Ray's start-up costs more than it saves (the shards are
+    # byte-identical either way).
+    ray_min_inputs: int = runtime(10000, ge=1)
+    # Ray tasks writing partitions at once; 0: one per core.
+    ray_tasks: int = runtime(0, ge=0)
 
     @field_validator("source")
     @classmethod
@@ -132,23 +207,15 @@ class VQGANOptions(_Section):
         return value
 
 
-# Settings a run can change and still resume another run's checkpoint: they change how long
-# or where it runs, or what it logs, not what it learns.
-RESUMABLE_CHANGES = (
-    "steps",
-    "val_every",
-    "log_every",
-    "checkpoint_every",
-    "checkpoint_dir",
-    "resume",
-    "device",
-    "precision",
-    "compile",
-    "num_workers",
-    "workers",
-    "use_gpu",
-    "registered_model",
-)
+def training_settings(cfg: BaseModel, resumable: tuple[str, ...], unused: frozenset[str] = frozenset()) -> dict:
+    """What a checkpoint must agree on to be resumed: every outcome setting but `resumable`
+    (what a resumed run may change) and the `unused` option groups."""
+    model = type(cfg)
+    return {
+        k: v
+        for k, v in cfg.model_dump(mode="json").items()
+        if not is_runtime(model, k) and k not in resumable and k not in unused
+    }
 
 
 class TrainTokenizerConfig(_Section):
@@ -176,30 +243,34 @@ class TrainTokenizerConfig(_Section):
     # where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Compile the model with torch.compile (minutes of compilation, then faster steps).
-    compile: bool = False
+    compile: bool = runtime(False)
     shuffle_buffer: int = Field(1000, ge=0)
-    # DataLoader worker processes decoding shards, per training worker; 0 decodes in the
-    # training process: best where training already uses every core (a CPU-only laptop);
-    # on a GPU machine give it several.
-    num_workers: int = Field(0, ge=0)
-    # Training workers: 1 trains in the stage's process; N > 1 on N Ray Train workers (DDP),
-    # each taking batch_size / N images per step.
-    workers: int = Field(1, ge=1)
-    # Ray Train workers on GPUs: auto when the Ray cluster has `workers` GPUs.
-    use_gpu: bool | Literal["auto"] = "auto"
-    val_every: int = Field(200, ge=1)
-    log_every: int = Field(25, ge=1)
+    # DataLoader processes decoding shards, per DDP worker; 0 decodes in the training
+    # process: best where training already uses every core (a CPU-only laptop); on a GPU
+    # machine give it several. An outcome for now: the data order depends on it.
+    loader_workers: int = Field(0, ge=0)
+    # DDP workers: 1 trains in the stage's process; N > 1 on N Ray Train workers, each taking
+    # batch_size / N images per step. An outcome for now: the data order depends on it.
+    ddp_workers: int = Field(1, ge=1)
+    # DDP workers on GPUs: auto when the Ray cluster has `ddp_workers` GPUs.
+    use_gpu: bool | Literal["auto"] = runtime("auto")
+    val_every: int = runtime(200, ge=1)
+    log_every: int = runtime(25, ge=1)
     # A full training state every this many steps (and at the end), in `checkpoint_dir`.
-    checkpoint_every: int = Field(200, ge=1)
-    # Outside DVC's outs on purpose: see README, "Checkpoints and resuming".
-    checkpoint_dir: str = "checkpoints/train_tokenizer"
+    checkpoint_every: int = runtime(200, ge=1)
+    # Outside DVC's outs on purpose: see docs/operations.md, "Checkpoints and resuming".
+    checkpoint_dir: str = runtime("checkpoints/train_tokenizer")
     # Resume an interrupted run from its checkpoint; false always starts over.
-    resume: bool = True
+    resume: bool = runtime(True)
     # Each trained tokenizer becomes a version of this MLflow registered model, so that
     # `vqpipe tokenize --tokenizer models:/NAME@ALIAS` finds it; null registers nothing.
-    registered_model: str | None = "vqpipe-tokenizer"
+    registered_model: str | None = runtime("vqpipe-tokenizer")
     seed: int = 0
-    device: Device = "auto"
+    device: Device = runtime("auto")
+
+    # Outcomes a resumed run may change: how long it trains, its precision, and its worker
+    # counts (the run then continues on fresh samples rather than the exact data position).
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "precision", "loader_workers", "ddp_workers")
 
     @field_validator("quantizer", mode="before")
     @classmethod
@@ -212,10 +283,9 @@ class TrainTokenizerConfig(_Section):
         return self.vqvae2.top_quantizer or self.quantizer
 
     def training_settings(self) -> dict:
-        """What a checkpoint must agree on to be resumed: everything but RESUMABLE_CHANGES and
-        the options of the architectures not in use."""
-        unused = {"vqvae2", "vqgan"} - {self.arch}
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES and k not in unused}
+        """What a checkpoint must agree on to be resumed (the options of the architectures not
+        in use aside)."""
+        return training_settings(self, self.RESUMABLE, frozenset({"vqvae2", "vqgan"} - {self.arch}))
 
     @field_validator("downsample")
     @classmethod
@@ -237,26 +307,14 @@ class TrainTokenizerConfig(_Section):
 
 
 class TokenizeConfig(_Section):
-    batch_size: int = Field(256, ge=1)
-    num_actors: int = Field(2, ge=1)
-    num_cpus_per_actor: float = Field(1.0, gt=0)
+    # Images per forward pass; every image is encoded on its own, so parts do not depend on it.
+    batch_size: int = runtime(256, ge=1)
+    # Ray actors tokenizing shards (one part per shard, whichever actor makes it).
+    actors: int = runtime(2, ge=1)
+    cpus_per_actor: float = runtime(1.0, gt=0)
     # Set to 1 (or a fraction) to place each actor on a GPU of the Ray cluster.
-    num_gpus_per_actor: float = Field(0.0, ge=0)
-    device: Device = "auto"
-
-
-PRIOR_RESUMABLE_CHANGES = (
-    "steps",
-    "val_every",
-    "log_every",
-    "checkpoint_every",
-    "checkpoint_dir",
-    "resume",
-    "device",
-    "precision",
-    "registered_model",
-    "use_gpu",
-)
+    gpus_per_actor: float = runtime(0.0, ge=0)
+    device: Device = runtime("auto")
 
 
 class TrainPriorConfig(_Section):
@@ -274,36 +332,39 @@ class TrainPriorConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Each trained prior (with its tokenizer) becomes a version of this MLflow registered
     # model: `vqpipe sample --prior models:/NAME@ALIAS`; null registers nothing.
-    registered_model: str | None = "vqpipe-prior"
+    registered_model: str | None = runtime("vqpipe-prior")
     # A full training state every this many steps (and at the end), outside DVC's outs.
-    checkpoint_every: int = Field(250, ge=1)
-    checkpoint_dir: str = "checkpoints/train_prior"
-    resume: bool = True
-    # Training workers: 1 trains in the stage's process; N > 1 on N Ray Train workers (DDP),
-    # each drawing batch_size / N sequences per step.
-    workers: int = Field(1, ge=1)
-    use_gpu: bool | Literal["auto"] = "auto"
+    checkpoint_every: int = runtime(250, ge=1)
+    checkpoint_dir: str = runtime("checkpoints/train_prior")
+    resume: bool = runtime(True)
+    # DDP workers: 1 trains in the stage's process; N > 1 on N Ray Train workers, each drawing
+    # batch_size / N sequences per step from its own sampler.
+    ddp_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = runtime("auto")
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    val_every: int = Field(250, ge=1)
-    log_every: int = Field(25, ge=1)
+    val_every: int = runtime(250, ge=1)
+    log_every: int = runtime(25, ge=1)
     seed: int = 0
-    device: Device = "auto"
+    device: Device = runtime("auto")
+
+    # Outcomes a resumed run may change: how long it trains and its precision.
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "precision")
 
     def training_settings(self) -> dict:
-        """What a checkpoint must agree on to be resumed: everything but PRIOR_RESUMABLE_CHANGES."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in PRIOR_RESUMABLE_CHANGES}
+        """What a checkpoint must agree on to be resumed."""
+        return training_settings(self, self.RESUMABLE)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TrainPriorConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.batch_size % self.workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by workers ({self.workers})")
+        if self.batch_size % self.ddp_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by ddp_workers ({self.ddp_workers})")
         return self
 
 
@@ -312,15 +373,12 @@ class SampleConfig(_Section):
     num_per_class: int = Field(8, ge=1)
     # Unconditional priors sample this many in all.
     num_images: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int | None = Field(None, ge=1)
-    # Nucleus sampling: the smallest set of likeliest codes holding top_p of the probability.
-    top_p: float | None = Field(None, gt=0, le=1)
-    # Classifier-free guidance for a conditional prior: 1 = plain conditional sampling.
-    cfg_scale: float = Field(1.0, ge=0)
+    # Temperature, top-k, top-p and guidance: also what `vqpipe sample` draws with by default.
+    sampling: SamplingOptions = SamplingOptions()
+    # Sequences drawn at once (an outcome: the draws from the seeded generator follow the batches).
     batch_size: int = Field(64, ge=1)
     seed: int = 0
-    device: Device = "auto"
+    device: Device = runtime("auto")
 
 
 class EvaluateConfig(_Section):
@@ -329,8 +387,8 @@ class EvaluateConfig(_Section):
     max_images: int | None = Field(None, ge=1)
     # Images drawn from the prior for FID, precision/recall and class consistency (0: none).
     num_samples: int = Field(512, ge=0)
-    sample_temperature: float = Field(1.0, gt=0)
-    sample_cfg_scale: float = Field(1.0, ge=0)
+    # How those samples are drawn.
+    sampling: SamplingOptions = SamplingOptions()
     # FID's feature space: a local Inception-v3 weights file (pytorch-fid's FID Inception,
     # safetensors or a state dict; never downloaded). Null: the tokenizer's own encoder,
     # labelled as such (not comparable with published FIDs).
@@ -341,7 +399,7 @@ class EvaluateConfig(_Section):
     # sample shows the class it was drawn for.
     classifier_steps: int = Field(200, ge=1)
     seed: int = 0
-    device: Device = "auto"
+    device: Device = runtime("auto")
 
     @field_validator("inception_weights")
     @classmethod
@@ -392,7 +450,8 @@ class Params(BaseModel):
             problems.append(
                 (
                     "train_tokenizer.vqgan.disc_layers",
-                    f"{tok.vqgan.disc_layers} layers need images of at least {2 ** (tok.vqgan.disc_layers + 2)} pixels, shard.image_size is {size}",
+                    f"{tok.vqgan.disc_layers} layers need images of at least "
+                    f"{2 ** (tok.vqgan.disc_layers + 2)} pixels, shard.image_size is {size}",
                 )
             )
         if tok.perceptual_weight > 0:
@@ -400,14 +459,18 @@ class Params(BaseModel):
                 problems.append(
                     (
                         "train_tokenizer.perceptual_weights",
-                        f"perceptual_weight is {tok.perceptual_weight} but no LPIPS weights file is given (a local path; nothing is downloaded)",
+                        f"perceptual_weight is {tok.perceptual_weight} but no LPIPS weights file is given "
+                        "(a local path; nothing is downloaded)",
                     )
                 )
             elif not Path(tok.perceptual_weights).is_file():
                 problems.append(("train_tokenizer.perceptual_weights", f"{tok.perceptual_weights} not found"))
-        if tok.batch_size % tok.workers:
+        if tok.batch_size % tok.ddp_workers:
             problems.append(
-                ("train_tokenizer.batch_size", f"{tok.batch_size} does not split evenly over workers={tok.workers}")
+                (
+                    "train_tokenizer.batch_size",
+                    f"{tok.batch_size} does not split evenly over ddp_workers={tok.ddp_workers}",
+                )
             )
         return problems
 
@@ -465,11 +528,49 @@ def _problems(err: ValidationError, raw: Any = None) -> list[tuple[str, str]]:
     return problems
 
 
+def renamed_keys(raw: dict) -> list[tuple[str, str]]:
+    """(old key, message naming its new one) for every key of `raw` renamed since an earlier version."""
+    problems = []
+    for old, new in RENAMED.items():
+        node: Any = raw
+        for part in old.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            problems.append((old, f"renamed to {new} (see CHANGELOG.md); move its value there"))
+    return problems
+
+
+_ABSENT = object()
+
+
+def outcome_params(section: str) -> list[str]:
+    """The keys of `section` that change what its stage produces, as dvc.yaml lists them: a
+    nested group whole, unless it holds runtime settings (then its outcome keys one by one)."""
+    return _outcome_keys(Params.model_fields[section].annotation, section)
+
+
+def _outcome_keys(model: type[BaseModel], prefix: str) -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        if is_runtime(model, name):
+            continue
+        sub = field.annotation
+        nested = isinstance(sub, type) and issubclass(sub, BaseModel) and not issubclass(sub, QuantizerConfig)
+        if nested and any(is_runtime(sub, n) for n in sub.model_fields):
+            keys += _outcome_keys(sub, f"{prefix}.{name}")
+        else:
+            keys.append(f"{prefix}.{name}")
+    return keys
+
+
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([("<top level>", f"must be a mapping of sections ({', '.join(SECTIONS)})")], source)
+    renamed = renamed_keys(raw)
+    if renamed:
+        raise ConfigError(renamed, source)
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:

@@ -5,7 +5,7 @@ vqpipe status
 vqpipe serve --cron "0 3 * * *"
 vqpipe validate
 vqpipe tokenize --tokenizer models/tokenizer --input 'data/{00000..00099}.tar' --output tokens/
-vqpipe sample --n 64 --class 3 --cfg 2.0 --out grid.png
+vqpipe sample --n 64 --class 3 --guidance 2.0 --out grid.png
 """
 
 from __future__ import annotations
@@ -13,19 +13,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
-from flows.dvc import STAGES
+from pydantic import ValidationError
+
+from components.config import ConfigError, SamplingOptions, load_params
+from components.metrics import save_grid
+from flows.dvc import STAGES, StageFailed, downstream, missing_params, stage_status
+from pipelines.corpus import resolve_tokenizer
+from pipelines.runtime import setup_logging
+from pipelines.sample import SampleRequest, draw, load_models
+from pipelines.tracking import MLFLOW_SCHEMES
 
 # Prefect's server tries to send telemetry at start; there is no network to send it to.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _check_params(repo: Path) -> int:
-    from components.config import ConfigError, load_params
-    from flows.dvc import missing_params
 
     try:
         load_params(repo / "params.yaml")
@@ -42,7 +49,6 @@ def cmd_run(args) -> int:
     repo = Path(args.repo).resolve()
     if code := _check_params(repo):
         return code
-    from flows.dvc import StageFailed
     from flows.pipeline import pipeline
 
     try:
@@ -87,7 +93,6 @@ def cmd_status(args) -> int:
     repo = Path(args.repo).resolve()
     if code := _check_params(repo):
         return code
-    from flows.dvc import downstream, stage_status
 
     stale = stage_status(repo)
     waiting = downstream(repo, set(stale))
@@ -125,8 +130,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from pipelines.tokenize import resolve_tokenizer
-    from pipelines.tracking import MLFLOW_SCHEMES
 
     if not args.tokenizer.startswith(MLFLOW_SCHEMES):
         try:  # a wrong local path fails here, before Prefect and Ray start
@@ -135,7 +138,6 @@ def cmd_tokenize(args) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     from flows.tokenize import ShardsFailed, tokenize_flow
-    from pipelines.runtime import setup_logging
 
     setup_logging()  # the plan, retries and failures (vqpipe.tokenize) beside Prefect's lines
     logging.getLogger("vqpipe").setLevel(logging.INFO)
@@ -145,9 +147,9 @@ def cmd_tokenize(args) -> int:
             inputs=args.input,
             output=args.output,
             batch_size=args.batch_size,
-            workers=args.workers,
-            cpus_per_worker=args.cpus_per_worker,
-            gpus_per_worker=args.gpus_per_worker,
+            actors=args.actors,
+            cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor,
             device=args.device,
             decode_threads=args.decode_threads,
             retries=args.retries,
@@ -168,32 +170,26 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import math
-
-    from components.metrics import save_grid
-    from pipelines.sample import draw
-    from pipelines.tracking import MLFLOW_SCHEMES
-
     repo = Path(args.repo)
 
     def in_repo(spec: str) -> str:  # local paths are the project's; MLflow URIs stay as they are
         return spec if spec.startswith(MLFLOW_SCHEMES) else str(repo / spec)
 
     try:
-        drawn = draw(
-            in_repo(args.prior),
-            in_repo(args.tokenizer) if args.tokenizer else None,
-            args.n,
-            getattr(args, "class"),
-            cfg_scale=args.cfg,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
+        request = SampleRequest(
+            n=args.n,
+            class_=getattr(args, "class"),
+            options=_sampling_options(repo, args),
             seed=args.seed,
             batch_size=args.batch_size,
+        )
+        models = load_models(
+            in_repo(args.prior),
+            in_repo(args.tokenizer) if args.tokenizer else None,
             device=args.device,
             default_tokenizer=str(repo / "models" / "tokenizer"),
         )
+        drawn = draw(models, request)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -205,9 +201,31 @@ def cmd_sample(args) -> int:
         same = bool((drawn.labels == first).all())
         name = drawn.class_names[first] if drawn.class_names and same else None
         what = f" of class {first}{f' ({name})' if name else ''}" if same else " (classes round-robin)"
-    guide = f", cfg {args.cfg:g}" if args.cfg != 1.0 else ""
-    print(f"{args.n} samples{what}{guide} at {drawn.tokens_per_second:.0f} tokens/s -> {out}")
+    guide = request.options.guidance_scale
+    guided = f", guidance {guide:g}" if guide != 1.0 else ""
+    print(f"{args.n} samples{what}{guided} at {drawn.tokens_per_second:.0f} tokens/s -> {out}")
     return 0
+
+
+SAMPLING_FLAGS = {
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "guidance_scale": "--guidance",
+}
+
+
+def _sampling_options(repo: Path, args) -> SamplingOptions:
+    """The project's `sample.sampling` (params.yaml; the built-in defaults without one), with
+    the flags given on the command line in place of its values. ValueError naming the flag."""
+    params = repo / "params.yaml"
+    base = load_params(params).sample.sampling if params.is_file() else SamplingOptions()
+    given = {key: getattr(args, key) for key in SAMPLING_FLAGS if getattr(args, key) is not None}
+    try:
+        return SamplingOptions.model_validate({**base.model_dump(), **given})
+    except ValidationError as err:
+        problems = [f"{SAMPLING_FLAGS[e['loc'][0]]}: {e['msg']}" for e in err.errors()]
+        raise ValueError("; ".join(problems)) from None
 
 
 def _print_tokenize_summary(summary: dict) -> None:
@@ -232,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repo", default=".", help="the project (a DVC repo); default: current directory")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_pipeline_commands(sub)
+    _add_tokenize(sub)
+    _add_sample(sub)
+    return parser
 
+
+def _add_pipeline_commands(sub) -> None:
     run = sub.add_parser("run", help="run the pipeline flow (DVC skips stages that are up to date)")
     run.add_argument(
         "--stage", action="append", choices=STAGES, help="only this stage (repeatable); default: all, in DAG order"
@@ -251,11 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check params.yaml and exit (status 2 when invalid)")
     validate.set_defaults(func=cmd_validate)
 
+
+def _add_tokenize(sub) -> None:
     tok = sub.add_parser(
         "tokenize",
         help="tokenize an image corpus (WebDataset shards) into Parquet token parts, on Ray",
         description="One Parquet part per input shard; a rerun keeps complete parts of the same tokenizer and redoes "
-        "the rest. Exit status 1 when some shards could not be read (named, and listed in _manifest.json), 2 on bad input.",
+        "the rest. Exit status 1 when some shards could not be read (named, and listed in _manifest.json), "
+        "2 on bad input.",
     )
     tok.add_argument(
         "--tokenizer",
@@ -273,18 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tok.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass (default 256)")
     tok.add_argument(
-        "--workers",
+        "--actors",
         type=_positive,
         default=None,
-        help="Ray workers (default: as many as the cluster's CPUs or GPUs allow)",
+        help="Ray actors (default: as many as the cluster's CPUs or GPUs allow)",
     )
     tok.add_argument(
-        "--cpus-per-worker", type=float, default=1.0, help="CPUs per worker: torch and decode threads (default 1)"
+        "--cpus-per-actor", type=float, default=1.0, help="CPUs per actor: torch and decode threads (default 1)"
     )
-    tok.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, e.g. 1 (default 0: CPU)")
-    tok.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto: cuda when the worker has a GPU)")
+    tok.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 (default 0: CPU)")
+    tok.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto: cuda when the actor has a GPU)")
     tok.add_argument(
-        "--decode-threads", type=_positive, default=None, help="image decoding threads per worker (default: its CPUs)"
+        "--decode-threads", type=_positive, default=None, help="image decoding threads per actor (default: its CPUs)"
     )
     tok.add_argument("--retries", type=int, default=2, help="further attempts at a shard that fails (default 2)")
     tok.add_argument("--overwrite", action="store_true", help="redo every part, complete or not")
@@ -294,15 +321,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="join this Ray cluster (auto, host:port, ray://...); default RAY_ADDRESS, else a local Ray",
     )
+    _renamed(
+        tok, {"--workers": "--actors", "--cpus-per-worker": "--cpus-per-actor", "--gpus-per-worker": "--gpus-per-actor"}
+    )
     tok.set_defaults(func=cmd_tokenize)
 
-    smp = sub.add_parser("sample", help="draw images from the trained prior into a PNG grid")
+
+def _add_sample(sub) -> None:
+    smp = sub.add_parser(
+        "sample",
+        help="draw images from the trained prior into a PNG grid",
+        description="Temperature, top-k, top-p and guidance default to the project's sample.sampling (params.yaml).",
+    )
     smp.add_argument("--n", type=_positive, default=64, help="how many images (default 64)")
     smp.add_argument(
         "--class", default=None, help="class id or name (conditional priors; default: every class in turn)"
     )
-    smp.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
-    smp.add_argument("--temperature", type=float, default=1.0)
+    smp.add_argument(
+        "--guidance", dest="guidance_scale", type=float, default=None, help="classifier-free guidance scale (1: none)"
+    )
+    smp.add_argument("--temperature", type=float, default=None)
     smp.add_argument("--top-k", type=int, default=None)
     smp.add_argument("--top-p", type=float, default=None)
     smp.add_argument("--seed", type=int, default=0)
@@ -320,8 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smp.add_argument("--upscale", type=_positive, default=2, help="pixel upscaling of the grid (default 2)")
     smp.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    _renamed(smp, {"--cfg": "--guidance"})
     smp.set_defaults(func=cmd_sample)
-    return parser
+
+
+def _renamed(parser: argparse.ArgumentParser, renames: dict[str, str]) -> None:
+    """Flags of an earlier version: refused, naming the new one (exit 2), never silently ignored."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} was renamed to {renames[option_string]} (see CHANGELOG.md)")
+
+    for old in renames:
+        parser.add_argument(old, action=Renamed, help=argparse.SUPPRESS)
 
 
 def _positive(text: str) -> int:

@@ -1,9 +1,9 @@
 """The corpus tokenization flow behind `vqpipe tokenize`.
 
     vqpipe tokenize --tokenizer models/tokenizer --input 's3://bucket/laion/{00000..09999}.tar' \\
-        --output s3://bucket/laion-tokens/ --ray-address auto --gpus-per-worker 1
+        --output s3://bucket/laion-tokens/ --ray-address auto --gpus-per-actor 1
 
-A Prefect flow of two tasks, listing the input shards and tokenizing them (`pipelines.tokenize.
+A Prefect flow of two tasks, listing the input shards and tokenizing them (`pipelines.corpus.
 tokenize_corpus`, on Ray). Progress goes to the flow run's log and to a progress artifact in the
 Prefect UI (and to a bar on a terminal); the summary is a markdown artifact. Shards that fail
 every attempt leave the rest of the job to complete, then fail the flow run with
@@ -17,10 +17,11 @@ import time
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
+from tqdm import tqdm
 
 from components.data.corpus import expand_inputs
 from components.data.tokens import MANIFEST
-from pipelines.tokenize import CorpusJob, CorpusResult, plan_corpus, tokenize_corpus
+from pipelines.corpus import CorpusJob, CorpusResult, plan_corpus, tokenize_corpus
 
 
 class ShardsFailed(RuntimeError):
@@ -55,8 +56,6 @@ class _Progress:
         self.artifact = create_progress_artifact(0.0, key="tokenize-progress", description="input shards tokenized")
         self.bar = None
         if bar:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, unit="shard", dynamic_ncols=True)
 
     def __call__(self, result, failure) -> None:
@@ -123,9 +122,9 @@ def tokenize_flow(
     inputs: list[str],
     output: str,
     batch_size: int = 256,
-    workers: int | None = None,
-    cpus_per_worker: float = 1.0,
-    gpus_per_worker: float = 0.0,
+    actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
     device: str = "auto",
     decode_threads: int | None = None,
     retries: int = 2,
@@ -143,9 +142,9 @@ def tokenize_flow(
         output=output,
         tokenizer=tokenizer,
         batch_size=batch_size,
-        workers=workers,
-        cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker,
+        actors=actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
         device=device,
         decode_threads=decode_threads,
         retries=retries,

@@ -33,7 +33,8 @@ from components.metrics.generation import (
     tokenizer_features,
     train_classifier,
 )
-from components.priors import load_prior, sample_images
+from components.metrics.inception import inception_features, load_inception
+from components.priors import Sampler, load_prior, sample_images
 from components.tokenizers import Tokenizer
 from pipelines.runtime import Paths, resolve_device, stage_main
 from pipelines.tracking import stage_run
@@ -63,31 +64,13 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         recon = torch.cat(
             [tokenizer.reconstruct(images[i : i + cfg.batch_size]).cpu() for i in range(0, len(images), cfg.batch_size)]
         )
-        stats = codebook_stats({c: val.column(c) for c in val.columns}, tokenizer.column_codebook_sizes)
-        labels = torch.from_numpy(val.labels) if prior.num_classes and val.labels is not None else None
-        prior_bits = bits_per_token(prior, torch.from_numpy(val.tokens), labels, cfg.batch_size)
-        metrics = {
-            "val_images": len(images),
-            "psnr": psnr(recon, images).mean().item(),
-            "ssim": ssim(recon, images).mean().item(),
-            "codebook_usage": stats["codebook_usage"],
-            "perplexity": stats["perplexity"],
-            "unigram_bits_per_token": stats["unigram_bits_per_token"],
-            "prior_bits_per_token": prior_bits,
-            # How much the prior knows beyond code frequencies.
-            "prior_gain_bits_per_token": stats["unigram_bits_per_token"] - prior_bits,
-        }
+        metrics = _reconstruction_metrics(cfg, tokenizer, prior, val, (images, recon))
         if cfg.num_samples:
             metrics.update(_generation_metrics(cfg, tokenizer, prior, images, real_labels, device))
         metrics_path = paths.metrics / "evaluate.json"
         write_json(metrics_path, metrics)
         _write_usage_csv(paths.plots / "codebook_usage.csv", val.tokens, tokenizer.codebook_size)
-
-        n = min(GRID_COLUMNS * 2, len(images))
-        rows = [
-            t for i in range(0, n, GRID_COLUMNS) for t in (images[i : i + GRID_COLUMNS], recon[i : i + GRID_COLUMNS])
-        ]
-        grid = make_grid(torch.cat(rows), nrow=GRID_COLUMNS, upscale=2)
+        grid = _reconstruction_grid(images, recon)
         paths.eval.mkdir(parents=True, exist_ok=True)
         grid.save(paths.eval / "reconstructions.png")
 
@@ -95,29 +78,53 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         mlflow.set_tag("vqpipe.feature_space", metrics.get("feature_space", "none"))
         mlflow.log_image(grid, key="reconstructions")
         mlflow.log_artifact(str(metrics_path))
-        log.info(
-            "PSNR %.2f dB  SSIM %.3f  codebook usage %.1f%%  perplexity %.1f  prior %.3f vs unigram %.3f bits/token (run %s)",
-            metrics["psnr"],
-            metrics["ssim"],
-            metrics["codebook_usage"],
-            metrics["perplexity"],
-            prior_bits,
-            stats["unigram_bits_per_token"],
-            active.info.run_id,
-        )
-        if "fid" in metrics:
-            log.info(
-                "%d samples: FID %.3f (%s features)  precision %.3f  recall %.3f  class consistency %s",
-                metrics["generated_images"],
-                metrics["fid"],
-                metrics["feature_space"],
-                metrics["precision"],
-                metrics["recall"],
-                f"{metrics['class_consistency']:.3f} (judge {metrics['classifier_val_accuracy']:.3f})"
-                if "class_consistency" in metrics
-                else "n/a",
-            )
+        _log_summary(metrics, active.info.run_id)
         return EvaluateResult(metrics, metrics_path, active.info.run_id)
+
+
+def _reconstruction_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, val, pair) -> dict:
+    """PSNR/SSIM of the reconstructions (`pair`: images, reconstructions), codebook usage and
+    perplexity of the validation tokens, and the prior's bits per token against their unigram entropy."""
+    images, recon = pair
+    stats = codebook_stats({c: val.column(c) for c in val.columns}, tokenizer.column_codebook_sizes)
+    labels = torch.from_numpy(val.labels) if prior.num_classes and val.labels is not None else None
+    prior_bits = bits_per_token(prior, torch.from_numpy(val.tokens), labels, cfg.batch_size)
+    return {
+        "val_images": len(images),
+        "psnr": psnr(recon, images).mean().item(),
+        "ssim": ssim(recon, images).mean().item(),
+        "codebook_usage": stats["codebook_usage"],
+        "perplexity": stats["perplexity"],
+        "unigram_bits_per_token": stats["unigram_bits_per_token"],
+        "prior_bits_per_token": prior_bits,
+        # How much the prior knows beyond code frequencies.
+        "prior_gain_bits_per_token": stats["unigram_bits_per_token"] - prior_bits,
+    }
+
+
+def _reconstruction_grid(images: torch.Tensor, recon: torch.Tensor):
+    """Rows of GRID_COLUMNS originals, each above its reconstructions."""
+    n = min(GRID_COLUMNS * 2, len(images))
+    rows = [t for i in range(0, n, GRID_COLUMNS) for t in (images[i : i + GRID_COLUMNS], recon[i : i + GRID_COLUMNS])]
+    return make_grid(torch.cat(rows), nrow=GRID_COLUMNS, upscale=2)
+
+
+def _log_summary(metrics: dict, run_id: str) -> None:
+    log.info(
+        "PSNR %.2f dB  SSIM %.3f  codebook usage %.1f%%  perplexity %.1f  prior %.3f vs unigram %.3f bits/token",
+        *(metrics["psnr"], metrics["ssim"], metrics["codebook_usage"], metrics["perplexity"]),
+        *(metrics["prior_bits_per_token"], metrics["unigram_bits_per_token"]),
+    )
+    if "fid" in metrics:
+        judged = "n/a"
+        if "class_consistency" in metrics:
+            judged = f"{metrics['class_consistency']:.3f} (judge {metrics['classifier_val_accuracy']:.3f})"
+        log.info(
+            "%d samples: FID %.3f (%s features)  precision %.3f  recall %.3f  class consistency %s",
+            *(metrics["generated_images"], metrics["fid"], metrics["feature_space"]),
+            *(metrics["precision"], metrics["recall"], judged),
+        )
+    log.info("evaluation logged to MLflow run %s", run_id)
 
 
 def _generation_metrics(
@@ -126,20 +133,10 @@ def _generation_metrics(
     """FID, precision/recall and class consistency of `cfg.num_samples` samples against `real`."""
     generator = torch.Generator(device).manual_seed(cfg.seed)
     labels = torch.arange(cfg.num_samples) % prior.num_classes if prior.num_classes else None
-    fake, _, seconds = sample_images(
-        prior,
-        tokenizer,
-        cfg.num_samples,
-        labels,
-        batch_size=cfg.batch_size,
-        temperature=cfg.sample_temperature,
-        cfg_scale=cfg.sample_cfg_scale,
-        generator=generator,
-    )
+    sampler = Sampler(prior, cfg.sampling, generator)
+    fake, _, seconds = sample_images(sampler, tokenizer, cfg.num_samples, labels, cfg.batch_size)
     log.info("%d samples drawn in %.1f s", len(fake), seconds)
     if cfg.inception_weights:
-        from components.metrics.inception import inception_features, load_inception
-
         net = load_inception(cfg.inception_weights, device)
         real_f, fake_f = inception_features(net, real), inception_features(net, fake)
         space = "inception"
@@ -177,7 +174,9 @@ def _write_usage_csv(path: Path, tokens, codebook_size: int) -> None:
         dense = np.zeros(codebook_size, dtype=np.int64)
         dense[codes] = counts
         codes, counts = np.arange(codebook_size), dense
-    path.write_text("code,count\n" + "".join(f"{c},{n}\n" for c, n in zip(codes.tolist(), counts.tolist())))
+    path.write_text(
+        "code,count\n" + "".join(f"{c},{n}\n" for c, n in zip(codes.tolist(), counts.tolist(), strict=True))
+    )
 
 
 def main() -> None:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from components.config import SampleConfig
+from components.config import SampleConfig, SamplingOptions
 from components.metrics import make_grid, save_grid
-from components.priors import load_prior, sample_images
+from components.priors import HierarchicalPrior, Sampler, TransformerPrior, load_prior, sample_images
 from components.tokenizers import Tokenizer
 from pipelines.runtime import Paths, resolve_device, seed_everything, stage_main
-from pipelines.tracking import stage_run
+from pipelines.tracking import fetch_export, stage_run
 
 log = logging.getLogger("vqpipe.sample")
 
@@ -51,18 +52,8 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
             per_row = math.ceil(math.sqrt(cfg.num_images))
         n = len(labels) if labels is not None else cfg.num_images
 
-        images, tokens, seconds = sample_images(
-            prior,
-            tokenizer,
-            n,
-            labels,
-            batch_size=cfg.batch_size,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            cfg_scale=cfg.cfg_scale,
-            generator=generator,
-        )
+        sampler = Sampler(prior, cfg.sampling, generator)
+        images, tokens, seconds = sample_images(sampler, tokenizer, n, labels, cfg.batch_size)
 
         grid_path = paths.samples / "grid.png"
         grid = save_grid(images, grid_path, nrow=per_row, upscale=2)
@@ -92,6 +83,25 @@ class Drawn:
     class_names: list[str] | None
 
 
+@dataclass
+class SampleRequest:
+    """What `vqpipe sample` asks for: n images of a class (an id, a name, or None: every class
+    in turn), drawn with `options` from a generator seeded with `seed`, `batch_size` at a time."""
+
+    n: int
+    class_: str | int | None = None
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclass
+class Models:
+    prior: TransformerPrior | HierarchicalPrior
+    tokenizer: Tokenizer
+    class_names: list[str] | None
+
+
 def resolve_class(value: str | int | None, num_classes: int, class_names: list[str] | None) -> int | None:
     """A class given by id or by name -> its id; ValueError naming the choices when it is none."""
     if value is None:
@@ -110,32 +120,14 @@ def resolve_class(value: str | int | None, num_classes: int, class_names: list[s
     return index
 
 
-def draw(
+def load_models(
     prior_spec: str,
-    tokenizer_spec: str | None,
-    n: int,
-    class_: str | int | None = None,
-    *,
-    cfg_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
+    tokenizer_spec: str | None = None,
     device: str = "auto",
     default_tokenizer: str = "models/tokenizer",
-) -> Drawn:
-    """`n` images from a prior (an export directory or an MLflow URI such as
-    `models:/vqpipe-prior@champion`) and its tokenizer (default: the one registered with the
-    prior, else `default_tokenizer`). A conditional prior with no class given samples the classes
-    round-robin. Every setting is checked before anything is sampled."""
-    import tempfile
-
-    from components.priors.sampling import check_sampling
-    from pipelines.tracking import fetch_export
-
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+) -> Models:
+    """A prior (an export directory or an MLflow URI such as `models:/vqpipe-prior@champion`)
+    and its tokenizer (default: the one registered with the prior, else `default_tokenizer`)."""
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="vqpipe-sample-") as tmp:
         prior_dir = fetch_export(prior_spec, Path(tmp) / "prior", "prior")
@@ -144,26 +136,22 @@ def draw(
             tokenizer_spec = str(bundled) if (bundled / "config.json").is_file() else default_tokenizer
         tokenizer = Tokenizer.load(fetch_export(tokenizer_spec, Path(tmp) / "tokenizer", "tokenizer"), device=dev)
         prior, meta = load_prior(prior_dir, device=dev, tokenizer=tokenizer)
-    names = meta.get("class_names")
-    index = resolve_class(class_, prior.num_classes, names)
+    return Models(prior, tokenizer, meta.get("class_names"))
+
+
+def draw(models: Models, request: SampleRequest) -> Drawn:
+    """`request.n` images from `models`. A conditional prior with no class given samples the
+    classes round-robin. Every setting is checked before anything is sampled."""
+    if request.n < 1:
+        raise ValueError(f"n must be >= 1, got {request.n}")
+    prior, n = models.prior, request.n
+    index = resolve_class(request.class_, prior.num_classes, models.class_names)
+    labels = None
     if prior.num_classes:
         labels = torch.full((n,), index) if index is not None else torch.arange(n) % prior.num_classes
-    else:
-        labels = None
-    check_sampling(prior, labels, temperature, top_k, top_p, cfg_scale)
-    images, tokens, seconds = sample_images(
-        prior,
-        tokenizer,
-        n,
-        labels,
-        batch_size=batch_size,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        cfg_scale=cfg_scale,
-        generator=seed_everything(seed),
-    )
-    return Drawn(images, tokens, labels, tokens.numel() / seconds, names)
+    sampler = Sampler(prior, request.options, seed_everything(request.seed))
+    images, tokens, seconds = sample_images(sampler, models.tokenizer, n, labels, request.batch_size)
+    return Drawn(images, tokens, labels, tokens.numel() / seconds, models.class_names)
 
 
 def main() -> None:

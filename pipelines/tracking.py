@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -153,3 +154,24 @@ class MetricLogger:
             for step, row in sorted(by_step.items()):
                 if keys[0] in row:
                     writer.writerow([step, *(f"{row[k]:.6g}" if k in row else "" for k in keys)])
+
+
+def log_run_params(client, run_id: str, values: dict) -> None:
+    """Params of a run that come from the work, not the config (parameter counts, devices)."""
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
+
+
+def system_metrics(run_id: str, tracking_uri: str):
+    """CPU, memory, GPU, disk and network of this machine, every 10 s, into the run; None (and
+    training goes on) where they cannot be read. `.finish()` stops it."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as err:  # psutil missing, or an unsupported platform
+        logging.getLogger("vqpipe").warning("system metrics not logged: %s", err)
+        return None

@@ -24,11 +24,11 @@ TINY = {
         "steps": 8,
         "batch_size": 16,
         "shuffle_buffer": 32,
-        "num_workers": 0,
+        "loader_workers": 0,
         "val_every": 4,
         "log_every": 2,
     },
-    "tokenize": {"batch_size": 32, "num_actors": 2},
+    "tokenize": {"batch_size": 32, "actors": 2},
     "train_prior": {
         "n_layer": 1,
         "n_head": 2,

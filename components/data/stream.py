@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -30,31 +31,32 @@ def batches_made_by(role: int, batches: int, workers: int) -> int:
     return max(0, (batches - role + workers - 1) // workers)
 
 
+class StreamLayout(NamedTuple):
+    """Who reads what: `batch_size` samples per batch of this rank, `rank` of `world_size` DDP
+    workers, each with `loader_workers` DataLoader processes (0: it decodes itself)."""
+
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    loader_workers: int = 0
+
+
 class TrainingStream(IterableDataset):
     """Yields (uint8 (b, 3, H, W), int64 (b,) labels) batches forever; use with
-    `DataLoader(stream, batch_size=None, num_workers=loader_workers)`."""
+    `DataLoader(stream, batch_size=None, num_workers=layout.loader_workers)`."""
 
     def __init__(
-        self,
-        urls: list[str],
-        batch_size: int,
-        *,
-        shuffle_buffer: int = 0,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        loader_workers: int = 0,
-        start_batch: int = 0,
+        self, urls: list[str], layout: StreamLayout, *, shuffle_buffer: int = 0, seed: int = 0, start_batch: int = 0
     ):
         if not urls:
             raise ValueError("no shards to read")
         self.urls = list(urls)
-        self.batch_size = batch_size
+        self.batch_size = layout.batch_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.loader_workers = max(loader_workers, 1)
+        self.rank = layout.rank
+        self.world_size = layout.world_size
+        self.loader_workers = max(layout.loader_workers, 1)
         self.start_batch = start_batch
 
     @property

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import re
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ import torch
 from components.data.corpus import read_shard
 from components.data.images import DECODE_ERRORS, decode_image, describe_error, to_array
 from components.data.shards import sample_image_bytes
-from components.data.tokens import token_table, write_part
+from components.data.tokens import PartLayout, PartRows, token_table, write_part
 
 
 @dataclass
@@ -120,106 +122,131 @@ def _decode(data: bytes, size: int) -> np.ndarray:
     return to_array(decode_image(data, size))
 
 
-def tokenize_shard(
-    tokenizer,
-    url: str,
-    out: str,
-    part: str,
-    *,
-    input_name: str | None = None,
-    batch_size: int = 256,
-    decode_threads: int = 2,
-    model_lock=None,
-) -> ShardTokens:
-    """Encode every image of the shard at `url` into `out/part`; rows written + samples rejected
-    = samples read. The sample's `txt`, `json` and `cls` travel with its tokens (`caption`,
-    `meta`, and `label` when `cls` is an integer, else a `cls` text column).
+@dataclass(frozen=True)
+class ShardTask:
+    """One input shard to tokenize: read from `url`, written as `out/part`. `input_name` is
+    what the part records as its input (default: `url`)."""
 
-    Raises ShardUnreadable when the shard cannot be read whole; nothing is written then.
-    Memory is bounded by the batch and a decode window of twice the batch, whatever the shard's
-    size. `input_name` is what the part records as its input (default: `url`). `model_lock`
-    (a lock shared by the shards one worker tokenizes at once) serialises the forward passes,
-    so that one shard's reading, decoding and writing overlap another's compute."""
-    size = tokenizer.image_size
-    keys: list[str] = []
-    captions: list[str | None] = []
-    meta: list[str | None] = []
-    classes: list[str | None] = []
-    tokens: dict[str, list[np.ndarray]] = {name: [] for name in tokenizer.token_columns}
-    rejects: list[dict] = []
-    batch: list[np.ndarray] = []
-    samples = 0
-    window = max(2 * batch_size, 4 * decode_threads)
+    url: str
+    out: str
+    part: str
+    input_name: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.input_name or self.url
+
+
+class _Decoded(NamedTuple):
+    """A sample of the shard, in shard order: its text fields (`__key__`, `txt`, `json`,
+    `cls`) and its decoded image, or why it has none."""
+
+    fields: dict
+    image: np.ndarray | None
+    reject: str | None
+
+
+def decoded_samples(url: str, size: int, threads: int, window: int) -> Iterator[_Decoded]:
+    """The shard's samples in order, their images decoded and resized to `size` on `threads`
+    threads, at most `window` of them in flight. Raises ShardUnreadable when the shard cannot
+    be read whole."""
     pending: deque[tuple[dict, Future | None]] = deque()
 
-    def flush() -> None:
-        if batch:
-            x = torch.from_numpy(np.stack(batch)).float().div_(255.0)
-            with model_lock or contextlib.nullcontext(), torch.inference_mode():
-                for name, column in tokenizer.encode_columns(x).items():
-                    tokens[name].append(column.cpu().numpy())
-            batch.clear()
-
-    def take(limit: int) -> None:
-        """Collect decoded images in shard order until at most `limit` are in flight."""
+    def ready(limit: int) -> Iterator[_Decoded]:
         while len(pending) > limit:
-            sample, future = pending.popleft()
+            fields, future = pending.popleft()
             if future is None:
-                rejects.append({"key": sample["__key__"], "reason": "no image field"})
+                yield _Decoded(fields, None, "no image field")
                 continue
             try:
-                image = future.result()
+                yield _Decoded(fields, future.result(), None)
             except DECODE_ERRORS as err:
-                rejects.append({"key": sample["__key__"], "reason": describe_error(err)})
-                continue
-            keys.append(sample["__key__"])
-            captions.append(_text(sample.get("txt")))
-            meta.append(_text(sample.get("json")))
-            classes.append(_text(sample.get("cls")))
-            batch.append(image)
-            if len(batch) >= batch_size:
-                flush()
+                yield _Decoded(fields, None, describe_error(err))
 
-    with ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
         try:
             for sample in read_shard(url):
-                samples += 1
                 data = sample_image_bytes(sample)
-                text = {k: sample.get(k) for k in ("__key__", "txt", "json", "cls")}
-                pending.append((text, None if data is None else pool.submit(_decode, data, size)))
-                take(window)
-            take(0)
+                fields = {k: sample.get(k) for k in ("__key__", "txt", "json", "cls")}
+                pending.append((fields, None if data is None else pool.submit(_decode, data, size)))
+                yield from ready(window)
+            yield from ready(0)
         finally:
             for _, future in pending:
                 if future is not None:
                     future.cancel()
-    flush()
 
-    grids = tokenizer.column_grids
-    columns = {
-        name: np.concatenate(chunks) if chunks else np.zeros((0, grids[name][0] * grids[name][1]), dtype=np.int64)
-        for name, chunks in tokens.items()
-    }
-    labels = [_label(c) for c in classes]
-    numeric = all(lbl is not None for lbl, c in zip(labels, classes) if c is not None)
-    label_array = (
-        np.asarray([-1 if lbl is None else lbl for lbl in labels], dtype=np.int32)
-        if numeric and any(c is not None for c in classes)
-        else None
-    )
-    name = input_name or url
-    table = token_table(
-        keys,
-        columns,
-        label_array,
-        fingerprint=tokenizer.fingerprint,
-        codebook_size=tokenizer.codebook_size,
-        grid=grids,
-        levels=[tokenizer.level_columns(level) for level in tokenizer.levels],
-        captions=captions,
-        meta=meta,
-        classes=None if numeric else classes,
-        source={"input_shard": name, "samples": samples, "rejects": rejects},
-    )
-    write_part(table, f"{out.rstrip('/')}/{part}")
-    return ShardTokens(input_shard=name, part=part, samples=samples, rows=len(keys), rejects=rejects)
+
+class _PartBuilder:
+    """The rows of one part as they come: text fields per row, token columns per encoded batch."""
+
+    def __init__(self, tokenizer, batch_size: int, model_lock):
+        self.tokenizer, self.batch_size, self.model_lock = tokenizer, batch_size, model_lock
+        self.keys: list[str] = []
+        self.captions: list[str | None] = []
+        self.meta: list[str | None] = []
+        self.classes: list[str | None] = []
+        self.tokens: dict[str, list[np.ndarray]] = {name: [] for name in tokenizer.token_columns}
+        self.batch: list[np.ndarray] = []
+
+    def add(self, fields: dict, image: np.ndarray) -> None:
+        self.keys.append(fields["__key__"])
+        self.captions.append(_text(fields.get("txt")))
+        self.meta.append(_text(fields.get("json")))
+        self.classes.append(_text(fields.get("cls")))
+        self.batch.append(image)
+        if len(self.batch) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Encode the images waiting, one forward pass under the actor's model lock."""
+        if not self.batch:
+            return
+        x = torch.from_numpy(np.stack(self.batch)).float().div_(255.0)
+        with self.model_lock or contextlib.nullcontext(), torch.inference_mode():
+            for name, column in self.tokenizer.encode_columns(x).items():
+                self.tokens[name].append(column.cpu().numpy())
+        self.batch.clear()
+
+    def table(self, source: dict):
+        tok = self.tokenizer
+        grids = tok.column_grids
+        columns = {
+            name: np.concatenate(chunks) if chunks else np.zeros((0, grids[name][0] * grids[name][1]), dtype=np.int64)
+            for name, chunks in self.tokens.items()
+        }
+        labels = [_label(c) for c in self.classes]
+        numeric = all(lbl is not None for lbl, c in zip(labels, self.classes, strict=True) if c is not None)
+        label_array = None
+        if numeric and any(c is not None for c in self.classes):
+            label_array = np.asarray([-1 if lbl is None else lbl for lbl in labels], dtype=np.int32)
+        rows = PartRows(self.keys, columns, label_array, self.captions, self.meta, None if numeric else self.classes)
+        tiers = [tok.tier_columns(tier) for tier in tok.tiers]
+        return token_table(rows, PartLayout(tok.fingerprint, tok.codebook_size, grids, tiers), source)
+
+
+def tokenize_shard(
+    tokenizer, task: ShardTask, batch_size: int = 256, decode_threads: int = 2, model_lock=None
+) -> ShardTokens:
+    """Encode every image of the shard `task.url` into `task.out/task.part`; rows written +
+    samples rejected = samples read. The sample's `txt`, `json` and `cls` travel with its tokens
+    (`caption`, `meta`, and `label` when `cls` is an integer, else a `cls` text column).
+
+    Raises ShardUnreadable when the shard cannot be read whole; nothing is written then.
+    Memory is bounded by the batch and a decode window of twice the batch, whatever the shard's
+    size. `model_lock` (a lock shared by the shards one actor tokenizes at once) serialises the
+    forward passes, so that one shard's reading, decoding and writing overlap another's compute."""
+    part = _PartBuilder(tokenizer, batch_size, model_lock)
+    rejects: list[dict] = []
+    samples = 0
+    window = max(2 * batch_size, 4 * decode_threads)
+    for sample in decoded_samples(task.url, tokenizer.image_size, decode_threads, window):
+        samples += 1
+        if sample.reject is not None:
+            rejects.append({"key": sample.fields["__key__"], "reason": sample.reject})
+        else:
+            part.add(sample.fields, sample.image)
+    part.flush()
+    table = part.table({"input_shard": task.name, "samples": samples, "rejects": rejects})
+    write_part(table, f"{task.out.rstrip('/')}/{task.part}")
+    return ShardTokens(input_shard=task.name, part=task.part, samples=samples, rows=len(part.keys), rejects=rejects)

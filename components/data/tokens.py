@@ -3,14 +3,15 @@
 Columns: `key` string; the token columns, each list<uint16> (list<uint32> past 65,536 codes) of
 one image's h*w tokens in raster order: `tokens` for a quantizer with one token per position,
 one column per group or stage for product and residual quantizers (`tokens_group0`,
-`tokens_group1`, ... / `tokens_stage0` (coarsest), `tokens_stage1`, ...), one per level for a
-hierarchical tokenizer (`tokens_top`, `tokens_bottom`; `tokens_top_group0`, ... when a level has
+`tokens_group1`, ... / `tokens_stage0` (coarsest), `tokens_stage1`, ...), one per tier for a
+hierarchical tokenizer (`tokens_top`, `tokens_bottom`; `tokens_top_group0`, ... when a tier has
 several tokens per position); `label` int32 when labelled; `caption` string (the sample's `txt`)
 and `meta` string (its `json`) when the samples have them; `cls` string for shards whose `cls`
 fields are not integer class ids. Schema metadata:
-`vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size` (the largest level's), `vqpipe.grid`
-(JSON: token column -> [h, w], in column order), `vqpipe.levels` (JSON: the columns of each
-level, coarsest first), `vqpipe.version`, and `vqpipe.source` (JSON: the input shard, samples
+`vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size` (the largest tier's), `vqpipe.grid`
+(JSON: token column -> [h, w], in column order), `vqpipe.tiers` (JSON: the columns of each
+tier, coarsest first; `vqpipe.levels` in parts of vqpipe 0.1, still read), `vqpipe.version`, and
+`vqpipe.source` (JSON: the input shard, samples
 read from it, rejected samples with reasons). Parts are written under a temporary name and renamed
 when complete, so a part that exists is whole. `_manifest.json` lists the parts.
 
@@ -24,8 +25,8 @@ or stream a corpus larger than memory, for a language model's sequences:
     for batch in iter_token_batches(parts, 1024, vocab_offset=32000, boi=48384, eoi=48385):
         batch.tokens  # (b, 2 + L) int64: [boi, codes + 32000 ..., eoi]
 
-Flattening order of several token columns (the order of `Tokenizer.flatten`): level by level,
-coarsest first; within a level position by position in raster order, and within a position its
+Flattening order of several token columns (the order of `Tokenizer.flatten`): tier by tier,
+coarsest first; within a tier position by position in raster order, and within a position its
 m tokens in column order, so [p0 group0, p0 group1, p1 group0, p1 group1, ...], or
 [top p0, top p1, ..., bottom p0, bottom p1, ...].
 """
@@ -48,7 +49,8 @@ MANIFEST = "_manifest.json"
 META_FINGERPRINT = b"vqpipe.tokenizer_fingerprint"
 META_CODEBOOK = b"vqpipe.codebook_size"
 META_GRID = b"vqpipe.grid"
-META_LEVELS = b"vqpipe.levels"
+META_TIERS = b"vqpipe.tiers"
+META_LEGACY_TIERS = b"vqpipe.levels"  # what vqpipe 0.1 called it
 META_VERSION = b"vqpipe.version"
 META_SOURCE = b"vqpipe.source"
 
@@ -70,44 +72,54 @@ def tokens_array(tokens: np.ndarray, codebook_size: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, values)
 
 
-def token_table(
-    keys: list[str],
-    tokens: dict[str, np.ndarray],
-    labels: np.ndarray | None,
-    *,
-    fingerprint: str,
-    codebook_size: int,
-    grid: tuple[int, int] | dict[str, tuple[int, int]],
-    levels: list[list[str]] | None = None,
-    captions: list[str | None] | None = None,
-    meta: list[str | None] | None = None,
-    classes: list[str | None] | None = None,
-    source: dict | None = None,
-) -> pa.Table:
-    """tokens: column name -> (n, h*w) array, in column order. grid: every column's (h, w), or
-    one per column; levels: the columns of each level, coarsest first (default: one level).
-    captions / meta: per row, the sample's `txt` and `json` (JSON text), null where it had none;
-    a column is written only when some row has a value. classes: the samples' `cls` text, for
-    a shard whose classes are not integer ids (those go in `label`). source: where the rows came
-    from (`input_shard`, `samples` read, `rejects`), kept in the metadata so a part describes
-    itself."""
-    grids = grid if isinstance(grid, dict) else {name: grid for name in tokens}
-    levels = levels or [list(tokens)]
-    if [c for level in levels for c in level] != list(tokens) or list(grids) != list(tokens):
-        raise ValueError(f"levels {levels} and grids {list(grids)} must list the token columns {list(tokens)} in order")
-    columns = {"key": pa.array(keys, type=pa.string())}
+@dataclass(frozen=True)
+class PartLayout:
+    """What a part says about its tokens, the same for every part of one tokenizer:
+    `fingerprint`, `codebook_size`, `grid` (every column's (h, w), or one per column) and
+    `tiers` (the columns of each tier, coarsest first; default: one tier)."""
+
+    fingerprint: str
+    codebook_size: int
+    grid: tuple[int, int] | dict[str, tuple[int, int]]
+    tiers: list[list[str]] | None = None
+
+
+@dataclass
+class PartRows:
+    """The rows of a part. tokens: column name -> (n, h*w) array, in column order. captions /
+    meta: per row, the sample's `txt` and `json` (JSON text), null where it had none; a column
+    is written only when some row has a value. classes: the samples' `cls` text, for a shard
+    whose classes are not integer ids (those go in `labels`)."""
+
+    keys: list[str]
+    tokens: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    captions: list[str | None] | None = None
+    meta: list[str | None] | None = None
+    classes: list[str | None] | None = None
+
+
+def token_table(rows: PartRows, layout: PartLayout, source: dict | None = None) -> pa.Table:
+    """The Arrow table of a part. source: where the rows came from (`input_shard`, `samples`
+    read, `rejects`), kept in the metadata so a part describes itself."""
+    tokens = rows.tokens
+    grids = layout.grid if isinstance(layout.grid, dict) else {name: layout.grid for name in tokens}
+    tiers = layout.tiers or [list(tokens)]
+    if [c for tier in tiers for c in tier] != list(tokens) or list(grids) != list(tokens):
+        raise ValueError(f"tiers {tiers} and grids {list(grids)} must list the token columns {list(tokens)} in order")
+    columns = {"key": pa.array(rows.keys, type=pa.string())}
     for name, matrix in tokens.items():
-        columns[name] = tokens_array(matrix, codebook_size)
-    if labels is not None:
-        columns["label"] = pa.array(np.asarray(labels, dtype=np.int32), type=pa.int32())
-    for name, values in (("caption", captions), ("meta", meta), ("cls", classes)):
+        columns[name] = tokens_array(matrix, layout.codebook_size)
+    if rows.labels is not None:
+        columns["label"] = pa.array(np.asarray(rows.labels, dtype=np.int32), type=pa.int32())
+    for name, values in (("caption", rows.captions), ("meta", rows.meta), ("cls", rows.classes)):
         if values is not None and any(v is not None for v in values):
             columns[name] = pa.array(values, type=pa.string())
     metadata = {
-        META_FINGERPRINT: fingerprint.encode(),
-        META_CODEBOOK: str(codebook_size).encode(),
+        META_FINGERPRINT: layout.fingerprint.encode(),
+        META_CODEBOOK: str(layout.codebook_size).encode(),
         META_GRID: json.dumps({name: list(grids[name]) for name in tokens}).encode(),
-        META_LEVELS: json.dumps(levels).encode(),
+        META_TIERS: json.dumps(tiers).encode(),
         META_VERSION: __version__.encode(),
     }
     if source is not None:
@@ -126,7 +138,7 @@ class PartInfo:
     codebook_size: int
     grid: dict  # token column -> [h, w], in column order
     rows: int
-    levels: list  # the token columns of each level, coarsest first
+    tiers: list  # the token columns of each tier, coarsest first
     source: dict | None = None  # input_shard, samples, rejects (None for parts without it)
 
     @property
@@ -144,33 +156,37 @@ def part_info(path: str | Path, filesystem=None) -> PartInfo:
         codebook_size=int(schema_meta[META_CODEBOOK]),
         grid=json.loads(schema_meta[META_GRID]),
         rows=meta.num_rows,
-        # Parts written before hierarchical tokenizers have one level.
-        levels=json.loads(schema_meta[META_LEVELS])
-        if META_LEVELS in schema_meta
-        else [list(json.loads(schema_meta[META_GRID]))],
+        tiers=_tiers(schema_meta),
         source=json.loads(schema_meta[META_SOURCE]) if META_SOURCE in schema_meta else None,
     )
+
+
+def _tiers(schema_meta: dict) -> list[list[str]]:
+    for key in (META_TIERS, META_LEGACY_TIERS):
+        if key in schema_meta:
+            return json.loads(schema_meta[key])
+    return [list(json.loads(schema_meta[META_GRID]))]  # parts written before hierarchical tokenizers
 
 
 @dataclass
 class TokenData:
     keys: list[str]
-    tokens: np.ndarray  # (n, L) int64, flattened level by level, position by position (see the module doc)
+    tokens: np.ndarray  # (n, L) int64, flattened tier by tier, position by position (see the module doc)
     labels: np.ndarray | None  # (n,) int64, -1 where unlabelled; None when no part has labels
     codebook_size: int
     grid: dict
     columns: list[str]
-    levels: list
+    tiers: list
 
     def column(self, name: str) -> np.ndarray:
         """(n, h*w) tokens of one token column: a strided view into `tokens`."""
         start = 0
-        for level in self.levels:
-            h, w = self.grid[level[0]]
-            width = h * w * len(level)
-            if name in level:
-                block = self.tokens[:, start : start + width].reshape(len(self.tokens), h * w, len(level))
-                return block[:, :, level.index(name)]
+        for tier in self.tiers:
+            h, w = self.grid[tier[0]]
+            width = h * w * len(tier)
+            if name in tier:
+                block = self.tokens[:, start : start + width].reshape(len(self.tokens), h * w, len(tier))
+                return block[:, :, tier.index(name)]
             start += width
         raise KeyError(f"no token column {name!r} (columns: {', '.join(self.columns)})")
 
@@ -194,24 +210,22 @@ def _check_parts(paths: list, fingerprint: str | None) -> list[PartInfo]:
         raise ValueError("no token parts to read")
     infos = [part_info(p) for p in paths]
     expected = fingerprint or infos[0].fingerprint
-    for path, info in zip(paths, infos):
+    for path, info in zip(paths, infos, strict=True):
         if info.fingerprint != expected:
             raise TokenShardMismatch(
                 f"{path} was made by tokenizer {info.fingerprint[:12]}, not {expected[:12]}: "
                 "re-tokenize (dvc repro tokenize) or use the matching tokenizer"
             )
-        if info.token_columns != infos[0].token_columns or info.grid != infos[0].grid or info.levels != infos[0].levels:
+        if info.token_columns != infos[0].token_columns or info.grid != infos[0].grid or info.tiers != infos[0].tiers:
             raise TokenShardMismatch(f"{path} has token columns {info.grid}, {paths[0]} has {infos[0].grid}")
     return infos
 
 
-def _sequences(table: pa.Table | pa.RecordBatch, levels: list) -> np.ndarray:
-    """(n, L) int64 in the documented order: per level (n, h*w, m) -> (n, h*w*m), a position's m
-    tokens side by side; then the levels one after the other, coarsest first."""
+def _sequences(table: pa.Table | pa.RecordBatch, tiers: list) -> np.ndarray:
+    """(n, L) int64 in the documented order: per tier (n, h*w, m) -> (n, h*w*m), a position's m
+    tokens side by side; then the tiers one after the other, coarsest first."""
     n = table.num_rows
-    blocks = [
-        np.stack([list_to_matrix(table.column(name)) for name in level], axis=-1).reshape(n, -1) for level in levels
-    ]
+    blocks = [np.stack([list_to_matrix(table.column(name)) for name in tier], axis=-1).reshape(n, -1) for tier in tiers]
     return np.concatenate(blocks, axis=1)
 
 
@@ -225,17 +239,17 @@ def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> Toke
     """Read token parts into memory; refuses parts whose fingerprint differs from `fingerprint`
     (when given). For corpora larger than memory, stream them with `iter_token_batches`."""
     infos = _check_parts(paths, fingerprint)
-    levels = infos[0].levels
+    tiers = infos[0].tiers
     tables = [pq.read_table(p) for p in paths]
     has_labels = any("label" in t.column_names for t in tables)
     return TokenData(
         keys=[key for t in tables for key in t.column("key").to_pylist()],
-        tokens=np.concatenate([_sequences(t, levels) for t in tables]),
+        tokens=np.concatenate([_sequences(t, tiers) for t in tables]),
         labels=np.concatenate([_labels(t) for t in tables]) if has_labels else None,
         codebook_size=infos[0].codebook_size,
         grid=infos[0].grid,
         columns=infos[0].token_columns,
-        levels=levels,
+        tiers=tiers,
     )
 
 
@@ -271,19 +285,19 @@ def iter_token_batches(
     For packing images into a language model's sequences: every token is shifted by
     `vocab_offset` (image codes after the text vocabulary), and `boi` / `eoi` (begin/end of
     image ids, outside the shifted code range) are put before / after each image's tokens.
-    Sequences are in `read_tokens`' order (level by level, position by position)."""
+    Sequences are in `read_tokens`' order (tier by tier, position by position)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if vocab_offset < 0:
         raise ValueError(f"vocab_offset must be >= 0, got {vocab_offset}")
     infos = _check_parts(paths, fingerprint)
-    levels, size = infos[0].levels, infos[0].codebook_size
+    tiers, size = infos[0].tiers, infos[0].codebook_size
     for name, token in (("boi", boi), ("eoi", eoi)):
         if token is not None and (token < 0 or vocab_offset <= token < vocab_offset + size):
             raise ValueError(
                 f"{name}={token} must be >= 0 and outside the image codes [{vocab_offset}, {vocab_offset + size})"
             )
-    columns = ["key", *(c for level in levels for c in level)]
+    columns = ["key", *(c for tier in tiers for c in tier)]
     held: TokenBatch | None = None  # fewer than batch_size rows, carried into the next record batch
     for path in paths:
         parquet = pq.ParquetFile(path)
@@ -291,7 +305,7 @@ def iter_token_batches(
         for record in parquet.iter_batches(batch_size=batch_size, columns=wanted):
             n = record.num_rows
             pieces = [np.full((n, 1), boi, dtype=np.int64)] if boi is not None else []
-            pieces.append(_sequences(record, levels) + vocab_offset)
+            pieces.append(_sequences(record, tiers) + vocab_offset)
             if eoi is not None:
                 pieces.append(np.full((n, 1), eoi, dtype=np.int64))
             chunk = TokenBatch(record.column("key").to_pylist(), np.concatenate(pieces, axis=1), _labels(record))

@@ -38,7 +38,7 @@ def codebook_stats(columns: Mapping[str, np.ndarray], codebook_sizes: Mapping[st
     entropy in bits per token: the cost of coding the tokens by frequency alone.
 
     columns: token column -> (n, L_c) tokens (`TokenData.column`). Each column (a product
-    group, residual stage or hierarchical level) is its own distribution over its own codebook:
+    group, residual stage or hierarchical tier) is its own distribution over its own codebook:
     usage and perplexity are the columns' means, and the unigram entropy is what coding each
     column by its own frequencies costs per token, weighted by the column's tokens per image
     (the baseline a prior that knows the position must beat)."""

@@ -1,13 +1,16 @@
 """Autoregressive priors over tokens and sampling from them."""
 
+from components.config import SamplingOptions
 from components.priors.export import PriorMismatch, build_prior, load_prior, save_prior
-from components.priors.sampling import filter_logits, sample, sample_images
+from components.priors.sampling import Sampler, filter_logits, sample, sample_images
 from components.priors.transformer import HierarchicalPrior, PriorConfig, TransformerPrior
 
 __all__ = [
     "HierarchicalPrior",
     "PriorConfig",
     "PriorMismatch",
+    "Sampler",
+    "SamplingOptions",
     "TransformerPrior",
     "build_prior",
     "filter_logits",

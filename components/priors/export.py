@@ -12,37 +12,37 @@ from safetensors.torch import load_file, save_file
 
 from components import __version__
 from components.io import atomic_write, write_json
-from components.priors.transformer import HierarchicalPrior, PriorConfig, TransformerPrior
+from components.priors.transformer import HierarchicalPrior, PriorConfig, TransformerPrior, upgrade_state
 
 
 class PriorMismatch(ValueError):
     """A prior trained on another tokenizer's tokens."""
 
 
-def level_layouts(tokenizer) -> list[tuple[str, tuple[int, int, int], int]]:
-    """Per level, coarsest first: (level, (h, w, m), codebook size)."""
+def tier_layouts(tokenizer) -> list[tuple[str, tuple[int, int, int], int]]:
+    """Per tier, coarsest first: (tier, (h, w, m), codebook size)."""
     out = []
-    for level in tokenizer.levels:
-        columns = tokenizer.level_columns(level)
-        h, w = tokenizer.level_grid(level)
-        out.append((level, (h, w, len(columns)), max(tokenizer.column_codebook_sizes[c] for c in columns)))
+    for tier in tokenizer.tiers:
+        columns = tokenizer.tier_columns(tier)
+        h, w = tokenizer.tier_grid(tier)
+        out.append((tier, (h, w, len(columns)), max(tokenizer.column_codebook_sizes[c] for c in columns)))
     return out
 
 
 def build_prior(tokenizer, num_classes: int = 0, **sizes) -> TransformerPrior | HierarchicalPrior:
     """The prior for `tokenizer`'s tokens: one transformer over the flattened sequence (product
     and residual tokens in the documented order, a position's m tokens side by side, with a
-    sub-token embedding), or for a two-level tokenizer a HierarchicalPrior. `sizes`: n_layer,
+    sub-token embedding), or for a two-tier tokenizer a HierarchicalPrior. `sizes`: n_layer,
     n_head, n_embd, dropout, norm, tie_weights."""
-    levels = level_layouts(tokenizer)
-    if len(levels) == 1:
-        ((_, (h, w, m), vocab),) = levels
+    tiers = tier_layouts(tokenizer)
+    if len(tiers) == 1:
+        ((_, (h, w, m), vocab),) = tiers
         return TransformerPrior(
             PriorConfig(vocab_size=vocab, seq_len=h * w * m, num_classes=num_classes, layout=((h, w, m),), **sizes)
         )
-    if len(levels) != 2:
-        raise ValueError(f"priors handle one or two token levels, not {len(levels)}")
-    (_, top_layout, top_vocab), (_, bottom_layout, bottom_vocab) = levels
+    if len(tiers) != 2:
+        raise ValueError(f"priors handle one or two token tiers, not {len(tiers)}")
+    (_, top_layout, top_vocab), (_, bottom_layout, bottom_vocab) = tiers
     top_len = top_layout[0] * top_layout[1] * top_layout[2]
     top = PriorConfig(vocab_size=top_vocab, seq_len=top_len, num_classes=num_classes, layout=(top_layout,), **sizes)
     bottom = replace(
@@ -113,8 +113,8 @@ def load_prior(
             problems.append(
                 f"tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]} != {tokenizer.fingerprint[:12]}"
             )
-        expected = [vocab for _, _, vocab in level_layouts(tokenizer)]
-        if "model" in meta and len(expected) > 1:  # one model over a multi-level sequence (older exports)
+        expected = [vocab for _, _, vocab in tier_layouts(tokenizer)]
+        if "model" in meta and len(expected) > 1:  # one model over a multi-tier sequence (older exports)
             expected = [tokenizer.codebook_size]
         if _vocab_sizes(model) != expected:
             problems.append(f"codebook sizes {_vocab_sizes(model)} != the tokenizer's {expected}")
@@ -127,5 +127,5 @@ def load_prior(
             problems.append(f"token grids {saved} != {grids}")
         if problems:
             raise PriorMismatch(f"prior {path} does not match the tokenizer: " + "; ".join(problems))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.load_state_dict(upgrade_state(load_file(str(path / "model.safetensors"))))
     return model.to(device).eval(), meta

@@ -2,7 +2,7 @@
 
 Sequence layout for an image of P given (prefix) and L predicted tokens:
 
-    tokens:  x_0 .. x_{P-1} (prefix: a bottom prior's top-level tokens), x_P .. x_{P+L-1}
+    tokens:  x_0 .. x_{P-1} (prefix: a bottom prior's top-tier tokens), x_P .. x_{P+L-1}
     input:   [cond, x_0, x_1, ..., x_{P+L-2}]       cond = class token, or the null token
     slot j predicts x_j; the loss covers the L predicted slots only.
 
@@ -10,12 +10,12 @@ Embedding ids: 0..V-1 are codes, V+c is class c's token, V+C the null (unconditi
 V+C+1+k prefix code k. The output head covers the V codes only (optionally tied to their
 embeddings).
 
-Positions: learned and 2D. With a `layout` (per level of the sequence: its grid h, w and the
-m tokens per position), slot j gets row, column, sub-token and level embeddings of the token it
+Positions: learned and 2D. With a `layout` (per tier of the sequence: its grid h, w and the
+m tokens per position), slot j gets row, column, sub-token and tier embeddings of the token it
 predicts (x_j), summed. Why learned 2D rather than rotary: the grid is fixed per tokenizer (no
 length extrapolation wanted), absolute embeddings make the KV cache trivial (a cached key never
 needs re-rotating), and factorising rows and columns gives every token its vertical neighbour
-as a position feature with h + w + m + levels vectors instead of h*w*m. Without a layout
+as a position feature with h + w + m + tiers vectors instead of h*w*m. Without a layout
 (priors exported before it) positions are one learned table over the sequence.
 """
 
@@ -43,7 +43,7 @@ class PriorConfig:
     dropout: float = 0.0
     norm: str = "layernorm"  # or rmsnorm
     tie_weights: bool = False  # the output head shares the code embeddings
-    # Per level of the whole sequence (prefix levels first): [h, w, m]; empty: 1D positions.
+    # Per tier of the whole sequence (prefix tiers first): [h, w, m]; empty: 1D positions.
     layout: tuple = field(default=())
     prefix_len: int = 0  # leading tokens given, not predicted (a bottom prior's top tokens)
     prefix_vocab: int = 0  # their codebook size
@@ -60,13 +60,13 @@ class PriorConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["layout"] = [list(level) for level in self.layout]
+        d["layout"] = [list(tier) for tier in self.layout]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> PriorConfig:
         values = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        values["layout"] = tuple(tuple(level) for level in d.get("layout", ()))
+        values["layout"] = tuple(tuple(tier) for tier in d.get("layout", ()))
         return cls(**values)
 
 
@@ -127,11 +127,11 @@ class Block(nn.Module):
 
 
 def _positions(layout: tuple) -> torch.Tensor:
-    """(P+L, 4) long: level, row, column, sub-token of every token of the sequence."""
+    """(P+L, 4) long: tier, row, column, sub-token of every token of the sequence."""
     rows = []
-    for level, (h, w, m) in enumerate(layout):
+    for tier, (h, w, m) in enumerate(layout):
         r, c, s = torch.meshgrid(torch.arange(h), torch.arange(w), torch.arange(m), indexing="ij")
-        rows.append(torch.stack([torch.full_like(r, level), r, c, s], dim=-1).reshape(-1, 4))
+        rows.append(torch.stack([torch.full_like(r, tier), r, c, s], dim=-1).reshape(-1, 4))
     return torch.cat(rows)
 
 
@@ -144,7 +144,7 @@ class TransformerPrior(nn.Module):
         total = cfg.prefix_len + cfg.seq_len
         if cfg.layout:
             self.register_buffer("pos_ids", _positions(cfg.layout), persistent=False)
-            self.level_emb = nn.Embedding(len(cfg.layout), cfg.n_embd)
+            self.tier_emb = nn.Embedding(len(cfg.layout), cfg.n_embd)
             self.row_emb = nn.Embedding(max(h for h, _, _ in cfg.layout), cfg.n_embd)
             self.col_emb = nn.Embedding(max(w for _, w, _ in cfg.layout), cfg.n_embd)
             self.sub_emb = nn.Embedding(max(m for _, _, m in cfg.layout), cfg.n_embd)
@@ -205,7 +205,7 @@ class TransformerPrior(nn.Module):
         if not self.cfg.layout:
             return self.pos_emb(torch.arange(start, start + count, device=device))
         ids = self.pos_ids[start : start + count]
-        return self.level_emb(ids[:, 0]) + self.row_emb(ids[:, 1]) + self.col_emb(ids[:, 2]) + self.sub_emb(ids[:, 3])
+        return self.tier_emb(ids[:, 0]) + self.row_emb(ids[:, 1]) + self.col_emb(ids[:, 2]) + self.sub_emb(ids[:, 3])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_f(x)
@@ -236,13 +236,13 @@ class TransformerPrior(nn.Module):
 
 
 class HierarchicalPrior(nn.Module):
-    """VQ-VAE-2's two priors: `top` over the top-level tokens, `bottom` over the bottom-level
+    """VQ-VAE-2's two priors: `top` over the top-tier tokens, `bottom` over the bottom-tier
     tokens with the top tokens as its prefix (conditioning by prefixing: the bottom prior
     attends to every top token through ordinary causal self-attention, with the KV cache for
     free, where cross-attention would need a second attention per block). Sampling draws the
     top tokens, then the bottom ones. Both take the class token.
 
-    Sequences are the tokenizer's flattening, top level first: (b, T + B)."""
+    Sequences are the tokenizer's flattening, top tier first: (b, T + B)."""
 
     def __init__(self, top: PriorConfig, bottom: PriorConfig):
         super().__init__()
@@ -260,7 +260,7 @@ class HierarchicalPrior(nn.Module):
         return self.top.cfg.seq_len + self.bottom.cfg.seq_len
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """(b, T+B) -> logits (b, T+B, max(V_top, V_bottom)); the smaller level's extra
+        """(b, T+B) -> logits (b, T+B, max(V_top, V_bottom)); the smaller tier's extra
         vocabulary is -inf (zero probability)."""
         top = self.top(tokens[:, : self.top.cfg.seq_len], labels)
         bottom = self.bottom(tokens, labels)
@@ -275,3 +275,8 @@ class HierarchicalPrior(nn.Module):
 
     def configs(self) -> dict:
         return {"top": self.top.cfg.to_dict(), "bottom": self.bottom.cfg.to_dict()}
+
+
+def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A prior's state dict under today's names: vqpipe 0.1 called the tier embedding `level_emb`."""
+    return {name.replace("level_emb.", "tier_emb."): tensor for name, tensor in state.items()}

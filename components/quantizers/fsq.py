@@ -20,6 +20,8 @@ from components.quantizers.base import QuantizerOutput, check_finite, check_last
 from components.quantizers.registry import QuantizerConfig, register
 
 MAX_CODES = 2**31
+# How far inside (-L/2, L/2) the bound squashes a channel, so that rounding never reaches past it.
+BOUND_EPS = 1e-3
 
 
 @register("fsq")
@@ -49,7 +51,7 @@ class FSQConfig(QuantizerConfig):
 
     def build(self, dim: int) -> FSQ:
         self.check_latent(dim)
-        return FSQ(self.levels, dim)
+        return FSQ(self, dim)
 
 
 class FSQ(nn.Module):
@@ -60,13 +62,14 @@ class FSQ(nn.Module):
     tokens_per_position = 1
     token_names = ("code",)
 
-    def __init__(self, levels: list[int], dim: int, eps: float = 1e-3):
+    def __init__(self, cfg: FSQConfig, dim: int):
         super().__init__()
-        self.levels_list = list(levels)
+        levels = list(cfg.levels)
+        self.levels_list = levels
         self.dim = dim
         self.code_dim = len(levels)
         self.codebook_size = math.prod(levels)
-        self.eps = eps
+        self.eps = BOUND_EPS
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
         self.register_buffer(
             "radix",

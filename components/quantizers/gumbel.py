@@ -44,7 +44,7 @@ class GumbelConfig(QuantizerConfig):
         return self
 
     def build(self, dim: int) -> GumbelQuantizer:
-        return GumbelQuantizer(dim=dim, **self.model_dump(exclude={"type"}))
+        return GumbelQuantizer(self, dim)
 
 
 def _gumbel_softmax(logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -63,24 +63,16 @@ class GumbelQuantizer(nn.Module):
     tokens_per_position = 1
     token_names = ("code",)
 
-    def __init__(
-        self,
-        codebook_size: int,
-        dim: int,
-        temperature_start: float = 1.0,
-        temperature_end: float = 0.0625,
-        anneal_steps: int = 1000,
-        kl_weight: float = 5e-4,
-        straight_through: bool = True,
-    ):
+    def __init__(self, cfg: GumbelConfig, dim: int):
         super().__init__()
+        codebook_size = cfg.codebook_size
         self.codebook_size = codebook_size
         self.dim = dim
-        self.temperature_start = temperature_start
-        self.temperature_end = temperature_end
-        self.anneal_steps = anneal_steps
-        self.kl_weight = kl_weight
-        self.straight_through = straight_through
+        self.temperature_start = cfg.temperature_start
+        self.temperature_end = cfg.temperature_end
+        self.anneal_steps = cfg.anneal_steps
+        self.kl_weight = cfg.kl_weight
+        self.straight_through = cfg.straight_through
         self.to_logits = nn.Linear(dim, codebook_size)
         self.codebook = nn.Embedding(codebook_size, dim)
         # Training steps taken: the temperature schedule's clock, saved with the weights.

@@ -68,8 +68,7 @@ class LFQConfig(QuantizerConfig):
 
     def build(self, dim: int) -> LFQ:
         self.check_latent(dim)
-        options = self.model_dump(exclude={"type", "codebook_size"})
-        return LFQ(self.bits, dim, **options)
+        return LFQ(self, dim)
 
 
 def _binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -84,25 +83,16 @@ class LFQ(nn.Module):
     tokens_per_position = 1
     token_names = ("code",)
 
-    def __init__(
-        self,
-        bits: int,
-        dim: int,
-        beta: float = 0.25,
-        entropy_weight: float = 0.1,
-        diversity_weight: float = 1.0,
-        entropy_temperature: float = 0.01,
-        entropy_group_bits: int = 9,
-    ):
+    def __init__(self, cfg: LFQConfig, dim: int):
         super().__init__()
-        self.bits = bits
+        self.bits = bits = cfg.bits
         self.dim = dim
         self.codebook_size = 2**bits
-        self.beta = beta
-        self.entropy_weight = entropy_weight
-        self.diversity_weight = diversity_weight
-        self.entropy_temperature = entropy_temperature
-        self.entropy_group_bits = entropy_group_bits
+        self.beta = cfg.beta
+        self.entropy_weight = cfg.entropy_weight
+        self.diversity_weight = cfg.diversity_weight
+        self.entropy_temperature = cfg.entropy_temperature
+        self.entropy_group_bits = cfg.entropy_group_bits
         self.register_buffer("powers", 2 ** torch.arange(bits - 1, -1, -1, dtype=torch.long), persistent=False)
         self.project_in, self.project_out = projections(dim, bits)
 

@@ -61,7 +61,7 @@ class ResidualQuantizer(nn.Module):
 
     index_dtype = torch.int64
 
-    def __init__(self, codebooks: list[VectorQuantizer], stages: int, dim: int, dropout: float = 0.0):
+    def __init__(self, codebooks: list[VectorQuantizer], stages: int, dim: int, dropout: float):
         super().__init__()
         self.codebooks = nn.ModuleList(codebooks)
         self.shared = len(codebooks) == 1

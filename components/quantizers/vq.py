@@ -75,8 +75,7 @@ class VQOptions(QuantizerConfig):
 
     def build_codebook(self, dim: int) -> VectorQuantizer:
         """One nearest-code codebook over vectors of width `dim` with these options."""
-        options = self.model_dump(exclude={"type", "groups", "stages", "shared_codebook", "dropout"})
-        return VectorQuantizer(dim=dim, **options)
+        return VectorQuantizer(self, dim)
 
 
 @register("vq")
@@ -161,34 +160,21 @@ class VectorQuantizer(nn.Module):
     tokens_per_position = 1
     token_names = ("code",)
 
-    def __init__(
-        self,
-        codebook_size: int,
-        dim: int,
-        beta: float = 0.25,
-        ema: bool = True,
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        cosine: bool = False,
-        codebook_dim: int | None = None,
-        kmeans_iters: int = 10,
-        kmeans_init_batches: int = 1,
-        restart_after_steps: int = 100,
-        search_chunk_size: int = 8192,
-    ):
+    def __init__(self, options: VQOptions, dim: int):
         super().__init__()
+        codebook_size = options.codebook_size
         self.codebook_size = codebook_size
         self.dim = dim
-        self.beta = beta
-        self.ema = ema
-        self.decay = decay
-        self.eps = eps
-        self.cosine = cosine
-        self.kmeans_iters = kmeans_iters
-        self.kmeans_init_batches = kmeans_init_batches
-        self.restart_after_steps = restart_after_steps
-        self.search_chunk_size = search_chunk_size
-        self.code_dim = codebook_dim or dim
+        self.beta = options.beta
+        self.ema = ema = options.ema
+        self.decay = options.decay
+        self.eps = options.eps
+        self.cosine = options.cosine
+        self.kmeans_iters = options.kmeans_iters
+        self.kmeans_init_batches = options.kmeans_init_batches
+        self.restart_after_steps = options.restart_after_steps
+        self.search_chunk_size = options.search_chunk_size
+        self.code_dim = options.codebook_dim or dim
         self.project_in, self.project_out = projections(dim, self.code_dim)
         init = torch.randn(codebook_size, self.code_dim) / self.code_dim**0.5
         if ema:

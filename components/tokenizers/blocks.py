@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,17 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class ConvShape(NamedTuple):
+    """The shape of an encoder/decoder pair: `channels` at full resolution (doubling per
+    downsampling, capped at 4x), `num_downsamples` stride-2 steps, `num_res_blocks` per
+    resolution (the bottleneck always has one), and the `latent_dim` of the codes."""
+
+    channels: int
+    num_downsamples: int
+    num_res_blocks: int
+    latent_dim: int
+
+
 def stage_channels(channels: int, num_downsamples: int) -> list[int]:
     """Width at each resolution: doubling per downsampling, capped at 4x the base width."""
     return [channels * min(2**i, 4) for i in range(num_downsamples + 1)]
@@ -64,11 +77,11 @@ class Encoder(nn.Module):
         super().__init__()
         widths = stage_channels(channels, num_downsamples)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1)]
-        for level in range(num_downsamples):
-            for i in range(num_res_blocks):
-                layers.append(ResBlock(widths[level], widths[level]))
-            layers.append(Downsample(widths[level]))
-            layers.append(nn.Conv2d(widths[level], widths[level + 1], 1))
+        for res in range(num_downsamples):
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(widths[res], widths[res]))
+            layers.append(Downsample(widths[res]))
+            layers.append(nn.Conv2d(widths[res], widths[res + 1], 1))
         for _ in range(max(num_res_blocks, 1)):
             layers.append(ResBlock(widths[-1], widths[-1]))
         layers += [norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], latent_dim, 1)]
@@ -87,11 +100,11 @@ class Decoder(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(latent_dim, widths[-1], 3, padding=1)]
         for _ in range(max(num_res_blocks, 1)):
             layers.append(ResBlock(widths[-1], widths[-1]))
-        for level in reversed(range(num_downsamples)):
-            layers.append(nn.Conv2d(widths[level + 1], widths[level], 1))
-            layers.append(Upsample(widths[level]))
+        for res in reversed(range(num_downsamples)):
+            layers.append(nn.Conv2d(widths[res + 1], widths[res], 1))
+            layers.append(Upsample(widths[res]))
             for _ in range(num_res_blocks):
-                layers.append(ResBlock(widths[level], widths[level]))
+                layers.append(ResBlock(widths[res], widths[res]))
         layers += [norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], out_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 

@@ -8,7 +8,7 @@ An export is a directory with `config.json` (architecture and quantizer settings
     images = tok.decode(indices)        # -> (b, 3, H, W) float in [0, 1]
     tokens = tok.flatten(indices)       # (b, num_tokens): the sequence a prior models
 
-A hierarchical (vqvae2) tokenizer gives and takes a dict of indices per level instead.
+A hierarchical (vqvae2) tokenizer gives and takes a dict of indices per tier instead.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from torch import nn
 from components import __version__
 from components.io import atomic_write, write_json
 from components.quantizers import QUANTIZERS
-from components.tokenizers.vqvae import VQVAE
+from components.tokenizers.blocks import ConvShape
+from components.tokenizers.vqvae import SINGLE_TIER, VQVAE
 from components.tokenizers.vqvae2 import VQVAE2
 
 CONFIG_FILE = "config.json"
@@ -63,29 +64,29 @@ def _quantizer(config: dict, where: str):
 def build_model(config: dict) -> nn.Module:
     """The architecture an export's config.json describes (`vqgan` exports its generator, a VQVAE)."""
     arch = config.get("arch")
-    common = {k: config[k] for k in ("channels", "num_downsamples", "num_res_blocks", "latent_dim")}
+    shape = ConvShape(*(config[k] for k in ConvShape._fields))
     if arch in ("vqvae", "vqgan"):
-        return VQVAE(quantizer=_quantizer(config["quantizer"], "config quantizer"), **common)
+        return VQVAE(_quantizer(config["quantizer"], "config quantizer"), shape)
     if arch == "vqvae2":
         return VQVAE2(
-            quantizer=_quantizer(config["quantizer"], "config quantizer"),
-            top_quantizer=_quantizer(config["top_quantizer"], "config top_quantizer"),
+            _quantizer(config["quantizer"], "config quantizer"),
+            _quantizer(config["top_quantizer"], "config top_quantizer"),
+            shape,
             top_downsamples=int(math.log2(config["top_downsample"])),
-            **common,
         )
     raise ValueError(f"unknown tokenizer arch {arch!r} in config (allowed: {', '.join(ARCHS)})")
 
 
-def _column_prefix(level: str) -> str:
-    return f"tokens_{level}" if level else "tokens"
+def _column_prefix(tier: str) -> str:
+    return "tokens" if tier == SINGLE_TIER else f"tokens_{tier}"
 
 
 class Tokenizer:
     """A trained VQ tokenizer in eval mode. Images are (b, 3, H, W) floats in [0, 1].
 
-    Indices: for a one-level tokenizer (vqvae, vqgan) a tensor (b, h, w), or (b, h, w, m) with
+    Indices: for a one-tier tokenizer (vqvae, vqgan) a tensor (b, h, w), or (b, h, w, m) with
     m tokens per position (product groups, residual stages). For a hierarchical one (vqvae2) a
-    dict level -> such a tensor, levels coarsest first (`levels`: top, bottom). `flatten` turns
+    dict tier -> such a tensor, tiers coarsest first (`tiers`: top, bottom). `flatten` turns
     either into the (b, num_tokens) sequence a prior models."""
 
     def __init__(self, model: nn.Module, config: dict, device: str | torch.device = "cpu"):
@@ -99,108 +100,108 @@ class Tokenizer:
         return self.config["image_size"]
 
     @property
-    def levels(self) -> tuple[str, ...]:
-        """Token levels, coarsest first: ("",) for one level, ("top", "bottom") for vqvae2."""
-        return tuple(self.model.levels)
+    def tiers(self) -> tuple[str, ...]:
+        """Token tiers, coarsest first: ("single",) for one tier, ("top", "bottom") for vqvae2."""
+        return tuple(self.model.tiers)
 
     @property
     def hierarchical(self) -> bool:
-        return len(self.levels) > 1
+        return len(self.tiers) > 1
 
-    def level_grid(self, level: str) -> tuple[int, int]:
-        side = self.config["image_size"] // self.model.level_downsample[level]
+    def tier_grid(self, tier: str) -> tuple[int, int]:
+        side = self.config["image_size"] // self.model.tier_downsample[tier]
         return (side, side)
 
     @property
     def grid(self) -> tuple[int, int]:
-        """The finest level's grid (the only one of a one-level tokenizer)."""
-        return self.level_grid(self.levels[-1])
+        """The finest tier's grid (the only one of a one-tier tokenizer)."""
+        return self.tier_grid(self.tiers[-1])
 
-    def _quantizer(self, level: str):
-        return self.model.quantizers[level]
+    def _quantizer(self, tier: str):
+        return self.model.quantizers[tier]
 
     @property
     def codebook_size(self) -> int:
-        """Tokens lie in [0, codebook_size): the prior's vocabulary (the largest level's
+        """Tokens lie in [0, codebook_size): the prior's vocabulary (the largest tier's
         codebook; per group or stage for product and residual)."""
-        return max(self._quantizer(level).codebook_size for level in self.levels)
+        return max(self._quantizer(tier).codebook_size for tier in self.tiers)
 
     @property
     def tokens_per_position(self) -> int:
-        """1, or the groups (product) / stages (residual) of each grid position (of the finest level)."""
-        return self._quantizer(self.levels[-1]).tokens_per_position
+        """1, or the groups (product) / stages (residual) of each grid position (of the finest tier)."""
+        return self._quantizer(self.tiers[-1]).tokens_per_position
 
-    def level_columns(self, level: str) -> list[str]:
-        q, prefix = self._quantizer(level), _column_prefix(level)
+    def tier_columns(self, tier: str) -> list[str]:
+        q, prefix = self._quantizer(tier), _column_prefix(tier)
         return [prefix] if q.tokens_per_position == 1 else [f"{prefix}_{name}" for name in q.token_names]
 
     @property
     def token_columns(self) -> list[str]:
-        """Parquet token columns, coarsest level first: `tokens`, one per group/stage
-        (`tokens_group0`, ...), or per level (`tokens_top`, `tokens_bottom`, ...)."""
-        return [c for level in self.levels for c in self.level_columns(level)]
+        """Parquet token columns, coarsest tier first: `tokens`, one per group/stage
+        (`tokens_group0`, ...), or per tier (`tokens_top`, `tokens_bottom`, ...)."""
+        return [c for tier in self.tiers for c in self.tier_columns(tier)]
 
     @property
     def column_grids(self) -> dict[str, tuple[int, int]]:
-        return {c: self.level_grid(level) for level in self.levels for c in self.level_columns(level)}
+        return {c: self.tier_grid(tier) for tier in self.tiers for c in self.tier_columns(tier)}
 
     @property
     def column_codebook_sizes(self) -> dict[str, int]:
-        return {c: self._quantizer(level).codebook_size for level in self.levels for c in self.level_columns(level)}
+        return {c: self._quantizer(tier).codebook_size for tier in self.tiers for c in self.tier_columns(tier)}
 
-    def level_index_shape(self, level: str) -> tuple[int, ...]:
-        m = self._quantizer(level).tokens_per_position
-        return self.level_grid(level) if m == 1 else (*self.level_grid(level), m)
+    def tier_index_shape(self, tier: str) -> tuple[int, ...]:
+        m = self._quantizer(tier).tokens_per_position
+        return self.tier_grid(tier) if m == 1 else (*self.tier_grid(tier), m)
 
     @property
     def index_shape(self) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
-        """Shape of one image's indices: (h, w) or (h, w, m); a dict per level when hierarchical."""
-        shapes = {level: self.level_index_shape(level) for level in self.levels}
-        return shapes if self.hierarchical else shapes[self.levels[0]]
+        """Shape of one image's indices: (h, w) or (h, w, m); a dict per tier when hierarchical."""
+        shapes = {tier: self.tier_index_shape(tier) for tier in self.tiers}
+        return shapes if self.hierarchical else shapes[self.tiers[0]]
 
-    def _level_tokens(self, level: str) -> int:
-        return math.prod(self.level_index_shape(level))
+    def _tier_tokens(self, tier: str) -> int:
+        return math.prod(self.tier_index_shape(tier))
 
     @property
     def num_tokens(self) -> int:
         """Length of one image's flattened token sequence (what a prior models)."""
-        return sum(self._level_tokens(level) for level in self.levels)
+        return sum(self._tier_tokens(tier) for tier in self.tiers)
 
     def vocab_limits(self) -> torch.Tensor:
-        """(num_tokens,) codebook size at each position of the flattened sequence: a level with
+        """(num_tokens,) codebook size at each position of the flattened sequence: a tier with
         a smaller codebook than `codebook_size` must not be sampled past its own."""
         return torch.cat(
-            [torch.full((self._level_tokens(lv),), self._quantizer(lv).codebook_size) for lv in self.levels]
+            [torch.full((self._tier_tokens(tier),), self._quantizer(tier).codebook_size) for tier in self.tiers]
         )
 
     def _as_levels(self, indices) -> dict[str, torch.Tensor]:
         if isinstance(indices, dict):
-            if set(indices) != set(self.levels):
-                raise ValueError(f"expected indices for levels {list(self.levels)}, got {list(indices)}")
+            if set(indices) != set(self.tiers):
+                raise ValueError(f"expected indices for tiers {list(self.tiers)}, got {list(indices)}")
             return indices
         if self.hierarchical:
-            raise ValueError(f"a hierarchical tokenizer takes a dict of indices per level ({', '.join(self.levels)})")
-        return {self.levels[0]: indices}
+            raise ValueError(f"a hierarchical tokenizer takes a dict of indices per tier ({', '.join(self.tiers)})")
+        return {self.tiers[0]: indices}
 
-    def _from_levels(self, by_level: dict[str, torch.Tensor]):
-        return by_level if self.hierarchical else by_level[self.levels[0]]
+    def _from_levels(self, by_tier: dict[str, torch.Tensor]):
+        return by_tier if self.hierarchical else by_tier[self.tiers[0]]
 
     def flatten(self, indices) -> torch.Tensor:
-        """indices (see the class doc) -> (b, num_tokens). The documented order: level by level,
-        coarsest first; within a level raster over the grid (row by row), and within a position
+        """indices (see the class doc) -> (b, num_tokens). The documented order: tier by tier,
+        coarsest first; within a tier raster over the grid (row by row), and within a position
         its m tokens in order (group 0..M-1, or stage 0 (coarsest) .. N-1) before the next
         position's."""
-        by_level = self._as_levels(indices)
-        return torch.cat([by_level[lv].reshape(by_level[lv].shape[0], -1) for lv in self.levels], dim=1)
+        by_tier = self._as_levels(indices)
+        return torch.cat([by_tier[tier].reshape(by_tier[tier].shape[0], -1) for tier in self.tiers], dim=1)
 
     def unflatten(self, tokens: torch.Tensor):
         """(b, num_tokens) -> indices: the inverse of `flatten`."""
         if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens:
             raise ValueError(f"expected token sequences of shape (b, {self.num_tokens}), got {tuple(tokens.shape)}")
         out, start = {}, 0
-        for level in self.levels:
-            n = self._level_tokens(level)
-            out[level] = tokens[:, start : start + n].reshape(tokens.shape[0], *self.level_index_shape(level))
+        for tier in self.tiers:
+            n = self._tier_tokens(tier)
+            out[tier] = tokens[:, start : start + n].reshape(tokens.shape[0], *self.tier_index_shape(tier))
             start += n
         return self._from_levels(out)
 
@@ -220,31 +221,31 @@ class Tokenizer:
     @torch.no_grad()
     def encode_columns(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(b, 3, H, W) in [0, 1] -> token column -> (b, h*w) indices, in `token_columns` order."""
-        by_level = self.model.encode_indices(self._check_images(images))
+        by_tier = self.model.encode_indices(self._check_images(images))
         out = {}
-        for level in self.levels:
-            idx = by_level[level].reshape(images.shape[0], -1, self._quantizer(level).tokens_per_position)
-            for i, column in enumerate(self.level_columns(level)):
+        for tier in self.tiers:
+            idx = by_tier[tier].reshape(images.shape[0], -1, self._quantizer(tier).tokens_per_position)
+            for i, column in enumerate(self.tier_columns(tier)):
                 out[column] = idx[:, :, i]
         return out
 
     @torch.no_grad()
     def decode(self, indices) -> torch.Tensor:
         """indices (see the class doc) -> (b, 3, H, W) in [0, 1]."""
-        by_level = self._as_levels(indices)
+        by_tier = self._as_levels(indices)
         checked = {}
-        for level in self.levels:
-            idx, shape = by_level[level], self.level_index_shape(level)
-            where = f" of level {level!r}" if level else ""
+        for tier in self.tiers:
+            idx, shape = by_tier[tier], self.tier_index_shape(tier)
+            where = f" of tier {tier!r}" if self.hierarchical else ""
             if idx.ndim != 1 + len(shape) or tuple(idx.shape[1:]) != shape:
                 raise ValueError(
                     f"expected indices{where} of shape (b, {', '.join(map(str, shape))}), got {tuple(idx.shape)}"
                 )
-            size = self._quantizer(level).codebook_size
+            size = self._quantizer(tier).codebook_size
             idx = idx.to(self.device, torch.long)
             if idx.numel() and (idx.min() < 0 or idx.max() >= size):
                 raise ValueError(f"indices{where} outside [0, {size})")
-            checked[level] = idx
+            checked[tier] = idx
         return ((self.model.decode_indices(checked) + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()

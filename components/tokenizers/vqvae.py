@@ -1,8 +1,8 @@
 """VQ-VAE: convolutional encoder -> quantizer -> convolutional decoder.
 
 Every tokenizer architecture offers the same interface to training and to `Tokenizer`:
-`levels` (names of its token levels, coarsest first; "" for a single level), `quantizers`
-(level -> quantizer), `level_downsample` (level -> spatial factor), `encode_indices`,
+`tiers` (names of its token tiers, coarsest first; SINGLE_TIER for one), `quantizers`
+(tier -> quantizer), `tier_downsample` (tier -> spatial factor), `encode_indices`,
 `decode_indices`, `last_layer` (the decoder's last weight, for VQ-GAN's adaptive weight) and
 `forward(x) -> TokenizerOutput`.
 """
@@ -15,13 +15,16 @@ import torch
 from torch import nn
 
 from components.quantizers import QuantizerConfig
-from components.tokenizers.blocks import Decoder, Encoder
+from components.tokenizers.blocks import ConvShape, Decoder, Encoder
+
+# The name of a one-tier tokenizer's only tier (a hierarchical one has "top" and "bottom").
+SINGLE_TIER = "single"
 
 
 class TokenizerOutput(NamedTuple):
-    """reconstruction: (b, 3, H, W) in model space [-1, 1]; indices: level -> (b, h, w[, m]);
+    """reconstruction: (b, 3, H, W) in model space [-1, 1]; indices: tier -> (b, h, w[, m]);
     quant_loss: the quantizers' codebook/commitment terms (the reconstruction loss is the
-    training objective's, see `losses.py`); parts: detached scalars for logging."""
+    training step's, see `training.py`); parts: detached scalars for logging."""
 
     reconstruction: torch.Tensor
     indices: dict[str, torch.Tensor]
@@ -37,18 +40,11 @@ def quantize_fp32(quantizer: nn.Module, z: torch.Tensor):
 
 
 class VQVAE(nn.Module):
-    levels: tuple[str, ...] = ("",)
+    tiers: tuple[str, ...] = (SINGLE_TIER,)
 
-    def __init__(
-        self,
-        quantizer: QuantizerConfig,
-        channels: int = 64,
-        num_downsamples: int = 2,
-        num_res_blocks: int = 1,
-        latent_dim: int = 64,
-        in_channels: int = 3,
-    ):
+    def __init__(self, quantizer: QuantizerConfig, shape: ConvShape, in_channels: int = 3):
         super().__init__()
+        channels, num_downsamples, num_res_blocks, latent_dim = shape
         self.encoder = Encoder(in_channels, channels, num_downsamples, num_res_blocks, latent_dim)
         self.quantizer = quantizer.build(latent_dim)
         self.decoder = Decoder(in_channels, channels, num_downsamples, num_res_blocks, latent_dim)
@@ -56,11 +52,11 @@ class VQVAE(nn.Module):
 
     @property
     def quantizers(self) -> dict[str, nn.Module]:
-        return {"": self.quantizer}
+        return {SINGLE_TIER: self.quantizer}
 
     @property
-    def level_downsample(self) -> dict[str, int]:
-        return {"": self.downsample}
+    def tier_downsample(self) -> dict[str, int]:
+        return {SINGLE_TIER: self.downsample}
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -75,13 +71,13 @@ class VQVAE(nn.Module):
         return self.decoder(codes.permute(0, 3, 1, 2).contiguous())
 
     def encode_indices(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"": self.quantizer(self.encode_latent(x)).indices}
+        return {SINGLE_TIER: self.quantizer(self.encode_latent(x)).indices}
 
     def decode_indices(self, indices: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.decode_codes(self.quantizer.indices_to_codes(indices[""]))
+        return self.decode_codes(self.quantizer.indices_to_codes(indices[SINGLE_TIER]))
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:
         q = quantize_fp32(self.quantizer, self.encode_latent(x))
         reconstruction = self.decode_codes(q.quantized)
         parts = {"quant_loss": q.loss.detach(), **q.stats}
-        return TokenizerOutput(reconstruction, {"": q.indices}, q.loss, parts)
+        return TokenizerOutput(reconstruction, {SINGLE_TIER: q.indices}, q.loss, parts)

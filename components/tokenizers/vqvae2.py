@@ -1,12 +1,12 @@
-"""VQ-VAE-2 (Razavi et al., 2019): a two-level hierarchy of latents.
+"""VQ-VAE-2 (Razavi et al., 2019): a two-tier hierarchy of latents.
 
     x --encoder--> h_b (H/f) --top_encoder--> h_t (H/(f*t)) --top quantizer--> q_t
     q_t --top_decoder--> d_t (H/f);  [h_b, d_t] --1x1--> z_b --bottom quantizer--> q_b
     [top_upsample(q_t), q_b] --decoder--> x'
 
-The bottom level is quantized knowing what the top level already says (d_t), so its codes
-carry the detail the top misses. Each level has its own quantizer (any registered type). Token
-levels are "top" and "bottom", coarsest first: the order a prior models them in.
+The bottom tier is quantized knowing what the top tier already says (d_t), so its codes
+carry the detail the top misses. Each tier has its own quantizer (any registered type). Token
+tiers are "top" and "bottom", coarsest first: the order a prior models them in.
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from components.quantizers import QuantizerConfig
-from components.tokenizers.blocks import Decoder, Downsample, Encoder, ResBlock, Upsample, norm, stage_channels
+from components.tokenizers.blocks import (
+    ConvShape,
+    Decoder,
+    Downsample,
+    Encoder,
+    ResBlock,
+    Upsample,
+    norm,
+    stage_channels,
+)
 from components.tokenizers.vqvae import TokenizerOutput, quantize_fp32
 
 
@@ -62,20 +71,20 @@ def _cf(x: torch.Tensor) -> torch.Tensor:
 
 
 class VQVAE2(nn.Module):
-    levels: tuple[str, ...] = ("top", "bottom")
+    tiers: tuple[str, ...] = ("top", "bottom")
 
     def __init__(
         self,
         quantizer: QuantizerConfig,
         top_quantizer: QuantizerConfig,
-        channels: int = 64,
-        num_downsamples: int = 2,
-        num_res_blocks: int = 1,
-        latent_dim: int = 64,
-        top_downsamples: int = 1,
+        shape: ConvShape,
+        top_downsamples: int,
         in_channels: int = 3,
     ):
+        """`quantizer` quantizes the bottom tier, `top_quantizer` the top one, whose grid is the
+        bottom's divided by 2^top_downsamples."""
         super().__init__()
+        channels, num_downsamples, num_res_blocks, latent_dim = shape
         hidden = stage_channels(channels, num_downsamples)[-1]
         self.encoder = Encoder(in_channels, channels, num_downsamples, num_res_blocks, hidden)
         self.top_encoder = _Down(hidden, latent_dim, top_downsamples)
@@ -93,7 +102,7 @@ class VQVAE2(nn.Module):
         return {"top": self.top_quantizer, "bottom": self.quantizer}
 
     @property
-    def level_downsample(self) -> dict[str, int]:
+    def tier_downsample(self) -> dict[str, int]:
         return {"top": self.downsample * self.top_factor, "bottom": self.downsample}
 
     @property
@@ -101,7 +110,7 @@ class VQVAE2(nn.Module):
         return self.decoder.net[-1].weight
 
     def _decode(self, top_codes: torch.Tensor, bottom_codes: torch.Tensor) -> torch.Tensor:
-        """Channels-last code vectors of both levels -> (b, 3, H, W)."""
+        """Channels-last code vectors of both tiers -> (b, 3, H, W)."""
         return self.decoder(torch.cat([self.top_upsample(_cf(top_codes)), _cf(bottom_codes)], dim=1))
 
     def _quantize(self, x: torch.Tensor, fp32: bool):
@@ -126,9 +135,9 @@ class VQVAE2(nn.Module):
         reconstruction = self._decode(q_t.quantized, q_b.quantized)
         loss = q_t.loss + q_b.loss
         parts = {"quant_loss": loss.detach()}
-        for level, q in (("top", q_t), ("bottom", q_b)):
-            parts.update({f"{k}_{level}": v for k, v in q.stats.items()})
-        # Level means under the plain names, so every architecture logs `codebook_usage`.
+        for tier, q in (("top", q_t), ("bottom", q_b)):
+            parts.update({f"{k}_{tier}": v for k, v in q.stats.items()})
+        # Tier means under the plain names, so every architecture logs `codebook_usage`.
         for k in q_b.stats:
             if k in q_t.stats:
                 parts[k] = (q_t.stats[k] + q_b.stats[k]) / 2

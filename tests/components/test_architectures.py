@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 from components.checkpoint import compare_settings, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from components.config import parse_params
 from components.data.images import encode_png
-from components.data.stream import TrainingStream, batches_made_by
+from components.data.stream import StreamLayout, TrainingStream, batches_made_by
 from components.quantizers import QUANTIZERS
 from components.tokenizers import VQVAE2, Tokenizer
+from components.tokenizers.blocks import ConvShape
 from components.tokenizers.lpips import LPIPS
 from components.tokenizers.vqgan import LeCAM, PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from tests.conftest import TINY
@@ -26,9 +27,7 @@ FSQ = QUANTIZERS["fsq"]
 
 def _vqvae2(top=None) -> VQVAE2:
     torch.manual_seed(0)
-    return VQVAE2(
-        VQ(codebook_size=16), top or VQ(codebook_size=16), channels=8, num_downsamples=1, num_res_blocks=1, latent_dim=8
-    )
+    return VQVAE2(VQ(codebook_size=16), top or VQ(codebook_size=16), ConvShape(8, 1, 1, 8), top_downsamples=1)
 
 
 def test_vqvae2_levels_shapes_and_exact_decoding():
@@ -73,7 +72,7 @@ def test_hierarchical_tokenizer_flattens_top_then_bottom(tmp_path):
         "top_quantizer": FSQ(levels=[3, 3]).model_dump(),
     }
     tok = Tokenizer(model, config)
-    assert tok.levels == ("top", "bottom") and tok.token_columns == ["tokens_top", "tokens_bottom"]
+    assert tok.tiers == ("top", "bottom") and tok.token_columns == ["tokens_top", "tokens_bottom"]
     assert tok.column_grids == {"tokens_top": (4, 4), "tokens_bottom": (8, 8)} and tok.num_tokens == 16 + 64
     assert tok.codebook_size == 16 and tok.column_codebook_sizes == {"tokens_top": 9, "tokens_bottom": 16}
     assert tok.vocab_limits().tolist() == [9] * 16 + [16] * 64
@@ -89,7 +88,7 @@ def test_hierarchical_tokenizer_flattens_top_then_bottom(tmp_path):
     assert torch.equal(columns["tokens_top"], flat[:, :16])
     with pytest.raises(ValueError, match="dict of indices"):
         tok.decode(indices["bottom"])
-    with pytest.raises(ValueError, match="level 'top' outside"):
+    with pytest.raises(ValueError, match="tier 'top' outside"):
         tok.decode({"top": torch.full((1, 4, 4), 9), "bottom": indices["bottom"][:1]})
     tok.save(tmp_path)
     loaded = Tokenizer.load(tmp_path)
@@ -131,7 +130,7 @@ def test_lecam_tracks_the_discriminator_means():
 
 
 def _trainer(disc_start: int):
-    from pipelines.train_tokenizer import build_trainer
+    from components.tokenizers.training import build_step
 
     raw = {
         **TINY,
@@ -143,7 +142,8 @@ def _trainer(disc_start: int):
         },
     }
     torch.manual_seed(0)
-    return build_trainer(parse_params(raw).train_tokenizer, torch.device("cpu"))
+    params = parse_params(raw)
+    return build_step(params.train_tokenizer, params.shard.image_size, torch.device("cpu"))
 
 
 def test_discriminator_is_not_updated_before_disc_start():
@@ -219,8 +219,8 @@ def test_arch_options_are_checked_at_load():
         parse_params(
             {"train_tokenizer": {"arch": "vqvae2", "vqvae2": {"top_quantizer": {"type": "vq", "levels": [8]}}}}
         )
-    with pytest.raises(ConfigError, match="train_tokenizer.batch_size: 64 does not split evenly over workers=3"):
-        parse_params({"train_tokenizer": {"workers": 3}})
+    with pytest.raises(ConfigError, match="train_tokenizer.batch_size: 64 does not split evenly over ddp_workers=3"):
+        parse_params({"train_tokenizer": {"ddp_workers": 3}})
 
 
 def test_checkpoint_round_trip_and_settings_diff(tmp_path):
@@ -280,9 +280,8 @@ def _labels(urls, n, **kwargs):
     from torch.utils.data import DataLoader
 
     workers = kwargs.pop("loader_workers", 0)
-    stream = TrainingStream(
-        urls, 4, shuffle_buffer=kwargs.pop("shuffle_buffer", 6), seed=3, loader_workers=workers, **kwargs
-    )
+    layout = StreamLayout(4, kwargs.pop("rank", 0), kwargs.pop("world_size", 1), workers)
+    stream = TrainingStream(urls, layout, shuffle_buffer=kwargs.pop("shuffle_buffer", 6), seed=3, **kwargs)
     it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
     try:
         return [next(it)[1].tolist() for _ in range(n)]

@@ -60,14 +60,8 @@ def test_token_parquet_round_trip_with_metadata(tmp_path, codebook_size, arrow_t
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, codebook_size, (5, 12))
     labels = np.array([0, 1, 2, 1, 0])
-    table = token_io.token_table(
-        [f"k{i}" for i in range(5)],
-        {"tokens": tokens},
-        labels,
-        fingerprint="f" * 64,
-        codebook_size=codebook_size,
-        grid=(3, 4),
-    )
+    rows = token_io.PartRows([f"k{i}" for i in range(5)], {"tokens": tokens}, labels)
+    table = token_io.token_table(rows, token_io.PartLayout("f" * 64, codebook_size, (3, 4)))
     token_io.write_part(table, tmp_path / "part-train-000000.parquet")
     assert [p.name for p in tmp_path.iterdir()] == ["part-train-000000.parquet"]  # no temporary left behind
     schema = pq.read_schema(tmp_path / "part-train-000000.parquet")
@@ -86,14 +80,8 @@ def test_several_token_columns_flatten_position_by_position(tmp_path):
     position by position: [p0 g0, p0 g1, p1 g0, p1 g1, ...]."""
     group0 = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     group1 = group0 + 100
-    table = token_io.token_table(
-        ["a", "b"],
-        {"tokens_group0": group0, "tokens_group1": group1},
-        None,
-        fingerprint="f" * 64,
-        codebook_size=70000,
-        grid=(2, 2),
-    )
+    rows = token_io.PartRows(["a", "b"], {"tokens_group0": group0, "tokens_group1": group1})
+    table = token_io.token_table(rows, token_io.PartLayout("f" * 64, 70000, (2, 2)))
     token_io.write_part(table, tmp_path / "part-x.parquet")
     schema = pq.read_schema(tmp_path / "part-x.parquet")
     assert str(schema.field("tokens_group1").type) == "list<element: uint32>"
@@ -103,22 +91,18 @@ def test_several_token_columns_flatten_position_by_position(tmp_path):
     assert data.tokens.tolist() == [[1, 101, 2, 102, 3, 103, 4, 104], [5, 105, 6, 106, 7, 107, 8, 108]]
 
 
-def _two_level_parts(tmp_path, fingerprint="f" * 64):
-    """Two parts (5 and 4 rows) of a two-level layout: top 1x2, bottom 2x2; labels in the first only."""
-    from components.data.tokens import token_table, write_part
+def _two_tier_parts(tmp_path, fingerprint="f" * 64):
+    """Two parts (5 and 4 rows) of a two-tier layout: top 1x2, bottom 2x2; labels in the first only."""
+    from components.data.tokens import PartLayout, PartRows, token_table, write_part
 
     rng = np.random.default_rng(1)
+    grid = {"tokens_top": (1, 2), "tokens_bottom": (2, 2)}
+    layout = PartLayout(fingerprint, 16, grid, tiers=[["tokens_top"], ["tokens_bottom"]])
     paths = []
     for i, n in enumerate((5, 4)):
-        table = token_table(
-            [f"p{i}-{k}" for k in range(n)],
-            {"tokens_top": rng.integers(0, 9, (n, 2)), "tokens_bottom": rng.integers(0, 16, (n, 4))},
-            np.arange(n) if i == 0 else None,
-            fingerprint=fingerprint,
-            codebook_size=16,
-            grid={"tokens_top": (1, 2), "tokens_bottom": (2, 2)},
-            levels=[["tokens_top"], ["tokens_bottom"]],
-        )
+        tokens = {"tokens_top": rng.integers(0, 9, (n, 2)), "tokens_bottom": rng.integers(0, 16, (n, 4))}
+        rows = PartRows([f"p{i}-{k}" for k in range(n)], tokens, np.arange(n) if i == 0 else None)
+        table = token_table(rows, layout)
         write_part(table, tmp_path / f"part-{i}.parquet")
         paths.append(tmp_path / f"part-{i}.parquet")
     return paths
@@ -127,9 +111,9 @@ def _two_level_parts(tmp_path, fingerprint="f" * 64):
 def test_token_batches_stream_across_parts_with_offset_and_image_markers(tmp_path):
     from components.data.tokens import iter_token_batches, read_tokens
 
-    paths = _two_level_parts(tmp_path)
+    paths = _two_tier_parts(tmp_path)
     whole = read_tokens(paths)
-    assert whole.tokens.shape == (9, 6) and whole.levels == [["tokens_top"], ["tokens_bottom"]]
+    assert whole.tokens.shape == (9, 6) and whole.tiers == [["tokens_top"], ["tokens_bottom"]]
     batches = list(iter_token_batches(paths, 4, vocab_offset=100, boi=0, eoi=1))
     assert [len(b.keys) for b in batches] == [4, 4, 1]  # rows carried across the parts' boundary
     tokens = np.concatenate([b.tokens for b in batches])
@@ -144,7 +128,7 @@ def test_token_batches_stream_across_parts_with_offset_and_image_markers(tmp_pat
 def test_token_batches_refuse_markers_inside_the_codes_and_other_tokenizers(tmp_path):
     from components.data.tokens import TokenShardMismatch, iter_token_batches
 
-    paths = _two_level_parts(tmp_path)
+    paths = _two_tier_parts(tmp_path)
     with pytest.raises(ValueError, match=r"boi=105 must be >= 0 and outside the image codes \[100, 116\)"):
         next(iter_token_batches(paths, 4, vocab_offset=100, boi=105))
     with pytest.raises(TokenShardMismatch, match="not eeeeeeeeeeee"):
@@ -152,18 +136,10 @@ def test_token_batches_refuse_markers_inside_the_codes_and_other_tokenizers(tmp_
 
 
 def test_captions_and_meta_travel_as_nullable_string_columns(tmp_path):
-    from components.data.tokens import token_table, write_part
+    from components.data.tokens import PartLayout, PartRows, token_table, write_part
 
-    table = token_table(
-        ["a", "b"],
-        {"tokens": np.zeros((2, 4), dtype=np.int64)},
-        None,
-        fingerprint="f" * 64,
-        codebook_size=16,
-        grid=(2, 2),
-        captions=["a red circle", None],
-        meta=[None, None],
-    )
+    rows = PartRows(["a", "b"], {"tokens": np.zeros((2, 4), dtype=np.int64)}, captions=["a red circle", None])
+    table = token_table(rows, PartLayout("f" * 64, 16, (2, 2)))
     write_part(table, tmp_path / "part.parquet")
     read = pq.read_table(tmp_path / "part.parquet")
     assert read.column("caption").to_pylist() == ["a red circle", None] and "meta" not in read.column_names

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from components.priors import PriorConfig, TransformerPrior, filter_logits, load_prior, sample, save_prior
+from components.priors import (
+    PriorConfig,
+    Sampler,
+    SamplingOptions,
+    TransformerPrior,
+    filter_logits,
+    load_prior,
+    sample,
+    save_prior,
+)
 from components.priors.export import PriorMismatch
 
 
@@ -27,11 +36,16 @@ def test_kv_cache_gives_the_logits_of_full_recomputation():
     assert torch.allclose(torch.cat([head, tail], dim=1), full, atol=1e-5)
 
 
+def _sample(model, n, labels=None, seed=0, use_cache=True, **options):
+    generator = torch.Generator().manual_seed(seed)
+    return Sampler(model, SamplingOptions(**options), generator, use_cache=use_cache).draw(n, labels)
+
+
 def test_cached_sampling_equals_uncached_token_for_token():
     model = _prior()
     labels = torch.tensor([0, 1, 2, 1])
-    a = sample(model, 4, labels, temperature=0.9, top_k=5, generator=torch.Generator().manual_seed(3))
-    b = sample(model, 4, labels, temperature=0.9, top_k=5, generator=torch.Generator().manual_seed(3), use_cache=False)
+    a = _sample(model, 4, labels, seed=3, temperature=0.9, top_k=5)
+    b = _sample(model, 4, labels, seed=3, use_cache=False, temperature=0.9, top_k=5)
     assert a.shape == (4, 9) and torch.equal(a, b)
     assert ((a >= 0) & (a < 11)).all()
 
@@ -41,11 +55,11 @@ def test_top_k_keeps_only_the_k_best():
     kept = torch.isfinite(filter_logits(logits, top_k=2))
     assert kept.tolist() == [[False, True, False, False, True]]
     model = _prior(num_classes=0)
-    tokens = sample(model, 16, top_k=1, generator=torch.Generator().manual_seed(0))
+    tokens = _sample(model, 16, top_k=1)
     # top_k=1 is greedy: every sequence is the same argmax path.
     assert (tokens == tokens[0]).all()
     with pytest.raises(ValueError, match="top_k"):
-        filter_logits(logits, top_k=0)
+        SamplingOptions(top_k=0)
 
 
 def test_class_out_of_range_is_refused():
@@ -65,13 +79,13 @@ def test_prior_export_refuses_another_tokenizer(tmp_path):
     model = _prior()
 
     class FakeTokenizer:
-        fingerprint, codebook_size, column_grids, num_tokens, levels = "a" * 64, 11, {"tokens": (3, 3)}, 9, ("",)
+        fingerprint, codebook_size, column_grids, num_tokens, tiers = "a" * 64, 11, {"tokens": (3, 3)}, 9, ("",)
         column_codebook_sizes = {"tokens": 11}
 
-        def level_columns(self, level):
+        def tier_columns(self, tier):
             return list(self.column_grids)
 
-        def level_grid(self, level):
+        def tier_grid(self, tier):
             return (3, 3)
 
     save_prior(tmp_path, model, tokenizer_fingerprint="a" * 64, grid={"tokens": (3, 3)}, class_names=["x", "y", "z"])
@@ -131,11 +145,9 @@ def test_cached_sampling_equals_uncached_for_every_kind(kind):
         if kind == "2d-rmsnorm-tied"
         else _layout_prior()
     )
-    opts = {"guided": {"cfg_scale": 2.5}, "nucleus": {"top_p": 0.7}}.get(kind, {})
+    opts = {"guided": {"guidance_scale": 2.5}, "nucleus": {"top_p": 0.7}}.get(kind, {})
     labels = torch.tensor([0, 1, 2, -1, 1])
-    runs = [
-        sample(model, 5, labels, generator=torch.Generator().manual_seed(1), use_cache=c, **opts) for c in (True, False)
-    ]
+    runs = [_sample(model, 5, labels, seed=1, use_cache=c, **opts) for c in (True, False)]
     assert torch.equal(runs[0], runs[1]) and runs[0].shape == (5, model.seq_len)
 
 
@@ -150,7 +162,7 @@ def test_guidance_scale_one_is_conditional_sampling_and_the_formula_holds():
     model = _layout_prior()
     labels = torch.tensor([0, 2, 1])
     plain = sample(model, 3, labels, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(sample(model, 3, labels, cfg_scale=1.0, generator=torch.Generator().manual_seed(5)), plain)
+    assert torch.equal(_sample(model, 3, labels, seed=5, guidance_scale=1.0), plain)
     # The doubled batch the guided path runs: scale 1 gives the conditional logits, 0 the unconditional.
     tokens = torch.randint(0, 11, (3, 12))
     both = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full((3,), -1)]))
@@ -181,7 +193,7 @@ def test_samples_stay_inside_top_k_and_top_p():
     with torch.no_grad():
         model.tok_emb.weight.mul_(20)  # peaked distributions: the nucleus is a real cut
     for opts in ({"top_k": 3}, {"top_p": 0.6}, {"top_k": 5, "top_p": 0.8}):
-        tokens = sample(model, 64, generator=torch.Generator().manual_seed(0), **opts)
+        tokens = _sample(model, 64, **opts)
         logits = model(tokens)  # the logits each token was drawn from, recomputed
         allowed = torch.isfinite(filter_logits(logits.reshape(-1, 16), **opts))
         assert allowed.gather(1, tokens.reshape(-1, 1)).all(), opts
@@ -203,14 +215,14 @@ def test_samples_stay_inside_top_k_and_top_p():
     ],
 )
 def test_bad_sampling_settings_are_refused(opts, match):
-    opts = {"labels": torch.tensor([1]), **opts}
+    labels = opts.pop("labels", torch.tensor([1]))
     with pytest.raises(ValueError, match=match):
-        sample(_layout_prior(), 1, **opts)
+        _sample(_layout_prior(), 1, labels, **opts)
 
 
 def test_guidance_on_an_unconditional_prior_is_refused():
     with pytest.raises(ValueError, match="unconditional"):
-        sample(_layout_prior(num_classes=0), 2, cfg_scale=2.0)
+        _sample(_layout_prior(num_classes=0), 2, guidance_scale=2.0)
 
 
 def test_prior_learns_a_markov_chain_to_its_entropy():
@@ -260,15 +272,15 @@ def test_prior_learns_a_markov_chain_to_its_entropy():
 
 def test_build_prior_and_hierarchical_export(tmp_path):
     class FakeTokenizer:
-        fingerprint, levels, num_tokens, codebook_size = "f" * 64, ("top", "bottom"), 20, 9
+        fingerprint, tiers, num_tokens, codebook_size = "f" * 64, ("top", "bottom"), 20, 9
         column_grids = {"tokens_top": (2, 2), "tokens_bottom": (4, 4)}
         column_codebook_sizes = {"tokens_top": 5, "tokens_bottom": 9}
 
-        def level_columns(self, level):
-            return [f"tokens_{level}"]
+        def tier_columns(self, tier):
+            return [f"tokens_{tier}"]
 
-        def level_grid(self, level):
-            return self.column_grids[f"tokens_{level}"]
+        def tier_grid(self, tier):
+            return self.column_grids[f"tokens_{tier}"]
 
     tok = FakeTokenizer()
     model = build_prior(tok, num_classes=2, n_layer=1, n_head=2, n_embd=16)
@@ -281,7 +293,7 @@ def test_build_prior_and_hierarchical_export(tmp_path):
     tok.column_codebook_sizes = {"tokens_top": 5, "tokens_bottom": 16}
     with pytest.raises(PriorMismatch, match="codebook sizes"):
         load_prior(tmp_path, tokenizer=tok)
-    assert math.isfinite(loaded(tokens)[:, :4, 5:].max().item()) is False  # the top level has 5 codes
+    assert math.isfinite(loaded(tokens)[:, :4, 5:].max().item()) is False  # the top tier has 5 codes
 
 
 # -- generation metrics -----------------------------------------------------------------------------

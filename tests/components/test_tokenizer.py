@@ -3,6 +3,7 @@ import torch
 
 from components.quantizers import VQConfig
 from components.tokenizers import VQVAE, Tokenizer
+from components.tokenizers.blocks import ConvShape
 
 CONFIG = {
     "arch": "vqvae",
@@ -17,7 +18,7 @@ CONFIG = {
 
 def _tokenizer() -> Tokenizer:
     torch.manual_seed(0)
-    model = VQVAE(VQConfig(codebook_size=16), channels=8, num_downsamples=2, num_res_blocks=1, latent_dim=4)
+    model = VQVAE(VQConfig(codebook_size=16), ConvShape(8, 2, 1, 4))
     model.train()(torch.rand(4, 3, 16, 16) * 2 - 1)  # seeds the codebook from data
     return Tokenizer(model, dict(CONFIG))
 
@@ -70,7 +71,7 @@ def test_bad_inputs_are_refused(tmp_path):
 
 def test_bf16_autocast_keeps_the_quantizer_in_fp32():
     torch.manual_seed(0)
-    model = VQVAE(VQConfig(codebook_size=16), channels=8, num_downsamples=2, num_res_blocks=1, latent_dim=4).train()
+    model = VQVAE(VQConfig(codebook_size=16), ConvShape(8, 2, 1, 4)).train()
     seen = {}
     model.quantizer.register_forward_hook(lambda mod, args, out: seen.update(z=args[0].dtype, q=out.quantized.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):

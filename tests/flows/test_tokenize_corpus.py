@@ -22,7 +22,7 @@ import torch
 from components.data import tokens as token_io
 from components.data.images import decode_image, to_array
 from components.tokenizers import Tokenizer
-from pipelines.tokenize import CorpusJob, resolve_tokenizer, tokenize_corpus
+from pipelines.corpus import CorpusJob, resolve_tokenizer, tokenize_corpus
 from tests.corpus import make_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,7 +155,7 @@ def test_two_ray_nodes_give_the_same_output_as_one_process(reference, corpus, ti
         cluster.add_node(num_cpus=1)
         try:
             code = main(["tokenize", "--tokenizer", {str(paths.tokenizer)!r}, "--input", "@{listing}", "--output", {str(out)!r},
-                         "--batch-size", "4", "--workers", "2", "--retries", "2", "--ray-address", cluster.address])
+                         "--batch-size", "4", "--actors", "2", "--retries", "2", "--ray-address", cluster.address])
         finally:
             cluster.shutdown()
         sys.exit(code)

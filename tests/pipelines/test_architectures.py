@@ -82,11 +82,11 @@ def test_pipeline_with_each_architecture(arch, tiny_project, tmp_path, mlflow_st
     for name, (h, w) in grids.items():
         assert len(table.column(name)[0]) == h * w
     val = token_io.read_tokens(token_io.split_parts(paths.tokens, "val"), fingerprint=tok.fingerprint)
-    assert val.levels == [[c] for c in grids] and val.tokens.shape[1] == tok.num_tokens
+    assert val.tiers == [[c] for c in grids] and val.tokens.shape[1] == tok.num_tokens
     assert val.column(list(grids)[0]).max() < tok.column_codebook_sizes[list(grids)[0]]
 
     train_prior.run(params.train_prior, paths)
-    drawn = sample.run(params.sample, paths)  # decoding checks every level's range
+    drawn = sample.run(params.sample, paths)  # decoding checks every tier's range
     assert drawn.images.shape == (4, 3, 16, 16)
     metrics = evaluate.run(params.evaluate, paths).metrics
     assert 0 < metrics["codebook_usage"] <= 100
@@ -136,7 +136,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path
         "arch": "vqgan",
         "steps": 24,
         "checkpoint_every": 3,
-        "num_workers": 2,
+        "loader_workers": 2,
         "val_every": 12,
         "log_every": 4,
         "vqgan": {"disc_start": 4, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.01},
@@ -181,7 +181,7 @@ def test_two_ray_train_workers_train_one_run_with_identical_replicas(tiny_projec
     # VQ-GAN: DDP with two optimizers, the adaptive weight and LeCAM's averages across replicas.
     _, params = _params(
         tmp_path,
-        workers=2,
+        ddp_workers=2,
         steps=6,
         checkpoint_every=3,
         log_every=1,
@@ -267,7 +267,7 @@ def test_the_prior_trains_on_two_ray_train_workers(tiny_project, tmp_path, mlflo
         **TINY,
         "train_prior": {
             **TINY["train_prior"],
-            "workers": 2,
+            "ddp_workers": 2,
             "use_gpu": False,
             "steps": 6,
             "checkpoint_every": 3,

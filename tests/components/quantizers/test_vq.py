@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from components.quantizers import VectorQuantizer, VQConfig, kmeans, nearest_codes
+from components.tokenizers.blocks import ConvShape
 
 
 def test_nearest_code_on_hand_built_codebook():
@@ -36,7 +37,7 @@ def test_quantized_equals_codes_and_straight_through_gradient(ema):
 def test_gradient_reaches_encoder():
     from components.tokenizers import VQVAE
 
-    model = VQVAE(VQConfig(codebook_size=8), channels=8, num_downsamples=1, num_res_blocks=1, latent_dim=4).train()
+    model = VQVAE(VQConfig(codebook_size=8), ConvShape(8, 1, 1, 4)).train()
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     out = model(x)
     ((out.reconstruction - x) ** 2).mean().add(out.quant_loss).backward()
@@ -47,7 +48,7 @@ def test_gradient_reaches_encoder():
 def test_ema_moves_codes_to_cluster_means():
     torch.manual_seed(0)
     centres = torch.tensor([[4.0, 0.0], [-4.0, 0.0], [0.0, 4.0], [0.0, -4.0]])
-    vq = VectorQuantizer(codebook_size=4, dim=2, decay=0.9, restart_after_steps=0).train()
+    vq = VQConfig(codebook_size=4, decay=0.9, restart_after_steps=0).build(2).train()
     # Start each code near (not at) its cluster so the assignment is fixed and only EMA acts.
     vq.codebook.copy_(centres * 0.5)
     vq.initialized.fill_(True)
@@ -66,7 +67,7 @@ def _kill(vq: VectorQuantizer, which: slice) -> None:
 
 def test_dead_codes_are_restarted_with_their_statistics():
     torch.manual_seed(0)
-    vq = VectorQuantizer(codebook_size=8, dim=2, restart_after_steps=3).train()
+    vq = VQConfig(codebook_size=8, restart_after_steps=3).build(2).train()
     data = lambda: torch.randn(1, 128, 2)  # noqa: E731
     vq(data())
     # Push five codes far from any data: they die, and must come back into the data.
@@ -83,7 +84,7 @@ def test_dead_codes_are_restarted_with_their_statistics():
 
 def test_without_restart_dead_codes_stay_dead():
     torch.manual_seed(0)
-    vq = VectorQuantizer(codebook_size=8, dim=2, restart_after_steps=0).train()
+    vq = VQConfig(codebook_size=8, restart_after_steps=0).build(2).train()
     vq(torch.randn(1, 128, 2))
     _kill(vq, slice(3, None))
     for _ in range(5):
@@ -92,7 +93,7 @@ def test_without_restart_dead_codes_stay_dead():
 
 
 def test_non_finite_encoder_output_is_refused():
-    vq = VectorQuantizer(codebook_size=4, dim=2).train()
+    vq = VQConfig(codebook_size=4).build(2).train()
     z = torch.randn(1, 4, 2)
     z[0, 1, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
@@ -100,7 +101,7 @@ def test_non_finite_encoder_output_is_refused():
 
 
 def test_eval_is_deterministic_and_does_not_update():
-    vq = VectorQuantizer(codebook_size=8, dim=4).train()
+    vq = VQConfig(codebook_size=8).build(4).train()
     vq(torch.randn(1, 64, 4))
     vq.eval()
     before = vq.codebook.clone()
@@ -134,15 +135,15 @@ def test_kmeans_init_quantizes_better_than_random_encoder_outputs():
     torch.manual_seed(0)
     z = _mixture(4096, torch.randn(32, 8) * 3, spread=0.5).view(1, -1, 8)
     # Gradient codebooks: no EMA step after the initialisation, so only the initialisations differ.
-    random_init = VectorQuantizer(codebook_size=32, dim=8, ema=False, kmeans_iters=0, restart_after_steps=0).train()
-    kmeans_init = VectorQuantizer(codebook_size=32, dim=8, ema=False, kmeans_iters=10, restart_after_steps=0).train()
+    random_init = VQConfig(codebook_size=32, ema=False, kmeans_iters=0, restart_after_steps=0).build(8).train()
+    kmeans_init = VQConfig(codebook_size=32, ema=False, kmeans_iters=10, restart_after_steps=0).build(8).train()
     random_init(z), kmeans_init(z)
     assert _distortion(kmeans_init, z) < 0.7 * _distortion(random_init, z)
 
 
 def test_kmeans_over_several_batches_waits_for_them():
     torch.manual_seed(0)
-    vq = VectorQuantizer(codebook_size=8, dim=2, kmeans_init_batches=3, restart_after_steps=0).train()
+    vq = VQConfig(codebook_size=8, kmeans_init_batches=3, restart_after_steps=0).build(2).train()
     vq(torch.randn(1, 64, 2))
     vq(torch.randn(1, 64, 2))
     assert not bool(vq.initialized)
@@ -171,7 +172,7 @@ def test_low_dimensional_codebook_searches_in_the_projected_space():
 
 def test_gradient_codebook_moves_towards_its_data():
     torch.manual_seed(0)
-    vq = VectorQuantizer(codebook_size=2, dim=2, ema=False, kmeans_iters=0, restart_after_steps=0).train()
+    vq = VQConfig(codebook_size=2, ema=False, kmeans_iters=0, restart_after_steps=0).build(2).train()
     vq.codebook.data = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
     vq.initialized.fill_(True)
     optimizer = torch.optim.SGD(vq.parameters(), lr=0.5)

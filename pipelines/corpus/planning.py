@@ -1,0 +1,134 @@
+"""Planning a corpus job: load the tokenizer (ready to ship to actors), and sort the inputs
+into complete parts to keep and shards to tokenize, reading only the existing parts' footers.
+
+A part is kept when it is complete, made by the same tokenizer and from the same input (its
+`vqpipe.source` metadata says so); another tokenizer's part is removed at once, and temporaries
+left by a killed run are removed, so nothing half-written or foreign is ever taken as complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from components.data import tokens as token_io
+from components.data.tokenization import ShardTokens, part_names
+from components.tokenizers import Tokenizer
+from components.tokenizers.tokenizer import CONFIG_FILE, WEIGHTS_FILE
+from pipelines.corpus.job import CorpusJob, ShardWork
+from pipelines.tracking import fetch_export
+
+log = logging.getLogger("vqpipe.tokenize")
+
+
+def resolve_tokenizer(spec: str, dest: str | Path) -> Path:
+    """The local directory of the tokenizer `spec` names: an export directory as it is, or an
+    MLflow model or artifact URI (`models:/name@alias`, `models:/name/3`, `runs:/id/tokenizer`)
+    downloaded into `dest` (see `pipelines.tracking.fetch_export`)."""
+    return fetch_export(spec, dest, "tokenizer")
+
+
+def load_tokenizer_files(files: dict[str, bytes], device="cpu") -> Tokenizer:
+    """A tokenizer from its export's files (as shipped to workers through Ray's object store)."""
+    with tempfile.TemporaryDirectory(prefix="vqpipe-tokenizer-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return Tokenizer.load(tmp, device=device)
+
+
+def _filesystem(output: str):
+    fs, root = fsspec.core.url_to_fs(output)
+    return fs, root.rstrip("/")
+
+
+def _existing_parts(fs, root: str, listing: set[str], names: list[str]) -> dict[str, token_io.PartInfo | None]:
+    """Part name -> info (None: unreadable) for the parts of `names` already in the output
+    (`listing`); removes leftover temporaries."""
+    for leftover in sorted(n for n in listing if n.startswith(".part-") and n.endswith(".tmp")):
+        fs.rm(f"{root}/{leftover}")  # from a killed run: never taken for a part
+    present = [n for n in names if n in listing]
+
+    def info(name: str):
+        try:
+            return name, token_io.part_info(f"{root}/{name}", filesystem=fs)
+        except Exception as err:  # not a readable vqpipe part: redo it
+            log.warning("existing %s is not a readable token part (%s): redoing it", name, err)
+            return name, None
+
+    with ThreadPoolExecutor(16) as pool:  # footers only; in parallel for object stores
+        return dict(pool.map(info, present))
+
+
+def _listing(fs, root: str) -> list[str]:
+    """File names in the output directory (none when it does not exist yet)."""
+    try:
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+@dataclass
+class CorpusPlan:
+    tokenizer: Tokenizer
+    files: dict[str, bytes]  # the tokenizer's export, shipped to the workers
+    done: dict[str, ShardTokens]  # input URL -> its complete part, kept
+    todo: list[ShardWork]
+
+
+def plan_corpus(job: CorpusJob) -> CorpusPlan:
+    """Load the tokenizer and sort the inputs into complete parts (same tokenizer, same input:
+    kept unless `overwrite`) and work to do. Reads only the existing parts' footers."""
+    job.check()
+    names = {url: (job.names or {}).get(url, url) for url in job.inputs}
+    parts = part_names([names[url] for url in job.inputs])
+    with tempfile.TemporaryDirectory(prefix="vqpipe-tokenizer-") as tmp:
+        tokenizer_dir = resolve_tokenizer(job.tokenizer, tmp)
+        files = {name: (tokenizer_dir / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    tokenizer = load_tokenizer_files(files)
+
+    fs, root = _filesystem(job.output)
+    fs.makedirs(root, exist_ok=True)
+    listing = set(_listing(fs, root))  # one listing: on object stores every one is a request
+    existing = _existing_parts(fs, root, listing, list(parts.values()))
+    done: dict[str, ShardTokens] = {}
+    todo: list[ShardWork] = []
+    other_tokenizer = 0
+    for url in job.inputs:
+        name, part = names[url], parts[names[url]]
+        if part in existing:
+            info = existing[part]
+            same = info is not None and info.fingerprint == tokenizer.fingerprint
+            if same and not job.overwrite and info.source and info.source.get("input_shard") == name:
+                src = info.source
+                done[url] = ShardTokens(name, part, src["samples"], info.rows, src["rejects"])
+                continue
+            if not same:
+                # Another tokenizer's part (or an unreadable file) goes now, not when its shard
+                # is redone: if that fails, no part of the old tokenizer stays among the new.
+                other_tokenizer += 1
+                fs.rm(f"{root}/{part}")
+        todo.append(ShardWork(url, name, part))
+    if todo and token_io.MANIFEST in listing:
+        fs.rm(f"{root}/{token_io.MANIFEST}")  # a manifest is there only while the output is finished
+    log.info(
+        "%d input shards: %d parts complete, %d to tokenize%s",
+        len(job.inputs),
+        len(done),
+        len(todo),
+        f" ({other_tokenizer} made by another tokenizer, removed, are redone)" if other_tokenizer else "",
+    )
+    ours = set(parts.values())
+    stale = sorted(n for n in listing if n.startswith("part-") and n.endswith(".parquet") and n not in ours)
+    if stale:
+        log.warning(
+            "%d parts in %s belong to no input of this job (e.g. %s); they are not in the manifest",
+            len(stale),
+            job.output,
+            stale[0],
+        )
+    return CorpusPlan(tokenizer, files, done, todo)

@@ -1,0 +1,259 @@
+"""The prior's training recipe: one object per DDP worker (the only one when the stage trains
+in its own process), its state on `self`.
+
+    recipe = PriorRecipe(cfg, job, rank, world_size, device)
+    recipe.restore()     # from the stage's checkpoint, when there is one to resume
+    recipe.train()       # steps, validation and checkpoints until cfg.steps
+    recipe.export()      # rank 0: the prior, summary.json and the plot CSV into job.staging
+
+Every rank draws its own batch_size / world_size sequences from its own seeded sampler; DDP
+averages the gradients; rank 0 logs, validates, checkpoints and exports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from components.checkpoint import rng_state, set_rng_state
+from components.config import TrainPriorConfig
+from components.data import tokens as token_io
+from components.io import write_json
+from components.metrics import bits_per_token
+from components.priors import build_prior, save_prior
+from components.priors.transformer import upgrade_state
+from components.tokenizers import Tokenizer
+from pipelines.recipes.checkpointing import CheckpointFile, gather, replicas_identical
+from pipelines.runtime import Paths, autocast_dtype, seed_everything
+from pipelines.tracking import MetricLogger, log_run_params
+
+log = logging.getLogger("vqpipe.train_prior")
+RANK_SEED = 1_000_003  # rank r's batch sampler is seeded with seed + r * this
+
+
+@dataclass
+class PriorJob:
+    """What a training worker needs besides the config (plain values: it travels to Ray)."""
+
+    root: str  # the project (absolute)
+    checkpoint_dir: str
+    run_id: str  # the stage's MLflow run, logged to by rank 0
+    tracking_uri: str
+    staging: str  # rank 0 writes prior/, summary.json and train_prior.csv here
+
+
+class _Loss(torch.nn.Module):
+    """The prior's loss as a module's forward, so DistributedDataParallel syncs its gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.model.loss(tokens, labels)
+
+
+class PriorRecipe:
+    def __init__(self, cfg: TrainPriorConfig, job: PriorJob, rank: int, world_size: int, device: torch.device):
+        self.cfg, self.job, self.device = cfg, job, device
+        self.rank, self.world_size, self.lead = rank, world_size, rank == 0
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        self.sampler = torch.Generator().manual_seed(cfg.seed if world_size == 1 else cfg.seed + RANK_SEED * rank)
+        paths = Paths(job.root)
+        self.tokenizer = Tokenizer.load(paths.tokenizer)
+        self._load_tokens(paths)
+        self.model = _build_model(cfg, self.tokenizer, self.tokens.shape[1], self.num_classes).to(device)
+        self.optimizer = _build_optimizer(cfg, self.model)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(cfg))
+        self.metrics = MetricLogger(job.run_id, flush_every=cfg.log_every) if self.lead else None
+        if self.lead:
+            self._log_params()
+        data = hashlib.sha256(self.train_tokens.tobytes()).hexdigest()
+        settings = {**cfg.training_settings(), "tokenizer": self.tokenizer.fingerprint, "data": data}
+        self.checkpoints = CheckpointFile(Path(job.checkpoint_dir), "train_prior", settings)
+        self.start = self.step = 0
+        self.val_bits = float("nan")
+
+    def _load_tokens(self, paths: Paths) -> None:
+        fingerprint = self.tokenizer.fingerprint
+        train = token_io.read_tokens(token_io.split_parts(paths.tokens, "train"), fingerprint=fingerprint)
+        val = token_io.read_tokens(token_io.split_parts(paths.tokens, "val"), fingerprint=fingerprint)
+        self.class_names = token_io.read_manifest(paths.tokens).get("classes")
+        labelled = train.labels is not None and (train.labels >= 0).any()
+        self.num_classes = 0
+        if labelled:
+            self.num_classes = len(self.class_names) if self.class_names else int(train.labels.max()) + 1
+        self.train_tokens = train.tokens
+        self.tokens = torch.from_numpy(train.tokens)
+        self.labels = torch.from_numpy(train.labels) if self.num_classes else None
+        self.val_tokens = torch.from_numpy(val.tokens)
+        self.val_labels = torch.from_numpy(val.labels) if self.num_classes else None
+
+    def _log_params(self) -> None:
+        values = {
+            "model.parameters": sum(p.numel() for p in self.model.parameters()),
+            "model.kind": type(self.model).__name__,
+            "data.train_rows": len(self.tokens),
+            "data.num_classes": self.num_classes,
+        }
+        log_run_params(self.metrics.client, self.job.run_id, values)
+
+    def restore(self) -> None:
+        """Continue from the stage's checkpoint when the resume rules allow (checkpointing.py):
+        model, optimizer, schedule, every rank's batch sampler and RNG states, the metric history.
+        Unlike the tokenizer's, a run of other DDP workers is refused (its sampler states differ)."""
+        cfg = self.cfg
+        state = self.checkpoints.restorable(cfg.steps, self.device, self.lead) if cfg.resume else None
+        if state is not None:
+            self.model.load_state_dict(upgrade_state(state["model"]))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.sampler.set_state(state["sampler"][self.rank])
+            set_rng_state(state["rng"][self.rank])
+            if self.lead:
+                self.metrics.history = list(state["history"])
+            self.start = self.step = state["step"]
+        if self.lead:
+            self.val_bits = self.metrics.last("val_bits_per_token") or float("nan")
+            if self.start:
+                self.metrics.client.set_tag(self.job.run_id, "vqpipe.resumed_from_step", str(self.start))
+
+    def train(self) -> None:
+        """Steps until cfg.steps, validating every val_every and checkpointing every
+        checkpoint_every steps (and at the end)."""
+        cfg = self.cfg
+        loss_fn: torch.nn.Module = _Loss(self.model)
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            loss_fn = DistributedDataParallel(loss_fn, device_ids=ids)
+        amp = autocast_dtype(cfg.precision, self.device) if self.device.type == "cuda" else None
+        started = time.perf_counter()
+        self.model.train()
+        for step in range(self.start + 1, cfg.steps + 1):
+            self.step = step
+            tokens, labels = self._batch()
+            with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                loss = loss_fn(tokens, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.schedule.step()
+            bits = self._mean_over_ranks(loss.detach().float() / math.log(2))
+            if self.lead:
+                self.metrics.log(step, {"train_bits_per_token": bits.item(), "lr": self.schedule.get_last_lr()[0]})
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    self.validate(bits.item(), (step - self.start) / (time.perf_counter() - started))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                self.checkpoint()
+        self.seconds = time.perf_counter() - started
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's batch: sequences drawn from its sampler, classes dropped to the null
+        token with probability label_dropout."""
+        per_rank = self.cfg.batch_size // self.world_size
+        batch = torch.randint(0, len(self.tokens), (per_rank,), generator=self.sampler)
+        labels = None
+        if self.labels is not None:
+            labels = self.labels[batch]
+            dropped = torch.rand(per_rank, generator=self.sampler) < self.cfg.label_dropout
+            labels = torch.where(dropped, torch.full_like(labels, -1), labels).to(self.device)
+        return self.tokens[batch].to(self.device), labels
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value
+
+    def validate(self, train_bits: float, steps_per_second: float) -> None:
+        """Bits per token of the validation tokens (rank 0)."""
+        self.val_bits = bits_per_token(self.model, self.val_tokens, self.val_labels)
+        self.metrics.log(self.step, {"val_bits_per_token": self.val_bits})
+        log.info(
+            "step %d/%d  train %.3f  val %.3f bits/token  (%.1f steps/s)",
+            *(self.step, self.cfg.steps, train_bits, self.val_bits, steps_per_second),
+        )
+
+    def checkpoint(self) -> None:
+        """Every rank's sampler and RNG states gathered; rank 0 writes the whole training state."""
+        states = gather({"sampler": self.sampler.get_state(), "rng": rng_state()}, self.world_size)
+        if not self.lead:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "sampler": [s["sampler"] for s in states],
+            "rng": [s["rng"] for s in states],
+            "history": self.metrics.history,
+        }
+        self.checkpoints.save(state, self.step, complete=self.step == self.cfg.steps)
+
+    def export(self) -> None:
+        """Rank 0: the prior, summary.json and the plot CSV into job.staging. Every rank takes
+        part in the replica check first (DDP keeps the replicas equal: a sha256 shows it)."""
+        identical = replicas_identical({"model": self.model}, self.world_size)
+        if not self.lead:
+            return
+        self.metrics.flush()
+        staging, tokenizer = Path(self.job.staging), self.tokenizer
+        save_prior(
+            staging / "prior",
+            self.model.cpu(),
+            tokenizer_fingerprint=tokenizer.fingerprint,
+            grid=tokenizer.column_grids,
+            class_names=self.class_names,
+        )
+        summary = {
+            "steps": self.cfg.steps,
+            "workers": self.world_size,
+            "replicas_identical": identical,
+            "resumed_from_step": self.start,
+            "steps_per_second": (self.cfg.steps - self.start) / max(self.seconds, 1e-9),
+            "train_bits_per_token": self.metrics.last("train_bits_per_token"),
+            "val_bits_per_token": self.val_bits,
+        }
+        write_json(staging / "summary.json", summary)
+        self.metrics.write_csv(staging / "train_prior.csv", ["train_bits_per_token", "val_bits_per_token"])
+
+
+def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, row_length: int, num_classes: int):
+    if row_length != tokenizer.num_tokens:
+        raise ValueError(f"token rows have {row_length} tokens, the tokenizer makes {tokenizer.num_tokens}")
+    sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "dropout", "norm", "tie_weights")}
+    return build_prior(tokenizer, num_classes=num_classes, **sizes)
+
+
+def _build_optimizer(cfg: TrainPriorConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # Weight decay on matrices only: decaying norms, biases and embeddings hurts small models.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _warmup_cosine(cfg: TrainPriorConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def train_worker(cfg: TrainPriorConfig, job: PriorJob, rank: int, world_size: int, device: torch.device) -> None:
+    """One worker's whole part: restore, train, export."""
+    recipe = PriorRecipe(cfg, job, rank, world_size, device)
+    recipe.restore()
+    recipe.train()
+    recipe.export()
