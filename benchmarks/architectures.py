@@ -19,6 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch
+
+from benchmarks.common import shapes_project, sibling
+from components.config import parse_params
+from components.data.shards import load_split, to_float
+from components.metrics import psnr, ssim
+from components.tokenizers import Tokenizer
+from pipelines import train_tokenizer
+
 ARCHS = {
     "vqvae": {},
     "vqvae2 (top 4x4 + bottom 8x8)": {"arch": "vqvae2"},
@@ -33,15 +42,6 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16000)
     args = parser.parse_args()
     logging.disable(logging.INFO)
-
-    import torch
-
-    from benchmarks.common import shapes_project, sibling
-    from components.config import parse_params
-    from components.data.shards import load_split, to_float
-    from components.metrics import psnr, ssim
-    from components.tokenizers import Tokenizer
-    from pipelines import train_tokenizer
 
     base = shapes_project(args.images, "vqpipe-bench-archs-")
     val = to_float(load_split(base.shards, "val")[0])

@@ -6,13 +6,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from components.config import parse_params
+from pipelines import shard
+from pipelines.runtime import Paths
+
 
 def shapes_project(images: int, prefix: str):
     """A scratch project (Paths) holding `images` built-in shapes as shards; MLflow logs to its
     own sqlite store."""
-    from components.config import parse_params
-    from pipelines import shard
-    from pipelines.runtime import Paths
 
     work = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -23,7 +24,6 @@ def shapes_project(images: int, prefix: str):
 
 def sibling(base, name: str):
     """Another project next to `base`, reading its shards (a symlink): one run's outputs each."""
-    from pipelines.runtime import Paths
 
     paths = Paths(Path(base.root).parent / name)
     paths.shards.parent.mkdir(parents=True, exist_ok=True)

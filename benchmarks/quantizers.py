@@ -27,6 +27,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import logging
+
+import torch
+
+from benchmarks.common import shapes_project, sibling
+from components.config import parse_params
+from components.data.shards import load_split, to_float
+from components.metrics import codebook_stats, psnr
+from components.quantizers import QUANTIZERS, nearest_codes
+from components.quantizers.vq import SEARCH_BUDGET_BYTES
+from components.tokenizers import Tokenizer
+from pipelines import train_tokenizer
+
 LOOKUP = {"n": 65536, "d": 64, "k": 16384}
 STEP_VECTORS = (32, 16, 16, 64)  # 8,192 vectors of width 64
 STEP_CONFIGS = {
@@ -69,12 +82,9 @@ def _reset_peak() -> int:
 
 def _child(job: dict) -> dict:
     """Run one measurement in this (fresh) process; returns times and peak extra memory."""
-    import torch
 
     torch.manual_seed(0)
     if job["kind"] == "lookup":
-        from components.quantizers import nearest_codes
-
         z = torch.randn(LOOKUP["n"], LOOKUP["d"])
         codebook = torch.randn(LOOKUP["k"], LOOKUP["d"])
         if job["method"] == "cdist":
@@ -83,8 +93,6 @@ def _child(job: dict) -> dict:
             run = lambda: nearest_codes(z, codebook, job["chunk"])  # noqa: E731
         result = None
     else:
-        from components.quantizers import QUANTIZERS
-
         raw = job["config"]
         quantizer = QUANTIZERS[raw["type"]].model_validate(raw).build(STEP_VECTORS[-1]).train()
         z = torch.randn(*STEP_VECTORS, requires_grad=True)
@@ -126,13 +134,11 @@ def _mib(n: int) -> str:
 
 def lookup_table(repeats: int) -> None:
     print(
-        f"\n## Nearest-code lookup: N={LOOKUP['n']:,}, d={LOOKUP['d']}, K={LOOKUP['k']:,}, fp32, CPU ({os.cpu_count()} cores)\n"
+        f"\n## Nearest-code lookup: N={LOOKUP['n']:,}, d={LOOKUP['d']}, K={LOOKUP['k']:,}, fp32, "
+        f"CPU ({os.cpu_count()} cores)\n"
     )
     print("| method | median time | peak extra memory | time vs cdist |")
     print("|---|---|---|---|")
-    import torch
-
-    from components.quantizers.vq import SEARCH_BUDGET_BYTES
 
     scratch = Path(tempfile.mkdtemp(prefix="vqpipe-lookup-"))
     reference = _measure({"kind": "lookup", "method": "cdist", "repeats": repeats, "out": str(scratch / "cdist.pt")})
@@ -156,7 +162,6 @@ def lookup_table(repeats: int) -> None:
 def _check_against_cdist(ours, theirs, chunk: int) -> None:
     """fp32 rounding may break near-ties differently: where the two disagree, the float64
     distances of both picks must be equal to within fp32 precision."""
-    import torch
 
     torch.manual_seed(0)
     z = torch.randn(LOOKUP["n"], LOOKUP["d"]).double()
@@ -181,7 +186,6 @@ def step_table(repeats: int) -> None:
     print(f"\n## Training forward+backward, {n:,} vectors of width {STEP_VECTORS[-1]}, fp32, CPU\n")
     print("| quantizer | codes | median step | peak extra memory |")
     print("|---|---|---|---|")
-    from components.quantizers import QUANTIZERS
 
     for name, raw in STEP_CONFIGS.items():
         codes = QUANTIZERS[raw["type"]].model_validate(raw).codebook_size
@@ -190,19 +194,12 @@ def step_table(repeats: int) -> None:
 
 
 def quality_table(steps: int, images: int) -> None:
-    import torch
-
-    from benchmarks.common import shapes_project, sibling
-    from components.config import parse_params
-    from components.data.shards import load_split, to_float
-    from components.metrics import codebook_stats, psnr
-    from components.tokenizers import Tokenizer
-    from pipelines import train_tokenizer
 
     base = shapes_project(images, "vqpipe-bench-")
     val = to_float(load_split(base.shards, "val")[0])
     print(
-        f"\n## Quality: default tokenizer, {steps} steps, built-in shapes ({images:,} images, {len(val):,} validation)\n"
+        f"\n## Quality: default tokenizer, {steps} steps, built-in shapes "
+        f"({images:,} images, {len(val):,} validation)\n"
     )
     print("| quantizer | tokens/position | bits/position | val PSNR | codebook usage | perplexity | steps/s |")
     print("|---|---|---|---|---|---|---|")
@@ -236,7 +233,6 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return
-    import logging
 
     logging.disable(logging.INFO)
     if args.only in (None, "lookup"):

@@ -16,6 +16,7 @@ default its time is integrated from the forward pass measured at 9 evenly spaced
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import sys
@@ -24,6 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import torch
+
+from components.priors import PriorConfig, TransformerPrior, sample
+from pipelines.runtime import resolve_device
 
 
 def main() -> None:
@@ -38,11 +44,6 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--full", action="store_true", help="time the whole uncached generation")
     args = parser.parse_args()
-
-    import torch
-
-    from components.priors import PriorConfig, TransformerPrior, sample
-    from pipelines.runtime import resolve_device
 
     device = resolve_device(args.device)
     side = math.isqrt(args.length)
@@ -93,16 +94,17 @@ def main() -> None:
             for p in points:
                 idx = torch.randint(0, args.vocab, (args.batch, p), device=device)
                 model.forward_tokens(idx)  # warm-up at this length
-                cost[p] = statistics.median(timed(lambda: model.forward_tokens(idx)) for _ in range(2))
+                cost[p] = statistics.median(timed(lambda idx=idx: model.forward_tokens(idx)) for _ in range(2))
         # Sum over steps i = 1..length of the forward over i tokens: trapezoid over the points.
         uncached = 0.0
-        for a, b in zip(points, points[1:]):
+        for a, b in itertools.pairwise(points):
             uncached += (cost[a] + cost[b]) / 2 * (b - a)
         uncached += cost[points[0]]
         how = f"integrated from {len(points)} prefix lengths"
 
     print(
-        f"prior {args.layers}x{args.width} ({params:.1f}M parameters), {args.length} tokens, batch {args.batch}, {device}\n"
+        f"prior {args.layers}x{args.width} ({params:.1f}M parameters), {args.length} tokens, "
+        f"batch {args.batch}, {device}\n"
     )
     print(f"{'sampling':<10} {'seconds':>9} {'tokens/s':>10}")
     print(f"{'cached':<10} {cached:>9.2f} {tokens / cached:>10.0f}")

@@ -30,12 +30,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from components.config import TrainTokenizerConfig
+from components.data.corpus import read_shard
+from components.data.images import decode_image, to_array
+from components.data.shapes import render
+from components.tokenizers.tokenizer import CONFIG_FILE, WEIGHTS_FILE, Tokenizer, export_config
+from pipelines.distributed import init_ray
+from pipelines.runtime import resolve_device
+from pipelines.tokenize import CorpusJob, load_tokenizer_files, tokenize_corpus
+from pipelines.train_tokenizer import build_model
+
 
 def make_corpus(root: Path, shards: int, per_shard: int, size: int) -> list[str]:
-    import webdataset as wds
-    from PIL import Image
-
-    from components.data.shapes import render
 
     root.mkdir(parents=True)
     urls = []
@@ -59,16 +70,11 @@ class ForwardWorker:
     """A Ray actor with the same tokenizer and threads as a tokenize worker, timing the forward."""
 
     def __init__(self, files, device, threads):
-        import torch
-
-        from pipelines.runtime import resolve_device
-        from pipelines.tokenize import load_tokenizer_files
 
         torch.set_num_threads(threads)
         self.tokenizer = load_tokenizer_files(files, resolve_device(device))
 
     def forward(self, batches) -> int:
-        import torch
 
         n = 0
         for batch in batches:
@@ -87,7 +93,7 @@ def bare_forward(ray, files, batches, workers: int, args) -> float:
     shares = [ray.put(batches[i::workers]) for i in range(workers)]
     ray.get([a.forward.remote(batches[:1]) for a in actors])  # warm-up, not timed
     start = time.perf_counter()
-    images = sum(ray.get([a.forward.remote(share) for a, share in zip(actors, shares)]))
+    images = sum(ray.get([a.forward.remote(share) for a, share in zip(actors, shares, strict=True)]))
     seconds = time.perf_counter() - start
     for a in actors:
         ray.kill(a)
@@ -106,16 +112,6 @@ def main() -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-
-    import numpy as np
-
-    from components.config import TrainTokenizerConfig
-    from components.data.corpus import read_shard
-    from components.data.images import decode_image, to_array
-    from components.tokenizers.tokenizer import CONFIG_FILE, WEIGHTS_FILE, Tokenizer, export_config
-    from pipelines.distributed import init_ray
-    from pipelines.tokenize import CorpusJob, tokenize_corpus
-    from pipelines.train_tokenizer import build_model
 
     work = Path(tempfile.mkdtemp(prefix="vqpipe-bench-tokenize-"))
     cfg = TrainTokenizerConfig()
@@ -158,11 +154,13 @@ def main() -> None:
             bare_rates.append(bare_forward(ray, files, batches, workers, args))
         job_rate, bare_rate = statistics.median(job_rates), statistics.median(bare_rates)
         print(
-            f"{workers:>7}  {job_rate:>15.0f}  {bare_rate:>18.0f}  {job_rate / bare_rate:>5.2f}  {statistics.median(walls):>10.2f}"
+            f"{workers:>7}  {job_rate:>15.0f}  {bare_rate:>18.0f}  {job_rate / bare_rate:>5.2f}  "
+            f"{statistics.median(walls):>10.2f}"
         )
     print(
         "\nwhole job: from the workers ready (tokenizer loaded) to the last part written;"
-        "\njob wall: tokenize_corpus end to end (planning, worker start-up, the manifest). `vqpipe tokenize` adds Prefect's start."
+        "\njob wall: tokenize_corpus end to end (planning, actor start-up, the manifest). "
+        "`vqpipe tokenize` adds Prefect's start."
     )
     shutil.rmtree(work)
 

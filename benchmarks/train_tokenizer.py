@@ -26,13 +26,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch
+
+from benchmarks.common import shapes_project, sibling
+from components.config import parse_params
+from components.data.shards import load_split
+from pipelines import train_tokenizer
+from pipelines.distributed import init_ray
+from pipelines.runtime import resolve_device
+from pipelines.train_tokenizer import build_loader, build_trainer, compile_convolutions
+
 
 def _steps_per_second(batches, cfg, steps: int, warmup: int) -> float:
     """Median over 3 windows of steps/s, after `warmup` steps (k-means init, worker start-up)."""
-    import torch
-
-    from pipelines.runtime import resolve_device
-    from pipelines.train_tokenizer import build_trainer, compile_convolutions
 
     torch.manual_seed(0)
     trainer = build_trainer(cfg, resolve_device(cfg.device))
@@ -58,13 +64,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.INFO)
 
-    import torch
-
-    from benchmarks.common import shapes_project, sibling
-    from components.config import parse_params
-    from components.data.shards import load_split
-    from pipelines.train_tokenizer import build_loader
-
     paths = shapes_project(args.images, "vqpipe-bench-loader-")
     cfg = parse_params({}).train_tokenizer
     images = load_split(paths.shards, "train")[0]
@@ -75,7 +74,8 @@ def main() -> None:
             yield images[torch.randint(0, len(images), (cfg.batch_size,), generator=generator)]
 
     print(
-        f"\n## Tokenizer training: default model, batch {cfg.batch_size}, {images.shape[-1]}x{images.shape[-1]} images, "
+        f"\n## Tokenizer training: default model, batch {cfg.batch_size}, "
+        f"{images.shape[-1]}x{images.shape[-1]} images, "
         f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores\n"
     )
     print("| fed by | steps/s | vs in-memory |")
@@ -89,9 +89,6 @@ def main() -> None:
         loader = (batch for batch, _labels in build_loader(loader_cfg, paths.shards, loader_cfg.batch_size))
         rate = _steps_per_second(loader, loader_cfg, args.steps, args.warmup)
         print(f"| WebDataset loader, num_workers={workers} | {rate:.2f} | {rate / reference:.2f} |", flush=True)
-
-    from pipelines import train_tokenizer
-    from pipelines.distributed import init_ray
 
     init_ray()
     print(f"\n## The train_tokenizer stage, {args.steps} steps, global batch {cfg.batch_size}\n")

@@ -10,6 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+import fsspec
+import torch
+from safetensors.torch import load_file
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` for a temporary file beside `path`, then rename it into place."""
@@ -43,7 +47,6 @@ def atomic_write_to(path: str | Path, write: Callable[[BinaryIO], None]) -> None
 
         atomic_write(path.removeprefix("file://"), local)
         return
-    import fsspec
 
     fs, target = fsspec.core.url_to_fs(path)
     parent, name = target.rsplit("/", 1)
@@ -66,14 +69,11 @@ def load_state_file(path: str | Path, what: str) -> dict:
     """A state dict of tensors from a file a user handed in, never unpickling code: safetensors,
     or `torch.load(weights_only=True)` (a {"state_dict": ...} wrapper is unwrapped).
     FileNotFoundError / ValueError name `what` the file should have been."""
-    import torch
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} weights not found: {path} (a local file; nothing is downloaded)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     raw = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):

@@ -85,7 +85,8 @@ def _print_outputs(repo: Path, run_id: str) -> None:
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
     print(
-        f"\nMLflow run {run_id}; open the UI with:\n  {mlflow_cmd} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        f"\nMLflow run {run_id}; open the UI with:\n"
+        f"  {mlflow_cmd} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     )
 
 
@@ -232,8 +233,10 @@ def _print_tokenize_summary(summary: dict) -> None:
     print(
         f"\n{summary['inputs']} input shards: {summary['tokenized']} tokenized, {summary['skipped']} already complete, "
         f"{len(summary['failed'])} failed\n"
-        f"{summary['rows']} rows from {summary['samples']} samples ({summary['rejected']} rejected, listed in the manifest)\n"
-        f"this run: {summary['images_this_run']} images in {summary['seconds']:.1f} s ({summary['images_per_second']:.0f} images/s)"
+        f"{summary['rows']} rows from {summary['samples']} samples "
+        f"({summary['rejected']} rejected, listed in the manifest)\n"
+        f"this run: {summary['images_this_run']} images in {summary['seconds']:.1f} s "
+        f"({summary['images_per_second']:.0f} images/s)"
         + (
             f" on {summary['ray_nodes']} Ray node{'s' if summary['ray_nodes'] > 1 else ''}"
             if summary["ray_nodes"]

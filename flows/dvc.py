@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 STAGES = ("shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate")
 
 
@@ -30,7 +32,6 @@ def missing_params(repo: str | Path) -> list[tuple[str, str]]:
     """Keys dvc.yaml tracks in params.yaml that params.yaml lacks. The typed params fill in
     defaults, but DVC refuses to run with a tracked key missing (and says so cryptically), so
     `vqpipe validate`/`run` name them first."""
-    import yaml
 
     repo = Path(repo)
     if not (repo / "dvc.yaml").is_file() or not (repo / "params.yaml").is_file():
@@ -48,7 +49,8 @@ def missing_params(repo: str | Path) -> list[tuple[str, str]]:
                     problems.append(
                         (
                             key,
-                            f"missing from params.yaml; dvc.yaml's stage {stage!r} tracks it (add it back, e.g. with its default)",
+                            f"missing from params.yaml; dvc.yaml's stage {stage!r} tracks it "
+                            "(add it back, e.g. with its default)",
                         )
                     )
                     break
@@ -66,7 +68,6 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def downstream(repo: str | Path, stale: set[str]) -> dict[str, list[str]]:
     """Stages that read an output of a stale stage (directly or through others), with the
     stale stages they wait on: they rerun if those rewrite their outputs differently."""
-    import yaml
 
     stages = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
 

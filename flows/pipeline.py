@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
@@ -41,8 +42,6 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
     """Run the pipeline's stages (all by default) in DAG order through DVC.
 
     Returns {"mlflow_run_id", "flow_run_id", "stages": [{"stage", "ran", "reasons"}, ...]}."""
-    import mlflow
-
     root = Path(repo).resolve()
     load_params(root / "params.yaml")  # invalid params fail here, before any stage runs
     unknown = set(stages or []) - set(STAGES)

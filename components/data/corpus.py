@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 from braceexpand import braceexpand
 
 GLOB_CHARS = "*?["
@@ -30,7 +31,6 @@ def _is_glob(spec: str) -> bool:
 
 
 def _glob(pattern: str) -> list[str]:
-    import fsspec
 
     if pattern.startswith(("http://", "https://")):
         raise ValueError(
@@ -140,7 +140,6 @@ def _open(url: str) -> Iterator:
         if failure is not None:
             raise failure
         return
-    import fsspec
 
     with fsspec.open(url, "rb") as f:
         yield f

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -325,8 +326,6 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> None:
 
 def read_manifest(token_dir: str | Path) -> dict:
     if is_url(token_dir):
-        import fsspec
-
         with fsspec.open(f"{str(token_dir).rstrip('/')}/{MANIFEST}", "r") as f:
             return json.load(f)
     path = Path(str(token_dir).removeprefix("file://")) / MANIFEST

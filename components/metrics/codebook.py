@@ -51,7 +51,7 @@ def codebook_stats(columns: Mapping[str, np.ndarray], codebook_sizes: Mapping[st
         weights.append(tokens.shape[1] if tokens.ndim == 2 else 1)
     if not stats:
         return {"codebook_usage": 0.0, "perplexity": 0.0, "unigram_bits_per_token": 0.0}
-    usage, entropy = zip(*stats)
+    usage, entropy = zip(*stats, strict=True)
     return {
         "codebook_usage": float(np.mean(usage)),
         "perplexity": float(np.mean([math.exp(e) for e in entropy])),

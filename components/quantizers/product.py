@@ -57,7 +57,7 @@ class ProductQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         check_last_dim(z, self.dim)
-        outs = [book(part) for book, part in zip(self.codebooks, z.split(self.group_dim, dim=-1))]
+        outs = [book(part) for book, part in zip(self.codebooks, z.split(self.group_dim, dim=-1), strict=True)]
         return QuantizerOutput(
             quantized=torch.cat([o.quantized for o in outs], dim=-1),
             indices=torch.stack([o.indices for o in outs], dim=-1),

@@ -102,7 +102,10 @@ class ResidualQuantizer(nn.Module):
             residual = residual - step.codes.detach()
             found.append(step)
             rows.append(keep)
-        losses = [self.book(s).loss(f, None if self.dropout == 0 else r) for s, (f, r) in enumerate(zip(found, rows))]
+        losses = [
+            self.book(s).loss(f, None if self.dropout == 0 else r)
+            for s, (f, r) in enumerate(zip(found, rows, strict=True))
+        ]
         stats = self._learn(found, rows) if self.training else self._eval_stats(found)
         # Forward: the sum of the kept codes; backward: the identity to the encoder.
         quantized = self.project_out(total + (h - h.detach())).view_as(z).to(z.dtype)
@@ -119,12 +122,14 @@ class ResidualQuantizer(nn.Module):
         return count.repeat_interleave(rows_per_sample)
 
     def _learn(self, found, rows) -> dict[str, torch.Tensor]:
-        kept = [(f.h[r], f.indices[r]) for f, r in zip(found, rows)]
+        kept = [(f.h[r], f.indices[r]) for f, r in zip(found, rows, strict=True)]
         if self.shared:
             # One update from every stage's rows: the decay applies once per step, not N times.
             counts = self.codebooks[0].learn([h for h, _ in kept], [i for _, i in kept])
             return usage_stats(counts)
-        return mean_stats([usage_stats(book.learn([h], [i])) for book, (h, i) in zip(self.codebooks, kept)])
+        return mean_stats(
+            [usage_stats(book.learn([h], [i])) for book, (h, i) in zip(self.codebooks, kept, strict=True)]
+        )
 
     def _eval_stats(self, found) -> dict[str, torch.Tensor]:
         if self.shared:

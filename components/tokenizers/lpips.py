@@ -83,7 +83,7 @@ class LPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(b, 3, H, W) pairs -> (b,) distances."""
         total = 0.0
-        for k, (fx, fy) in enumerate(zip(self._taps(x), self._taps(y))):
+        for k, (fx, fy) in enumerate(zip(self._taps(x), self._taps(y), strict=True)):
             nx = fx / (fx.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
             ny = fy / (fy.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
             total = total + getattr(self, f"lin{k}")((nx - ny) ** 2).mean(dim=(1, 2, 3))

@@ -91,7 +91,9 @@ def test_prior_export_refuses_another_tokenizer(tmp_path):
     save_prior(tmp_path, model, tokenizer_fingerprint="a" * 64, grid={"tokens": (3, 3)}, class_names=["x", "y", "z"])
     loaded, meta = load_prior(tmp_path, tokenizer=FakeTokenizer())
     assert meta["class_names"] == ["x", "y", "z"]
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
     FakeTokenizer.fingerprint = "b" * 64
     with pytest.raises(PriorMismatch, match="fingerprint"):
         load_prior(tmp_path, tokenizer=FakeTokenizer())
@@ -257,7 +259,7 @@ def test_prior_learns_a_markov_chain_to_its_entropy():
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     train = chain(20000)
-    for step in range(250):
+    for _ in range(250):
         batch = train[torch.randint(0, len(train), (128,), generator=gen)]
         loss = model.loss(batch)
         opt.zero_grad()

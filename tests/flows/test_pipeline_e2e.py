@@ -48,7 +48,7 @@ def _make_repo(dest: Path) -> Path:
 
 def _children(parent_run_id: str) -> dict[str, str]:
     runs = mlflow.search_runs(experiment_names=["vqpipe"], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return dict(zip(runs["tags.vqpipe.stage"], runs["run_id"]))
+    return dict(zip(runs["tags.vqpipe.stage"], runs["run_id"], strict=True))
 
 
 def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_cluster, mlflow_store):

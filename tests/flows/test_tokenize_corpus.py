@@ -154,8 +154,9 @@ def test_two_ray_nodes_give_the_same_output_as_one_process(reference, corpus, ti
         os.remove(ray._private.utils.get_ray_address_file(None))
         cluster.add_node(num_cpus=1)
         try:
-            code = main(["tokenize", "--tokenizer", {str(paths.tokenizer)!r}, "--input", "@{listing}", "--output", {str(out)!r},
-                         "--batch-size", "4", "--actors", "2", "--retries", "2", "--ray-address", cluster.address])
+            code = main(["tokenize", "--tokenizer", {str(paths.tokenizer)!r}, "--input", "@{listing}",
+                         "--output", {str(out)!r}, "--batch-size", "4", "--actors", "2", "--retries", "2",
+                         "--ray-address", cluster.address])
         finally:
             cluster.shutdown()
         sys.exit(code)

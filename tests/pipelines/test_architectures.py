@@ -193,9 +193,12 @@ def test_two_ray_train_workers_train_one_run_with_identical_replicas(tiny_projec
     shutil.copytree(built.shards, paths.shards)
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("vqpipe")
-    stage_runs = lambda: client.search_runs(
-        [experiment.experiment_id], "tags.`vqpipe.stage` = 'train_tokenizer'", max_results=1000
-    )  # noqa: E731
+
+    def stage_runs():
+        return client.search_runs(
+            [experiment.experiment_id], "tags.`vqpipe.stage` = 'train_tokenizer'", max_results=1000
+        )
+
     before = len(stage_runs())
 
     result = train_tokenizer.run(params.train_tokenizer, paths)

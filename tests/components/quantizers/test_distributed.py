@@ -22,7 +22,7 @@ def _replica(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
             torch.manual_seed(0)  # same initial weights, as DDP replicas have
             q = QUANTIZERS[raw["type"]].model_validate(raw).build(4).train()
             data = torch.Generator().manual_seed(100 + rank)  # but different data
-            for step in range(8):
+            for _ in range(8):
                 # Rank 1 sees a shifted, narrower distribution: codes die on one replica only.
                 z = torch.randn(2, 16, 4, generator=data) * (1 + rank) + 3 * rank
                 q(z)

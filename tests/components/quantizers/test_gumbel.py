@@ -9,7 +9,7 @@ def test_temperature_anneals_from_start_to_end_and_stays():
     q = GumbelConfig(codebook_size=8, temperature_start=1.0, temperature_end=0.1, anneal_steps=10).build(4).train()
     seen = [q(torch.randn(1, 4, 4)).stats["temperature"].item() for _ in range(15)]
     assert seen[0] == 1.0 and math.isclose(seen[5], 0.1**0.5, rel_tol=1e-6)
-    assert all(a > b for a, b in zip(seen[:10], seen[1:11])) and seen[10:] == [seen[10]] * 5
+    assert all(a > b for a, b in zip(seen[:10], seen[1:11], strict=True)) and seen[10:] == [seen[10]] * 5
     assert math.isclose(seen[10], 0.1, rel_tol=1e-6)
     assert int(q.state_dict()["step"]) == 15  # the schedule's clock is saved with the weights
 

@@ -1,4 +1,5 @@
 import copy
+import itertools
 
 import torch
 
@@ -31,7 +32,7 @@ def test_residual_error_shrinks_with_each_stage():
         z = torch.randn(8, 64, 4)
         indices = rq(z).indices
         errors = [(rq.indices_to_codes(indices, stages=s) - z).pow(2).mean().item() for s in range(1, 5)]
-        assert all(a > b for a, b in zip(errors, errors[1:])), (shared, errors)
+        assert all(a > b for a, b in itertools.pairwise(errors)), (shared, errors)
         assert errors[-1] < 0.5 * errors[0]
 
 
