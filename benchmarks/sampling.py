@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from components.priors import PriorConfig, TransformerPrior, sample
+from components.priors import PriorConfig, Sampler, TransformerPrior
 from pipelines.runtime import resolve_device
 
 
@@ -46,6 +46,34 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    model = _prior(args, device)
+    labels = torch.arange(args.batch) % 10
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    tokens = args.batch * args.length
+
+    def draw(use_cache: bool) -> None:
+        Sampler(model, generator=torch.Generator(device).manual_seed(0), use_cache=use_cache).draw(args.batch, labels)
+
+    draw(use_cache=True)  # warm-up
+    cached = statistics.median(_timed(lambda: draw(use_cache=True), device) for _ in range(args.repeats))
+    if args.full:
+        uncached = _timed(lambda: draw(use_cache=False), device)
+        how = "measured"
+    else:
+        uncached, points = _uncached_estimate(model, args, device)
+        how = f"integrated from {points} prefix lengths"
+
+    print(
+        f"prior {args.layers}x{args.width} ({params:.1f}M parameters), {args.length} tokens, "
+        f"batch {args.batch}, {device}\n"
+    )
+    print(f"{'sampling':<10} {'seconds':>9} {'tokens/s':>10}")
+    print(f"{'cached':<10} {cached:>9.2f} {tokens / cached:>10.0f}")
+    print(f"{'uncached':<10} {uncached:>9.2f} {tokens / uncached:>10.0f}   ({how})")
+    print(f"\ncached / uncached: {uncached / cached:.1f}x (goal >= 5x)")
+
+
+def _prior(args, device: torch.device) -> TransformerPrior:
     side = math.isqrt(args.length)
     layout = ((side, args.length // side, 1),) if side * (args.length // side) == args.length else ()
     torch.manual_seed(0)
@@ -58,58 +86,33 @@ def main() -> None:
         n_embd=args.width,
         layout=layout,
     )
-    model = TransformerPrior(cfg).to(device).eval()
-    labels = torch.arange(args.batch) % 10
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    tokens = args.batch * args.length
+    return TransformerPrior(cfg).to(device).eval()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
-    def timed(fn) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
-    sample(model, args.batch, labels, generator=torch.Generator(device).manual_seed(0), use_cache=True)  # warm-up
-    cached = statistics.median(
-        timed(
-            lambda: sample(model, args.batch, labels, generator=torch.Generator(device).manual_seed(0), use_cache=True)
-        )
-        for _ in range(args.repeats)
-    )
 
-    if args.full:
-        uncached = timed(
-            lambda: sample(model, args.batch, labels, generator=torch.Generator(device).manual_seed(0), use_cache=False)
-        )
-        how = "measured"
-    else:
-        points = sorted({max(1, round(x)) for x in torch.linspace(1, args.length, 9).tolist()})
-        cost = {}
-        with torch.no_grad():
-            for p in points:
-                idx = torch.randint(0, args.vocab, (args.batch, p), device=device)
-                model.forward_tokens(idx)  # warm-up at this length
-                cost[p] = statistics.median(timed(lambda idx=idx: model.forward_tokens(idx)) for _ in range(2))
-        # Sum over steps i = 1..length of the forward over i tokens: trapezoid over the points.
-        uncached = 0.0
-        for a, b in itertools.pairwise(points):
-            uncached += (cost[a] + cost[b]) / 2 * (b - a)
-        uncached += cost[points[0]]
-        how = f"integrated from {len(points)} prefix lengths"
-
-    print(
-        f"prior {args.layers}x{args.width} ({params:.1f}M parameters), {args.length} tokens, "
-        f"batch {args.batch}, {device}\n"
-    )
-    print(f"{'sampling':<10} {'seconds':>9} {'tokens/s':>10}")
-    print(f"{'cached':<10} {cached:>9.2f} {tokens / cached:>10.0f}")
-    print(f"{'uncached':<10} {uncached:>9.2f} {tokens / uncached:>10.0f}   ({how})")
-    print(f"\ncached / uncached: {uncached / cached:.1f}x (goal >= 5x)")
+@torch.no_grad()
+def _uncached_estimate(model: TransformerPrior, args, device: torch.device) -> tuple[float, int]:
+    """Seconds of an uncached generation: the sum over steps i = 1..length of one forward over
+    i tokens, integrated (trapezoid) from the forward timed at 9 prefix lengths."""
+    points = sorted({max(1, round(x)) for x in torch.linspace(1, args.length, 9).tolist()})
+    cost = {}
+    for p in points:
+        idx = torch.randint(0, args.vocab, (args.batch, p), device=device)
+        model.forward_tokens(idx)  # warm-up at this length
+        cost[p] = statistics.median(_timed(lambda idx=idx: model.forward_tokens(idx), device) for _ in range(2))
+    uncached = cost[points[0]]
+    for a, b in itertools.pairwise(points):
+        uncached += (cost[a] + cost[b]) / 2 * (b - a)
+    return uncached, len(points)
 
 
 if __name__ == "__main__":

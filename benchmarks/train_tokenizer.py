@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_tokenizer.py [--steps 150] [--images 8000]
 
 Steps per second of the default tokenizer's training step fed by the stage's real WebDataset
-loader (shards on disk, decoded in `num_workers` DataLoader processes), against the same model
+loader (shards on disk, decoded in `loader_workers` DataLoader processes), against the same model
 and step fed from an in-memory tensor of the same images. Goal: loader >= 0.9 of in-memory.
 
 Then the whole stage (`train_tokenizer.run`) with `workers: 1` (in process) and `workers: 2`
@@ -31,17 +31,18 @@ import torch
 from benchmarks.common import shapes_project, sibling
 from components.config import parse_params
 from components.data.shards import load_split
+from components.data.stream import StreamLayout
+from components.tokenizers.training import build_step, compile_convolutions
 from pipelines import train_tokenizer
 from pipelines.distributed import init_ray
+from pipelines.recipes.tokenizer import build_loader
 from pipelines.runtime import resolve_device
-from pipelines.train_tokenizer import build_loader, build_trainer, compile_convolutions
 
 
 def _steps_per_second(batches, cfg, steps: int, warmup: int) -> float:
-    """Median over 3 windows of steps/s, after `warmup` steps (k-means init, worker start-up)."""
-
+    """Median over 3 windows of steps/s, after `warmup` steps (k-means init, loader start-up)."""
     torch.manual_seed(0)
-    trainer = build_trainer(cfg, resolve_device(cfg.device))
+    trainer = build_step(cfg, 32, resolve_device(cfg.device))
     if cfg.compile:
         compile_convolutions(trainer)  # compiled during the warm-up steps
     batches = iter(batches)
@@ -63,9 +64,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8000)
     args = parser.parse_args()
     logging.disable(logging.INFO)
-
     paths = shapes_project(args.images, "vqpipe-bench-loader-")
     cfg = parse_params({}).train_tokenizer
+    _loader_table(paths, cfg, args)
+    _stage_table(paths, cfg, args)
+
+
+def _loader_table(paths, cfg, args) -> None:
+    """The step fed from memory against the step fed by the shard loader."""
     images = load_split(paths.shards, "train")[0]
     generator = torch.Generator().manual_seed(0)
 
@@ -85,20 +91,24 @@ def main() -> None:
     compiled = _steps_per_second(in_memory(), cfg.model_copy(update={"compile": True}), args.steps, args.warmup)
     print(f"| in-memory tensor, compile: true | {compiled:.2f} | {compiled / reference:.2f} |", flush=True)
     for workers in (0, 1, 2):
-        loader_cfg = cfg.model_copy(update={"num_workers": workers})
-        loader = (batch for batch, _labels in build_loader(loader_cfg, paths.shards, loader_cfg.batch_size))
+        loader_cfg = cfg.model_copy(update={"loader_workers": workers})
+        layout = StreamLayout(loader_cfg.batch_size, loader_workers=workers)
+        loader = (batch for batch, _labels in build_loader(loader_cfg, paths.shards, layout))
         rate = _steps_per_second(loader, loader_cfg, args.steps, args.warmup)
-        print(f"| WebDataset loader, num_workers={workers} | {rate:.2f} | {rate / reference:.2f} |", flush=True)
+        print(f"| shard loader, loader_workers={workers} | {rate:.2f} | {rate / reference:.2f} |", flush=True)
 
+
+def _stage_table(paths, cfg, args) -> None:
+    """The whole stage in its own process against two DDP workers on Ray Train."""
     init_ray()
     print(f"\n## The train_tokenizer stage, {args.steps} steps, global batch {cfg.batch_size}\n")
-    print("| training workers | steps/s | images/s | replicas identical |")
+    print("| DDP workers | steps/s | images/s | replicas identical |")
     print("|---|---|---|---|")
     for workers in (1, 2):
         run_paths = sibling(paths, f"workers{workers}")
         stage_cfg = cfg.model_copy(
             update={
-                "workers": workers,
+                "ddp_workers": workers,
                 "steps": args.steps,
                 "val_every": args.steps,
                 "checkpoint_every": args.steps,

@@ -94,7 +94,7 @@ def _fresh_dir(path: Path) -> Path:
 def _write_with_ray(source, partitions: list[Partition], out_dir: Path, cfg: ShardConfig) -> list[PartitionResult]:
     ray = init_ray()
     write = ray.remote(num_cpus=1)(write_partition)
-    limit = cfg.num_workers or int(ray.available_resources().get("CPU", 1)) or 1
+    limit = cfg.ray_tasks or int(ray.available_resources().get("CPU", 1)) or 1
     source_ref = ray.put(source)
     pending, results = [], []
     # At most `limit` partitions in flight: memory stays bounded however many there are.

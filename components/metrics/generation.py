@@ -108,12 +108,11 @@ def train_classifier(
     num_classes: int,
     *,
     steps: int = 300,
-    batch_size: int = 64,
-    held_out: float = 0.2,
     seed: int = 0,
 ) -> tuple[SmallClassifier, float]:
     """A SmallClassifier trained on (images, labels) in [0, 1], with random flips; returns it and
-    its accuracy on the held-out fraction (how far its verdict on samples can be trusted)."""
+    its accuracy on the held-out fifth (how far its verdict on samples can be trusted)."""
+    batch_size, held_out = 64, 0.2
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=gen)
     n_test = max(1, int(len(images) * held_out)) if len(images) > 4 else 0

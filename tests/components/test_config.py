@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ConfigError, load_params, parse_params
+from components.config import RENAMED, SECTIONS, ConfigError, Params, load_params, outcome_params, parse_params
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,3 +177,44 @@ def test_cli_validate_names_keys_dvc_tracks_but_params_lack(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--repo", str(tmp_path), "validate"]) == 2
     assert "train_prior.lr: missing from params.yaml" in capsys.readouterr().err
+
+
+def _dvc_params() -> dict[str, list[str]]:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("params", []) for name, stage in stages.items()}
+
+
+def test_dvc_yaml_tracks_exactly_the_outcome_settings():
+    """dvc.yaml and the typed config cannot drift: each stage tracks every setting of its section
+    that changes what it produces, and no runtime one."""
+    tracked = _dvc_params()
+    assert set(tracked) == set(SECTIONS)
+    for section in SECTIONS:
+        assert tracked[section] == outcome_params(section), section
+    every = {f"{s}.{k}" for s in SECTIONS for k in Params.model_fields[s].annotation.model_fields}
+    runtime_keys = every - {k for keys in tracked.values() for k in keys} - {"sample.sampling", "evaluate.sampling"}
+    # What a user may change without rerunning anything: intervals, devices, workers of the corpus
+    # tokenizer, checkpoint places, the registry name.
+    assert "train_tokenizer.log_every" in runtime_keys and "tokenize.actors" in runtime_keys
+    assert "train_tokenizer.ddp_workers" not in runtime_keys  # the data order still depends on it
+    assert "train_tokenizer.precision" not in runtime_keys  # bf16 changes results
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED.items()))
+def test_a_renamed_key_is_refused_naming_its_new_one(old, new):
+    raw: dict = {}
+    node = raw
+    *parents, leaf = old.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = 1
+    problems = _problems(raw)
+    assert list(problems) == [old] and new in problems[old]
+
+
+def test_sampling_options_are_checked_once_where_they_are_made():
+    with pytest.raises(ConfigError, match=r"sample.sampling.temperature"):
+        parse_params({"sample": {"sampling": {"temperature": 0}}})
+    with pytest.raises(ConfigError, match=r"evaluate.sampling.top_p"):
+        parse_params({"evaluate": {"sampling": {"top_p": 1.5}}})
+    assert parse_params({"sample": {"sampling": {"guidance_scale": 3}}}).sample.sampling.guided

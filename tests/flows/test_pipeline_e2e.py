@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from components.config import parse_params
+from components.config import SECTIONS, is_runtime, parse_params
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def _children(parent_run_id: str) -> dict[str, str]:
     return dict(zip(runs["tags.vqpipe.stage"], runs["run_id"], strict=True))
 
 
-def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_cluster, mlflow_store):
+def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_cluster, mlflow_store, capsys):
     from flows.dvc import STAGES, downstream, stage_status
     from flows.pipeline import pipeline
 
@@ -84,6 +84,7 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     assert set(children) == set(STAGES)
     assert mlflow.get_run(children["evaluate"]).data.metrics["psnr"] > 0
     assert stage_status(repo) == {}
+    _runtime_settings_leave_every_stage_up_to_date(repo, capsys)
 
     tokenizer_mtime = (repo / "models/tokenizer/model.safetensors").stat().st_mtime_ns
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -100,6 +101,45 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     assert set(_children(second["mlflow_run_id"])) == {"train_prior", "sample", "evaluate"}
     assert (repo / "models/tokenizer/model.safetensors").stat().st_mtime_ns == tokenizer_mtime
     assert stage_status(repo) == {}
+
+
+def _other_value(key: str, value):
+    """A different valid value of a runtime setting."""
+    if key == "use_gpu":
+        return False
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if value == "auto":
+        return "cpu"
+    return f"{value}-elsewhere" if value else "elsewhere"
+
+
+def _runtime_settings_leave_every_stage_up_to_date(repo: Path, capsys) -> None:
+    """Every runtime setting changed at once: DVC finds nothing stale, and `vqpipe status` agrees."""
+    from flows.cli import main
+    from flows.dvc import stage_status
+
+    text = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    changed = []
+    for section in SECTIONS:
+        model = type(getattr(parse_params(params), section))
+        for key in model.model_fields:
+            if is_runtime(model, key):
+                params[section][key] = _other_value(key, params[section][key])
+                changed.append(f"{section}.{key}")
+    parse_params(params)  # still valid
+    assert {"train_tokenizer.log_every", "train_prior.checkpoint_every", "tokenize.actors"} <= set(changed)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert stage_status(repo) == {}, changed
+        capsys.readouterr()
+        assert main(["--repo", str(repo), "status"]) == 0
+        assert "stale" not in capsys.readouterr().out
+    finally:
+        (repo / "params.yaml").write_text(text)
 
 
 def test_scheduled_deployment_carries_the_cron(tmp_path):

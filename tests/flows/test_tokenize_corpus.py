@@ -114,6 +114,24 @@ def test_counts_add_up_and_odd_images_become_rows(reference, corpus, tiny_projec
     assert len(_parts(out)) == 23 and not list(out.glob(".*"))
 
 
+def test_the_batch_size_does_not_change_the_parts(reference, corpus, tmp_path, tiny_project):
+    """`tokenize.batch_size` is a runtime setting: every image is encoded on its own."""
+    root, truths, _ = corpus
+    paths, _ = tiny_project
+    out = tmp_path / "batch64"
+    job = CorpusJob(
+        inputs=[str(t.path) for t in truths[:6]],
+        output=str(out),
+        tokenizer=str(paths.tokenizer),
+        batch_size=64,
+        in_process=True,
+        retry_delay=0,
+    )
+    tokenize_corpus(job)
+    made = _parts(out)
+    assert made and made == {name: data for name, data in _parts(reference[0]).items() if name in made}
+
+
 def test_parts_read_with_pandas_and_decode_to_images(reference, corpus, tiny_project):
     out, result = reference
     paths, _ = tiny_project
