@@ -1,4 +1,5 @@
-"""Typed params: one pydantic model per `params.yaml` section, validated once, before any work.
+"""Typed params: the whole `params.yaml` (`Params`, one section per stage, the sections in
+`components/settings.py`), loaded and validated once, before any work.
 
 Every error names the offending key (`train_tokenizer.quantizer.codebook_size`) and what is
 allowed there; `ConfigError` carries them all. Stages take these models, never raw dicts.
@@ -11,21 +12,53 @@ dvc.yaml equal to it. Keys renamed since an earlier version are refused with the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from components.quantizers import QUANTIZERS, QuantizerConfig, options_of, types_with_option
+from components.settings import (
+    BUILTIN_SOURCES,
+    SOURCE_KINDS,
+    EvaluateConfig,
+    SampleConfig,
+    SamplingOptions,
+    ShardConfig,
+    TokenizeConfig,
+    TrainPriorConfig,
+    TrainTokenizerConfig,
+    VQGANOptions,
+    VQVAE2Options,
+    is_runtime,
+    runtime,
+    training_settings,
+)
 
-if TYPE_CHECKING:
-    import torch
-
-BUILTIN_SOURCES = ("shapes",)
-SOURCE_KINDS = ("builtin", "folder")
-Device = str  # "auto", "cpu", "cuda", "cuda:N"
+__all__ = [
+    "BUILTIN_SOURCES",
+    "RENAMED",
+    "SECTIONS",
+    "SOURCE_KINDS",
+    "ConfigError",
+    "EvaluateConfig",
+    "Params",
+    "SampleConfig",
+    "SamplingOptions",
+    "ShardConfig",
+    "TokenizeConfig",
+    "TrainPriorConfig",
+    "TrainTokenizerConfig",
+    "VQGANOptions",
+    "VQVAE2Options",
+    "is_runtime",
+    "load_params",
+    "outcome_params",
+    "parse_params",
+    "runtime",
+    "training_settings",
+]
 
 # Keys of an earlier version -> their name now (CHANGELOG.md). An old key is refused, naming the new one.
 RENAMED = {
@@ -45,17 +78,6 @@ RENAMED = {
 }
 
 
-def runtime(default: Any, **constraints: Any) -> Any:
-    """A field that only changes how fast, where or how verbosely a stage runs, never what it
-    produces: not a DVC param (see `outcome_params`)."""
-    return Field(default, json_schema_extra={"runtime": True}, **constraints)
-
-
-def is_runtime(model: type[BaseModel], name: str) -> bool:
-    extra = model.model_fields[name].json_schema_extra
-    return isinstance(extra, dict) and bool(extra.get("runtime"))
-
-
 class ConfigError(ValueError):
     """Invalid params; `problems` is a list of (key, message)."""
 
@@ -64,349 +86,6 @@ class ConfigError(ValueError):
         self.source = source
         lines = "\n".join(f"  {key}: {msg}" for key, msg in problems)
         super().__init__(f"invalid {source}:\n{lines}")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("device", mode="after", check_fields=False)
-    @classmethod
-    def _check_device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError(f"unknown device {value!r} (allowed: auto, cpu, cuda, cuda:N)")
-
-
-class SamplingOptions(BaseModel):
-    """How tokens are drawn. Invalid values fail when the options are made, naming the key."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Divides the logits: < 1 sharper, > 1 more varied.
-    temperature: float = Field(1.0, gt=0)
-    # Draw only among the k likeliest codes (None: all).
-    top_k: int | None = Field(None, ge=1)
-    # Nucleus sampling: the smallest set of likeliest codes holding top_p of the probability.
-    top_p: float | None = Field(None, gt=0, le=1)
-    # Classifier-free guidance for a conditional prior, u + s (c - u): 1 = plain conditional
-    # sampling, 0 = unconditional, > 1 stronger class evidence.
-    guidance_scale: float = Field(1.0, ge=0)
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale != 1.0
-
-    def check(self, model, labels: torch.Tensor | None) -> None:
-        """ValueError when these options cannot sample `model` for `labels`, before any work."""
-        if self.guided and not model.num_classes:
-            raise ValueError(
-                f"guidance_scale {self.guidance_scale} needs a class-conditional prior; this one is unconditional"
-            )
-        if self.guided and labels is None:
-            raise ValueError("classifier-free guidance needs the classes to sample")
-        if labels is None or not len(labels):
-            return
-        if not model.num_classes:
-            if (labels >= 0).any():
-                raise ValueError("class labels given, but the prior is unconditional")
-            return
-        bad = labels[(labels >= model.num_classes) | (labels < -1)]
-        if len(bad):
-            raise ValueError(f"class {int(bad[0])} out of range [0, {model.num_classes})")
-
-
-class ShardConfig(_Section):
-    source: str = "builtin:shapes"
-    # Only for builtin sources; a folder source takes every image it finds.
-    num_images: int = Field(16000, ge=1)
-    image_size: int = Field(32, ge=8)
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    samples_per_shard: int = Field(1000, ge=1)
-    seed: int = 0
-    # Below this many inputs Ray's start-up costs more than it saves (the shards are
-    # byte-identical either way).
-    ray_min_inputs: int = runtime(10000, ge=1)
-    # Ray tasks writing partitions at once; 0: one per core.
-    ray_tasks: int = runtime(0, ge=0)
-
-    @field_validator("source")
-    @classmethod
-    def _check_source(cls, value: str) -> str:
-        kind, sep, arg = value.partition(":")
-        if not sep or kind not in SOURCE_KINDS:
-            raise ValueError(f"unknown source {value!r} (allowed: builtin:{'|'.join(BUILTIN_SOURCES)}, folder:PATH)")
-        if kind == "builtin" and arg not in BUILTIN_SOURCES:
-            raise ValueError(f"unknown builtin source {arg!r} (allowed: {', '.join(BUILTIN_SOURCES)})")
-        if kind == "folder" and not arg:
-            raise ValueError("folder source needs a path: folder:PATH")
-        return value
-
-    @property
-    def source_kind(self) -> str:
-        return self.source.partition(":")[0]
-
-    @property
-    def source_arg(self) -> str:
-        return self.source.partition(":")[2]
-
-
-def _pick_quantizer(value: Any) -> QuantizerConfig:
-    if isinstance(value, QuantizerConfig):
-        return value
-    if not isinstance(value, dict) or "type" not in value:
-        raise ValueError(f"needs a mapping with a `type` (allowed: {', '.join(sorted(QUANTIZERS))})")
-    kind = value["type"]
-    if kind not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer type {kind!r} (allowed: {', '.join(sorted(QUANTIZERS))})")
-    return QUANTIZERS[kind].model_validate(value)
-
-
-class VQVAE2Options(_Section):
-    """Only read when `arch: vqvae2`."""
-
-    # The top level's grid is the bottom grid divided by this.
-    top_downsample: int = Field(2, ge=2)
-    # The top level's quantizer; null: the same settings as `quantizer` (the bottom level's).
-    top_quantizer: SerializeAsAny[QuantizerConfig] | None = None
-
-    @field_validator("top_quantizer", mode="before")
-    @classmethod
-    def _pick(cls, value: Any) -> QuantizerConfig | None:
-        return None if value is None else _pick_quantizer(value)
-
-    @field_validator("top_downsample")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"must be a power of two (2, 4, 8, ...), got {value}")
-        return value
-
-
-class VQGANOptions(_Section):
-    """Only read when `arch: vqgan`."""
-
-    # Steps before the discriminator trains and the adversarial term joins the loss.
-    disc_start: int = Field(500, ge=0)
-    # Factor on the adaptive adversarial weight.
-    disc_weight: float = Field(0.8, ge=0)
-    disc_loss: Literal["hinge", "non_saturating"] = "hinge"
-    disc_channels: int = Field(64, ge=8)
-    # Stride-2 layers of the PatchGAN; images need at least 2^(layers+2) pixels a side.
-    disc_layers: int = Field(3, ge=1)
-    # null: the generator's lr.
-    disc_lr: float | None = Field(None, gt=0)
-    adaptive_weight_max: float = Field(1e4, gt=0)
-    lecam_weight: float = Field(0.0, ge=0)
-    lecam_decay: float = Field(0.999, gt=0, lt=1)
-
-    @field_validator("disc_channels")
-    @classmethod
-    def _group_norm_friendly(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {value}")
-        return value
-
-
-def training_settings(cfg: BaseModel, resumable: tuple[str, ...], unused: frozenset[str] = frozenset()) -> dict:
-    """What a checkpoint must agree on to be resumed: every outcome setting but `resumable`
-    (what a resumed run may change) and the `unused` option groups."""
-    model = type(cfg)
-    return {
-        k: v
-        for k, v in cfg.model_dump(mode="json").items()
-        if not is_runtime(model, k) and k not in resumable and k not in unused
-    }
-
-
-class TrainTokenizerConfig(_Section):
-    arch: Literal["vqvae", "vqvae2", "vqgan"] = "vqvae"
-    # Width of the first stage; it doubles at each downsampling, up to 4x.
-    channels: int = Field(32, ge=8)
-    num_res_blocks: int = Field(0, ge=0)
-    # Spatial downsampling factor of the encoder: a power of two; image_size / downsample = grid.
-    downsample: int = Field(4, ge=1)
-    latent_dim: int = Field(32, ge=1)
-    # SerializeAsAny: dumps (MLflow params, the export's config.json) carry the chosen type's
-    # options, not only the base class's `type`.
-    quantizer: SerializeAsAny[QuantizerConfig] = Field(default_factory=lambda: QUANTIZERS["vq"]())
-    vqvae2: VQVAE2Options = VQVAE2Options()
-    vqgan: VQGANOptions = VQGANOptions()
-    recon_loss: Literal["l2", "l1"] = "l2"
-    # LPIPS (VGG16) weight; > 0 needs `perceptual_weights`, a local file (never downloaded).
-    perceptual_weight: float = Field(0.0, ge=0)
-    perceptual_weights: str | None = None
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    # bf16 autocast for the encoder/decoder (the quantizer always runs in fp32). auto: bf16
-    # where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX).
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Compile the model with torch.compile (minutes of compilation, then faster steps).
-    compile: bool = runtime(False)
-    shuffle_buffer: int = Field(1000, ge=0)
-    # DataLoader processes decoding shards, per DDP worker; 0 decodes in the training
-    # process: best where training already uses every core (a CPU-only laptop); on a GPU
-    # machine give it several. An outcome for now: the data order depends on it.
-    loader_workers: int = Field(0, ge=0)
-    # DDP workers: 1 trains in the stage's process; N > 1 on N Ray Train workers, each taking
-    # batch_size / N images per step. An outcome for now: the data order depends on it.
-    ddp_workers: int = Field(1, ge=1)
-    # DDP workers on GPUs: auto when the Ray cluster has `ddp_workers` GPUs.
-    use_gpu: bool | Literal["auto"] = runtime("auto")
-    val_every: int = runtime(200, ge=1)
-    log_every: int = runtime(25, ge=1)
-    # A full training state every this many steps (and at the end), in `checkpoint_dir`.
-    checkpoint_every: int = runtime(200, ge=1)
-    # Outside DVC's outs on purpose: see docs/operations.md, "Checkpoints and resuming".
-    checkpoint_dir: str = runtime("checkpoints/train_tokenizer")
-    # Resume an interrupted run from its checkpoint; false always starts over.
-    resume: bool = runtime(True)
-    # Each trained tokenizer becomes a version of this MLflow registered model, so that
-    # `vqpipe tokenize --tokenizer models:/NAME@ALIAS` finds it; null registers nothing.
-    registered_model: str | None = runtime("vqpipe-tokenizer")
-    seed: int = 0
-    device: Device = runtime("auto")
-
-    # Outcomes a resumed run may change: how long it trains, its precision, and its worker
-    # counts (the run then continues on fresh samples rather than the exact data position).
-    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "precision", "loader_workers", "ddp_workers")
-
-    @field_validator("quantizer", mode="before")
-    @classmethod
-    def _pick_quantizer(cls, value: Any) -> QuantizerConfig:
-        return _pick_quantizer(value)
-
-    @property
-    def top_quantizer(self) -> QuantizerConfig:
-        """The vqvae2 top level's quantizer (the bottom's settings unless given)."""
-        return self.vqvae2.top_quantizer or self.quantizer
-
-    def training_settings(self) -> dict:
-        """What a checkpoint must agree on to be resumed (the options of the architectures not
-        in use aside)."""
-        return training_settings(self, self.RESUMABLE, frozenset({"vqvae2", "vqgan"} - {self.arch}))
-
-    @field_validator("downsample")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"must be a power of two (1, 2, 4, 8, ...), got {value}")
-        return value
-
-    @field_validator("channels")
-    @classmethod
-    def _group_norm_friendly(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {value}")
-        return value
-
-    @property
-    def num_downsamples(self) -> int:
-        return int(math.log2(self.downsample))
-
-
-class TokenizeConfig(_Section):
-    # Images per forward pass; every image is encoded on its own, so parts do not depend on it.
-    batch_size: int = runtime(256, ge=1)
-    # Ray actors tokenizing shards (one part per shard, whichever actor makes it).
-    actors: int = runtime(2, ge=1)
-    cpus_per_actor: float = runtime(1.0, gt=0)
-    # Set to 1 (or a fraction) to place each actor on a GPU of the Ray cluster.
-    gpus_per_actor: float = runtime(0.0, ge=0)
-    device: Device = runtime("auto")
-
-
-class TrainPriorConfig(_Section):
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)
-    n_embd: int = Field(128, ge=8)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    # The output head shares the code embeddings (fewer parameters; often better on small data).
-    tie_weights: bool = False
-    # Training replaces a sample's class by the null token with this probability, so one
-    # model samples conditionally, unconditionally and with classifier-free guidance.
-    label_dropout: float = Field(0.1, ge=0, le=1)
-    # bf16 autocast on CUDA (auto: where supported); CPUs train in fp32.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Each trained prior (with its tokenizer) becomes a version of this MLflow registered
-    # model: `vqpipe sample --prior models:/NAME@ALIAS`; null registers nothing.
-    registered_model: str | None = runtime("vqpipe-prior")
-    # A full training state every this many steps (and at the end), outside DVC's outs.
-    checkpoint_every: int = runtime(250, ge=1)
-    checkpoint_dir: str = runtime("checkpoints/train_prior")
-    resume: bool = runtime(True)
-    # DDP workers: 1 trains in the stage's process; N > 1 on N Ray Train workers, each drawing
-    # batch_size / N sequences per step from its own sampler.
-    ddp_workers: int = Field(1, ge=1)
-    use_gpu: bool | Literal["auto"] = runtime("auto")
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    val_every: int = runtime(250, ge=1)
-    log_every: int = runtime(25, ge=1)
-    seed: int = 0
-    device: Device = runtime("auto")
-
-    # Outcomes a resumed run may change: how long it trains and its precision.
-    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "precision")
-
-    def training_settings(self) -> dict:
-        """What a checkpoint must agree on to be resumed."""
-        return training_settings(self, self.RESUMABLE)
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> TrainPriorConfig:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.batch_size % self.ddp_workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by ddp_workers ({self.ddp_workers})")
-        return self
-
-
-class SampleConfig(_Section):
-    # Conditional priors sample this many per class (one grid row per class).
-    num_per_class: int = Field(8, ge=1)
-    # Unconditional priors sample this many in all.
-    num_images: int = Field(64, ge=1)
-    # Temperature, top-k, top-p and guidance: also what `vqpipe sample` draws with by default.
-    sampling: SamplingOptions = SamplingOptions()
-    # Sequences drawn at once (an outcome: the draws from the seeded generator follow the batches).
-    batch_size: int = Field(64, ge=1)
-    seed: int = 0
-    device: Device = runtime("auto")
-
-
-class EvaluateConfig(_Section):
-    batch_size: int = Field(256, ge=1)
-    # Cap on validation images reconstructed and compared with samples (None: all of them).
-    max_images: int | None = Field(None, ge=1)
-    # Images drawn from the prior for FID, precision/recall and class consistency (0: none).
-    num_samples: int = Field(512, ge=0)
-    # How those samples are drawn.
-    sampling: SamplingOptions = SamplingOptions()
-    # FID's feature space: a local Inception-v3 weights file (pytorch-fid's FID Inception,
-    # safetensors or a state dict; never downloaded). Null: the tokenizer's own encoder,
-    # labelled as such (not comparable with published FIDs).
-    inception_weights: str | None = None
-    # k of the k-NN balls of precision/recall.
-    pr_k: int = Field(3, ge=1)
-    # Steps of the small classifier (trained on the validation images) that judges whether a
-    # sample shows the class it was drawn for.
-    classifier_steps: int = Field(200, ge=1)
-    seed: int = 0
-    device: Device = runtime("auto")
-
-    @field_validator("inception_weights")
-    @classmethod
-    def _weights_exist(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
-            raise ValueError(f"Inception weights file {value!r} not found (a local file; nothing is downloaded)")
-        return value
 
 
 class Params(BaseModel):
