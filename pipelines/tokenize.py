@@ -40,12 +40,11 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
         shard_dir = paths.shards.resolve()
         entries = [(s["split"], str(shard_dir / s["name"])) for s in shard_manifest["shards"]]
         names = {url: _portable(url, paths.root) for _, url in entries}
-        out_dir = paths.tokens
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        if paths.tokens.exists():
+            shutil.rmtree(paths.tokens)
         job = CorpusJob(
             inputs=[url for _, url in entries],
-            output=str(out_dir),
+            output=str(paths.tokens),
             tokenizer=str(paths.tokenizer),
             batch_size=cfg.batch_size,
             actors=cfg.actors,
@@ -56,40 +55,37 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
             names=names,
         )
         split_of = {names[url]: split for split, url in entries}
-
-        def annotate(manifest: dict) -> None:  # what the pipeline's stages read besides the parts
-            for part in manifest["parts"]:
-                part["split"] = split_of[part["input_shard"]]
-            manifest["classes"] = shard_manifest.get("classes")
-            manifest["splits"] = {
-                split: {"rows": sum(p["rows"] for p in manifest["parts"] if p["split"] == split)}
-                for split in ("train", "val")
-            }
-
-        result = tokenize_corpus(job, annotate=annotate)
+        result = tokenize_corpus(job, annotate=lambda manifest: _annotate(manifest, split_of, shard_manifest))
         if result.failed:
             raise RuntimeError(
                 "shards could not be read: " + "; ".join(f"{f['input_shard']}: {f['error']}" for f in result.failed)
             )
         manifest = result.manifest
+        splits = manifest["splits"]
         mlflow.log_metrics(
             {
-                "train_rows": manifest["splits"]["train"]["rows"],
-                "val_rows": manifest["splits"]["val"]["rows"],
+                "train_rows": splits["train"]["rows"],
+                "val_rows": splits["val"]["rows"],
                 "rejected": manifest["rejected"],
                 "parts": len(manifest["parts"]),
                 "images_per_second": result.images_per_second,
             }
         )
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", manifest["tokenizer_fingerprint"])
-        log.info(
-            "wrote %d parts (%d rows) to %s (run %s)",
-            len(manifest["parts"]),
-            manifest["rows"],
-            out_dir,
-            active.info.run_id,
-        )
-        return TokenizeResult(out_dir, manifest)
+        parts, rows, run_id = len(manifest["parts"]), manifest["rows"], active.info.run_id
+        log.info("wrote %d parts (%d rows) to %s (run %s)", parts, rows, paths.tokens, run_id)
+        return TokenizeResult(paths.tokens, manifest)
+
+
+def _annotate(manifest: dict, split_of: dict[str, str], shard_manifest: dict) -> None:
+    """What the pipeline's later stages read besides the parts: each part's split, the class
+    names, the rows per split."""
+    for part in manifest["parts"]:
+        part["split"] = split_of[part["input_shard"]]
+    manifest["classes"] = shard_manifest.get("classes")
+    manifest["splits"] = {
+        split: {"rows": sum(p["rows"] for p in manifest["parts"] if p["split"] == split)} for split in ("train", "val")
+    }
 
 
 def _portable(path: str, root: Path) -> str:
