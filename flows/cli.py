@@ -20,10 +20,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from components.config import ConfigError, SamplingOptions, load_params
+from components.config import ConfigError, SampleConfig, SamplingOptions, load_params
 from components.metrics import save_grid
 from flows.dvc import STAGES, StageFailed, downstream, missing_params, stage_status
 from pipelines.corpus import resolve_tokenizer
+from pipelines.corpus.job import TOKENIZE
 from pipelines.runtime import setup_logging
 from pipelines.sample import SampleRequest, draw, load_models
 from pipelines.tracking import MLFLOW_SCHEMES
@@ -247,6 +248,9 @@ def _print_tokenize_summary(summary: dict) -> None:
     )
 
 
+SAMPLE = SampleConfig()  # `vqpipe sample`'s defaults are the sample stage's
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -301,7 +305,12 @@ def _add_tokenize(sub) -> None:
     tok.add_argument(
         "--output", required=True, help="directory for the parts: a path or fsspec URL (s3://, gs://, ...)"
     )
-    tok.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass (default 256)")
+    tok.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=TOKENIZE.batch_size,
+        help=f"images per forward pass (default {TOKENIZE.batch_size})",
+    )
     tok.add_argument(
         "--actors",
         type=_positive,
@@ -309,10 +318,17 @@ def _add_tokenize(sub) -> None:
         help="Ray actors (default: as many as the cluster's CPUs or GPUs allow)",
     )
     tok.add_argument(
-        "--cpus-per-actor", type=float, default=1.0, help="CPUs per actor: torch and decode threads (default 1)"
+        "--cpus-per-actor",
+        type=float,
+        default=TOKENIZE.cpus_per_actor,
+        help=f"CPUs per actor: torch and decode threads (default {TOKENIZE.cpus_per_actor:g})",
     )
-    tok.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 (default 0: CPU)")
-    tok.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto: cuda when the actor has a GPU)")
+    tok.add_argument(
+        "--gpus-per-actor", type=float, default=TOKENIZE.gpus_per_actor, help="GPUs per actor, e.g. 1 (default 0: CPU)"
+    )
+    tok.add_argument(
+        "--device", default=TOKENIZE.device, help="auto|cpu|cuda (default auto: cuda when the actor has a GPU)"
+    )
     tok.add_argument(
         "--decode-threads", type=_positive, default=None, help="image decoding threads per actor (default: its CPUs)"
     )
@@ -336,7 +352,9 @@ def _add_sample(sub) -> None:
         help="draw images from the trained prior into a PNG grid",
         description="Temperature, top-k, top-p and guidance default to the project's sample.sampling (params.yaml).",
     )
-    smp.add_argument("--n", type=_positive, default=64, help="how many images (default 64)")
+    smp.add_argument(
+        "--n", type=_positive, default=SAMPLE.num_images, help=f"how many images (default {SAMPLE.num_images})"
+    )
     smp.add_argument(
         "--class", default=None, help="class id or name (conditional priors; default: every class in turn)"
     )
@@ -346,9 +364,9 @@ def _add_sample(sub) -> None:
     smp.add_argument("--temperature", type=float, default=None)
     smp.add_argument("--top-k", type=int, default=None)
     smp.add_argument("--top-p", type=float, default=None)
-    smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--batch-size", type=_positive, default=64)
-    smp.add_argument("--device", default="auto")
+    smp.add_argument("--seed", type=int, default=SAMPLE.seed)
+    smp.add_argument("--batch-size", type=_positive, default=SAMPLE.batch_size)
+    smp.add_argument("--device", default=SAMPLE.device)
     smp.add_argument(
         "--prior",
         default="models/prior",

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from components.data.corpus import expand_inputs
 from components.data.tokens import MANIFEST
 from pipelines.corpus import CorpusJob, CorpusResult, plan_corpus, tokenize_corpus
+from pipelines.corpus.job import TOKENIZE
 
 
 class ShardsFailed(RuntimeError):
@@ -121,11 +122,11 @@ def tokenize_flow(
     tokenizer: str,
     inputs: list[str],
     output: str,
-    batch_size: int = 256,
+    batch_size: int = TOKENIZE.batch_size,
     actors: int | None = None,
-    cpus_per_actor: float = 1.0,
-    gpus_per_actor: float = 0.0,
-    device: str = "auto",
+    cpus_per_actor: float = TOKENIZE.cpus_per_actor,
+    gpus_per_actor: float = TOKENIZE.gpus_per_actor,
+    device: str = TOKENIZE.device,
     decode_threads: int | None = None,
     retries: int = 2,
     overwrite: bool = False,

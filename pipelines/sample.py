@@ -89,10 +89,10 @@ class SampleRequest:
     in turn), drawn with `options` from a generator seeded with `seed`, `batch_size` at a time."""
 
     n: int
+    seed: int
+    batch_size: int
     class_: str | int | None = None
     options: SamplingOptions = field(default_factory=SamplingOptions)
-    seed: int = 0
-    batch_size: int = 64
 
 
 @dataclass

@@ -225,9 +225,7 @@ class _PartBuilder:
         return token_table(rows, PartLayout(tok.fingerprint, tok.codebook_size, grids, tiers), source)
 
 
-def tokenize_shard(
-    tokenizer, task: ShardTask, batch_size: int = 256, decode_threads: int = 2, model_lock=None
-) -> ShardTokens:
+def tokenize_shard(tokenizer, task: ShardTask, batch_size: int, decode_threads: int, model_lock=None) -> ShardTokens:
     """Encode every image of the shard `task.url` into `task.out/task.part`; rows written +
     samples rejected = samples read. The sample's `txt`, `json` and `cls` travel with its tokens
     (`caption`, `meta`, and `label` when `cls` is an integer, else a `cls` text column).

@@ -6,7 +6,7 @@ against the prior and the classes asked for when a `Sampler` draws.
 
     sampler = Sampler(prior, SamplingOptions(temperature=0.9, guidance_scale=2.0), generator)
     tokens = sampler.draw(n, labels)                        # (n, L)
-    images, tokens, seconds = sample_images(sampler, tokenizer, n, labels)
+    images, tokens, seconds = sample_images(sampler, tokenizer, n, labels, batch_size=64)
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def sample(
 
 @torch.no_grad()
 def sample_images(
-    sampler: Sampler, tokenizer, n: int, labels: torch.Tensor | None = None, batch_size: int = 64
+    sampler: Sampler, tokenizer, n: int, labels: torch.Tensor | None, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """n images drawn in batches of `batch_size` and decoded by `tokenizer` (whose
     `vocab_limits` bound each position): ((n, 3, H, W) in [0, 1] on the CPU, (n, L) tokens,

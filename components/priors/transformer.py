@@ -36,10 +36,12 @@ NORMS = ("layernorm", "rmsnorm")
 class PriorConfig:
     vocab_size: int  # codebook size of the predicted tokens
     seq_len: int  # tokens predicted per image
+    # The sizes: train_prior's settings (components/settings.py) hold their defaults.
+    n_layer: int
+    n_head: int
+    n_embd: int
     num_classes: int = 0  # 0: unconditional
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    # What exports written before these options existed were built with.
     dropout: float = 0.0
     norm: str = "layernorm"  # or rmsnorm
     tie_weights: bool = False  # the output head shares the code embeddings

@@ -28,7 +28,7 @@ class PatchDiscriminator(nn.Module):
     overlapping patch. GroupNorm rather than BatchNorm: per-sample statistics do not mix real
     and fake batches, and replicas need no synchronised batch statistics."""
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+    def __init__(self, in_channels: int, channels: int, layers: int):
         super().__init__()
         seq: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         mult = 1

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from components.settings import TokenizeConfig
+
+TOKENIZE = TokenizeConfig()
+
 
 @dataclass
 class CorpusJob:
     inputs: list[str]  # shard URLs (see components.data.corpus.expand_inputs)
     output: str  # directory: a local path or any fsspec URL
     tokenizer: str  # export directory or MLflow URI
-    batch_size: int = 256
+    # The defaults are the `tokenize` stage's (components/settings.py TokenizeConfig).
+    batch_size: int = TOKENIZE.batch_size
     actors: int | None = None  # Ray actors; None: as many as the cluster's CPUs (GPUs) allow
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    device: str = "auto"
+    cpus_per_actor: float = TOKENIZE.cpus_per_actor
+    gpus_per_actor: float = TOKENIZE.gpus_per_actor
+    device: str = TOKENIZE.device
     decode_threads: int | None = None  # per actor; None: one per CPU of the actor
     retries: int = 2  # further attempts at a shard that failed
     retry_delay: float = 1.0  # seconds before a retry, times the attempt
