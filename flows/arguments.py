@@ -1,0 +1,160 @@
+"""The `vqpipe` command line: its commands, flags and defaults (flows/cli.py runs them)."""
+
+from __future__ import annotations
+
+import argparse
+
+from components.config import SampleConfig
+from flows.dvc import STAGES
+from pipelines.corpus.job import TOKENIZE
+
+SAMPLE = SampleConfig()  # `vqpipe sample`'s defaults are the sample stage's
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vqpipe", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repo", default=".", help="the project (a DVC repo); default: current directory")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_pipeline_commands(sub)
+    _add_tokenize(sub)
+    _add_sample(sub)
+    return parser
+
+
+def _add_pipeline_commands(sub) -> None:
+    run = sub.add_parser("run", help="run the pipeline flow (DVC skips stages that are up to date)")
+    run.add_argument(
+        "--stage", action="append", choices=STAGES, help="only this stage (repeatable); default: all, in DAG order"
+    )
+    run.add_argument("--force", action="store_true", help="rerun stages even when DVC finds them up to date")
+
+    sub.add_parser("status", help="which stages are stale, and why (from DVC)")
+
+    serve = sub.add_parser("serve", help="serve the flow on a cron schedule")
+    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    serve.add_argument("--name", default="vqpipe-scheduled", help="deployment name")
+
+    sub.add_parser("validate", help="check params.yaml and exit (status 2 when invalid)")
+
+
+def _add_tokenize(sub) -> None:
+    tok = sub.add_parser(
+        "tokenize",
+        help="tokenize an image corpus (WebDataset shards) into Parquet token parts, on Ray",
+        description="One Parquet part per input shard; a rerun keeps complete parts of the same tokenizer and redoes "
+        "the rest. Exit status 1 when some shards could not be read (named, and listed in _manifest.json), "
+        "2 on bad input.",
+    )
+    tok.add_argument(
+        "--tokenizer",
+        required=True,
+        help="export directory (config.json + model.safetensors) or MLflow URI, e.g. models:/vqpipe-tokenizer@champion",
+    )
+    tok.add_argument(
+        "--input",
+        required=True,
+        action="append",
+        help="shards: path or URL, {000..099} pattern, glob, @FILE of URLs, pipe:CMD (repeatable)",
+    )
+    tok.add_argument(
+        "--output", required=True, help="directory for the parts: a path or fsspec URL (s3://, gs://, ...)"
+    )
+    _add_tokenize_runtime(tok)
+    _renamed(
+        tok, {"--workers": "--actors", "--cpus-per-worker": "--cpus-per-actor", "--gpus-per-worker": "--gpus-per-actor"}
+    )
+
+
+def _add_tokenize_runtime(tok: argparse.ArgumentParser) -> None:
+    """How the corpus is tokenized (none of these changes the parts)."""
+    tok.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=TOKENIZE.batch_size,
+        help=f"images per forward pass (default {TOKENIZE.batch_size})",
+    )
+    tok.add_argument(
+        "--actors",
+        type=_positive,
+        default=None,
+        help="Ray actors (default: as many as the cluster's CPUs or GPUs allow)",
+    )
+    tok.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=TOKENIZE.cpus_per_actor,
+        help=f"CPUs per actor: torch and decode threads (default {TOKENIZE.cpus_per_actor:g})",
+    )
+    tok.add_argument(
+        "--gpus-per-actor", type=float, default=TOKENIZE.gpus_per_actor, help="GPUs per actor, e.g. 1 (default 0: CPU)"
+    )
+    tok.add_argument(
+        "--device", default=TOKENIZE.device, help="auto|cpu|cuda (default auto: cuda when the actor has a GPU)"
+    )
+    tok.add_argument(
+        "--decode-threads", type=_positive, default=None, help="image decoding threads per actor (default: its CPUs)"
+    )
+    tok.add_argument("--retries", type=int, default=2, help="further attempts at a shard that fails (default 2)")
+    tok.add_argument("--overwrite", action="store_true", help="redo every part, complete or not")
+    tok.add_argument("--in-process", action="store_true", help="no Ray: tokenize in this process")
+    tok.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (auto, host:port, ray://...); default RAY_ADDRESS, else a local Ray",
+    )
+
+
+def _add_sample(sub) -> None:
+    smp = sub.add_parser(
+        "sample",
+        help="draw images from the trained prior into a PNG grid",
+        description="Temperature, top-k, top-p and guidance default to the project's sample.sampling (params.yaml).",
+    )
+    smp.add_argument(
+        "--n", type=_positive, default=SAMPLE.num_images, help=f"how many images (default {SAMPLE.num_images})"
+    )
+    smp.add_argument(
+        "--class", default=None, help="class id or name (conditional priors; default: every class in turn)"
+    )
+    smp.add_argument(
+        "--guidance", dest="guidance_scale", type=float, default=None, help="classifier-free guidance scale (1: none)"
+    )
+    smp.add_argument("--temperature", type=float, default=None)
+    smp.add_argument("--top-k", type=int, default=None)
+    smp.add_argument("--top-p", type=float, default=None)
+    smp.add_argument("--seed", type=int, default=SAMPLE.seed)
+    smp.add_argument("--batch-size", type=_positive, default=SAMPLE.batch_size)
+    smp.add_argument("--device", default=SAMPLE.device)
+    smp.add_argument(
+        "--prior",
+        default="models/prior",
+        help="export directory or MLflow URI, e.g. models:/vqpipe-prior@champion (default: models/prior)",
+    )
+    smp.add_argument(
+        "--tokenizer",
+        default=None,
+        help="default: the tokenizer registered with an MLflow prior, else models/tokenizer",
+    )
+    smp.add_argument("--upscale", type=_positive, default=2, help="pixel upscaling of the grid (default 2)")
+    smp.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    _renamed(smp, {"--cfg": "--guidance"})
+
+
+def _renamed(parser: argparse.ArgumentParser, renames: dict[str, str]) -> None:
+    """Flags of an earlier version: refused, naming the new one (exit 2), never silently ignored."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} was renamed to {renames[option_string]} (see CHANGELOG.md)")
+
+    for old in renames:
+        parser.add_argument(old, action=Renamed, help=argparse.SUPPRESS)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
