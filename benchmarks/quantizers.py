@@ -194,7 +194,6 @@ def step_table(repeats: int) -> None:
 
 
 def quality_table(steps: int, images: int) -> None:
-
     base = shapes_project(images, "vqpipe-bench-")
     val = to_float(load_split(base.shards, "val")[0])
     print(

@@ -33,7 +33,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _check_params(repo: Path) -> int:
-
     try:
         load_params(repo / "params.yaml")
         missing = missing_params(repo)
@@ -131,7 +130,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-
     if not args.tokenizer.startswith(MLFLOW_SCHEMES):
         try:  # a wrong local path fails here, before Prefect and Ray start
             resolve_tokenizer(args.tokenizer, ".")

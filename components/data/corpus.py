@@ -31,7 +31,6 @@ def _is_glob(spec: str) -> bool:
 
 
 def _glob(pattern: str) -> list[str]:
-
     if pattern.startswith(("http://", "https://")):
         raise ValueError(
             f"cannot list {pattern!r}: HTTP has no directory listing (give a brace pattern or a file of URLs)"
