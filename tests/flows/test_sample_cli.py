@@ -13,50 +13,18 @@ from flows.cli import main
 
 def test_sample_a_class_with_guidance(tiny_project, tmp_path, capsys):
     paths, _ = tiny_project
+
+    def sample(cls: str, out) -> int:
+        flags = ["--n", "6", "--class", cls, "--guidance", "2.0", "--seed", "1", "--upscale", "1", "--out", str(out)]
+        return main(["--repo", str(paths.root), "sample", *flags])
+
     out = tmp_path / "grid.png"
-    code = main(
-        [
-            "--repo",
-            str(paths.root),
-            "sample",
-            "--n",
-            "6",
-            "--class",
-            "2",
-            "--guidance",
-            "2.0",
-            "--seed",
-            "1",
-            "--upscale",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
+    assert sample("2", out) == 0
     width, height = Image.open(out).size
     assert width >= 3 * 16 and height >= 2 * 16 and width > height  # 3 columns, 2 rows of 16 px images
     assert "6 samples of class 2 (triangle), guidance 2 at" in capsys.readouterr().out
     again = tmp_path / "again.png"
-    main(
-        [
-            "--repo",
-            str(paths.root),
-            "sample",
-            "--n",
-            "6",
-            "--class",
-            "triangle",
-            "--guidance",
-            "2.0",
-            "--seed",
-            "1",
-            "--upscale",
-            "1",
-            "--out",
-            str(again),
-        ]
-    )
+    assert sample("triangle", again) == 0
     assert again.read_bytes() == out.read_bytes()  # a class by name, and the seed reproduces
 
 
