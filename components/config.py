@@ -207,6 +207,9 @@ def _problems(err: ValidationError, raw: Any = None) -> list[tuple[str, str]]:
     return problems
 
 
+_ABSENT = object()
+
+
 def renamed_keys(raw: dict) -> list[tuple[str, str]]:
     """(old key, message naming its new one) for every key of `raw` renamed since an earlier version."""
     problems = []
@@ -217,9 +220,6 @@ def renamed_keys(raw: dict) -> list[tuple[str, str]]:
         if node is not _ABSENT:
             problems.append((old, f"renamed to {new} (see CHANGELOG.md); move its value there"))
     return problems
-
-
-_ABSENT = object()
 
 
 def outcome_params(section: str) -> list[str]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from components.quantizers import QUANTIZERS, QuantizerConfig
 
@@ -22,6 +22,23 @@ if TYPE_CHECKING:
 BUILTIN_SOURCES = ("shapes",)
 SOURCE_KINDS = ("builtin", "folder")
 Device = str  # "auto", "cpu", "cuda", "cuda:N"
+
+
+def _power_of_two(value: int) -> int:
+    if value & (value - 1):
+        raise ValueError(f"must be a power of two (1, 2, 4, 8, ...), got {value}")
+    return value
+
+
+def _group_norm_friendly(value: int) -> int:
+    if value % 8:
+        raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {value}")
+    return value
+
+
+PowerOfTwo = Annotated[int, AfterValidator(_power_of_two)]
+# A convolution width the blocks' GroupNorm (8 groups) divides.
+GroupNormWidth = Annotated[int, AfterValidator(_group_norm_friendly)]
 
 
 def runtime(default: Any, **constraints: Any) -> Any:
@@ -133,22 +150,15 @@ def _pick_quantizer(value: Any) -> QuantizerConfig:
 class VQVAE2Options(_Section):
     """Only read when `arch: vqvae2`."""
 
-    # The top level's grid is the bottom grid divided by this.
-    top_downsample: int = Field(2, ge=2)
-    # The top level's quantizer; null: the same settings as `quantizer` (the bottom level's).
+    # The top tier's grid is the bottom grid divided by this.
+    top_downsample: PowerOfTwo = Field(2, ge=2)
+    # The top tier's quantizer; null: the same settings as `quantizer` (the bottom tier's).
     top_quantizer: SerializeAsAny[QuantizerConfig] | None = None
 
     @field_validator("top_quantizer", mode="before")
     @classmethod
     def _pick(cls, value: Any) -> QuantizerConfig | None:
         return None if value is None else _pick_quantizer(value)
-
-    @field_validator("top_downsample")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"must be a power of two (2, 4, 8, ...), got {value}")
-        return value
 
 
 class VQGANOptions(_Section):
@@ -159,7 +169,7 @@ class VQGANOptions(_Section):
     # Factor on the adaptive adversarial weight.
     disc_weight: float = Field(0.8, ge=0)
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
-    disc_channels: int = Field(64, ge=8)
+    disc_channels: GroupNormWidth = Field(64, ge=8)
     # Stride-2 layers of the PatchGAN; images need at least 2^(layers+2) pixels a side.
     disc_layers: int = Field(3, ge=1)
     # null: the generator's lr.
@@ -167,13 +177,6 @@ class VQGANOptions(_Section):
     adaptive_weight_max: float = Field(1e4, gt=0)
     lecam_weight: float = Field(0.0, ge=0)
     lecam_decay: float = Field(0.999, gt=0, lt=1)
-
-    @field_validator("disc_channels")
-    @classmethod
-    def _group_norm_friendly(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {value}")
-        return value
 
 
 def training_settings(cfg: BaseModel, resumable: tuple[str, ...], unused: frozenset[str] = frozenset()) -> dict:
@@ -190,10 +193,10 @@ def training_settings(cfg: BaseModel, resumable: tuple[str, ...], unused: frozen
 class TrainTokenizerConfig(_Section):
     arch: Literal["vqvae", "vqvae2", "vqgan"] = "vqvae"
     # Width of the first stage; it doubles at each downsampling, up to 4x.
-    channels: int = Field(32, ge=8)
+    channels: GroupNormWidth = Field(32, ge=8)
     num_res_blocks: int = Field(0, ge=0)
     # Spatial downsampling factor of the encoder: a power of two; image_size / downsample = grid.
-    downsample: int = Field(4, ge=1)
+    downsample: PowerOfTwo = Field(4, ge=1)
     latent_dim: int = Field(32, ge=1)
     # SerializeAsAny: dumps (MLflow params, the export's config.json) carry the chosen type's
     # options, not only the base class's `type`.
@@ -248,27 +251,13 @@ class TrainTokenizerConfig(_Section):
 
     @property
     def top_quantizer(self) -> QuantizerConfig:
-        """The vqvae2 top level's quantizer (the bottom's settings unless given)."""
+        """The vqvae2 top tier's quantizer (the bottom's settings unless given)."""
         return self.vqvae2.top_quantizer or self.quantizer
 
     def training_settings(self) -> dict:
         """What a checkpoint must agree on to be resumed (the options of the architectures not
         in use aside)."""
         return training_settings(self, self.RESUMABLE, frozenset({"vqvae2", "vqgan"} - {self.arch}))
-
-    @field_validator("downsample")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"must be a power of two (1, 2, 4, 8, ...), got {value}")
-        return value
-
-    @field_validator("channels")
-    @classmethod
-    def _group_norm_friendly(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {value}")
-        return value
 
     @property
     def num_downsamples(self) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from pipelines.runtime import setup_logging
+from pipelines.runtime import resolve_device, setup_logging
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None):
@@ -27,6 +27,15 @@ def init_ray(num_cpus: int | None = None, address: str | None = None):
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return ray
+
+
+def train(worker: Callable, cfg: BaseModel, job, stage: str) -> None:
+    """Run `worker(cfg, job, rank, world_size, device)`: in this process on `cfg.device` when
+    `cfg.ddp_workers` is 1, else on Ray Train workers (`train_on_ray`)."""
+    if cfg.ddp_workers == 1:
+        worker(cfg, job, rank=0, world_size=1, device=resolve_device(cfg.device))
+    else:
+        train_on_ray(worker, cfg, job, stage)
 
 
 def train_on_ray(worker: Callable, cfg: BaseModel, job, stage: str) -> None:

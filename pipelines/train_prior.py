@@ -25,9 +25,9 @@ from pathlib import Path
 from components.config import TrainPriorConfig
 from components.io import write_json
 from components.tokenizers import Tokenizer
-from pipelines.distributed import train_on_ray
+from pipelines.distributed import train
 from pipelines.recipes.prior import PriorJob, train_worker
-from pipelines.runtime import Paths, resolve_device, stage_main
+from pipelines.runtime import Paths, stage_main
 from pipelines.tracking import absolute_tracking_uri, register_export, stage_run
 
 log = logging.getLogger("vqpipe.train_prior")
@@ -53,10 +53,7 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
                 tracking_uri=absolute_tracking_uri(mlflow.get_tracking_uri()),
                 staging=staging,
             )
-            if cfg.ddp_workers == 1:
-                train_worker(cfg, job, rank=0, world_size=1, device=resolve_device(cfg.device))
-            else:
-                train_on_ray(train_worker, cfg, job, "train_prior")
+            train(train_worker, cfg, job, "train_prior")
             summary = json.loads((Path(staging) / "summary.json").read_text())
             if paths.prior.exists():
                 shutil.rmtree(paths.prior)

@@ -29,7 +29,7 @@ from components.config import TrainTokenizerConfig
 from components.data.shards import read_manifest
 from components.io import write_json
 from components.tokenizers import Tokenizer
-from pipelines.distributed import train_on_ray
+from pipelines.distributed import train
 from pipelines.recipes.tokenizer import Job, train_worker
 from pipelines.runtime import Paths, resolve_device, stage_main
 from pipelines.tracking import absolute_tracking_uri, register_export, stage_run
@@ -69,10 +69,7 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
             tracking_uri=absolute_tracking_uri(mlflow.get_tracking_uri()),
             perceptual_weights=str(Path(cfg.perceptual_weights).resolve()) if cfg.perceptual_weights else None,
         )
-        if cfg.ddp_workers == 1:
-            train_worker(cfg, job, rank=0, world_size=1, device=resolve_device(cfg.device))
-        else:
-            train_on_ray(train_worker, cfg, job, "train_tokenizer")
+        train(train_worker, cfg, job, "train_tokenizer")
 
         summary = json.loads((Path(staging) / "summary.json").read_text())
         tokenizer = Tokenizer.load(Path(staging) / "tokenizer")

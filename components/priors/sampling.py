@@ -65,7 +65,6 @@ class Sampler:
         self.generator = generator
         self.use_cache = use_cache
 
-    @torch.no_grad()
     def draw(
         self, n: int, labels: torch.Tensor | None = None, vocab_limits: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -75,6 +74,7 @@ class Sampler:
         self.options.check(self.model, labels)
         return self._draw(n, labels, vocab_limits)
 
+    @torch.no_grad()
     def _draw(self, n: int, labels: torch.Tensor | None, vocab_limits: torch.Tensor | None) -> torch.Tensor:
         self.model.eval()
         if isinstance(self.model, HierarchicalPrior):
@@ -82,7 +82,6 @@ class Sampler:
             return torch.cat([top, self._draw_tier(self.model.bottom, n, labels, top, None)], dim=1)
         return self._draw_tier(self.model, n, labels, None, vocab_limits)
 
-    @torch.no_grad()
     def _draw_tier(
         self,
         model: TransformerPrior,
@@ -131,7 +130,6 @@ def sample(
     return Sampler(model, options, generator).draw(n, labels)
 
 
-@torch.no_grad()
 def sample_images(
     sampler: Sampler, tokenizer, n: int, labels: torch.Tensor | None, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -174,7 +174,7 @@ class Tokenizer:
             [torch.full((self._tier_tokens(tier),), self._quantizer(tier).codebook_size) for tier in self.tiers]
         )
 
-    def _as_levels(self, indices) -> dict[str, torch.Tensor]:
+    def _as_tiers(self, indices) -> dict[str, torch.Tensor]:
         if isinstance(indices, dict):
             if set(indices) != set(self.tiers):
                 raise ValueError(f"expected indices for tiers {list(self.tiers)}, got {list(indices)}")
@@ -183,7 +183,7 @@ class Tokenizer:
             raise ValueError(f"a hierarchical tokenizer takes a dict of indices per tier ({', '.join(self.tiers)})")
         return {self.tiers[0]: indices}
 
-    def _from_levels(self, by_tier: dict[str, torch.Tensor]):
+    def _from_tiers(self, by_tier: dict[str, torch.Tensor]):
         return by_tier if self.hierarchical else by_tier[self.tiers[0]]
 
     def flatten(self, indices) -> torch.Tensor:
@@ -191,7 +191,7 @@ class Tokenizer:
         coarsest first; within a tier raster over the grid (row by row), and within a position
         its m tokens in order (group 0..M-1, or stage 0 (coarsest) .. N-1) before the next
         position's."""
-        by_tier = self._as_levels(indices)
+        by_tier = self._as_tiers(indices)
         return torch.cat([by_tier[tier].reshape(by_tier[tier].shape[0], -1) for tier in self.tiers], dim=1)
 
     def unflatten(self, tokens: torch.Tensor):
@@ -203,7 +203,7 @@ class Tokenizer:
             n = self._tier_tokens(tier)
             out[tier] = tokens[:, start : start + n].reshape(tokens.shape[0], *self.tier_index_shape(tier))
             start += n
-        return self._from_levels(out)
+        return self._from_tiers(out)
 
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)
@@ -216,7 +216,7 @@ class Tokenizer:
     @torch.no_grad()
     def encode(self, images: torch.Tensor):
         """(b, 3, H, W) in [0, 1] -> int64 indices (see the class doc)."""
-        return self._from_levels(self.model.encode_indices(self._check_images(images)))
+        return self._from_tiers(self.model.encode_indices(self._check_images(images)))
 
     @torch.no_grad()
     def encode_columns(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -232,7 +232,7 @@ class Tokenizer:
     @torch.no_grad()
     def decode(self, indices) -> torch.Tensor:
         """indices (see the class doc) -> (b, 3, H, W) in [0, 1]."""
-        by_tier = self._as_levels(indices)
+        by_tier = self._as_tiers(indices)
         checked = {}
         for tier in self.tiers:
             idx, shape = by_tier[tier], self.tier_index_shape(tier)

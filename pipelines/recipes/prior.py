@@ -76,10 +76,11 @@ class PriorRecipe:
         self.metrics = MetricLogger(job.run_id, flush_every=cfg.log_every) if self.lead else None
         if self.lead:
             self._log_params()
-        data = hashlib.sha256(self.train_tokens.tobytes()).hexdigest()
+        data = hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()
         settings = {**cfg.training_settings(), "tokenizer": self.tokenizer.fingerprint, "data": data}
         self.checkpoints = CheckpointFile(Path(job.checkpoint_dir), "train_prior", settings)
         self.start = self.step = 0
+        self.seconds = 0.0  # spent training in this run
         self.val_bits = float("nan")
 
     def _load_tokens(self, paths: Paths) -> None:
@@ -91,7 +92,6 @@ class PriorRecipe:
         self.num_classes = 0
         if labelled:
             self.num_classes = len(self.class_names) if self.class_names else int(train.labels.max()) + 1
-        self.train_tokens = train.tokens
         self.tokens = torch.from_numpy(train.tokens)
         self.labels = torch.from_numpy(train.labels) if self.num_classes else None
         self.val_tokens = torch.from_numpy(val.tokens)

@@ -71,6 +71,7 @@ class TokenizerRecipe:
         settings = {**cfg.training_settings(), "image_size": job.image_size, "data": job.data_fingerprint}
         self.checkpoints = CheckpointFile(Path(job.checkpoint_dir), "train_tokenizer", settings)
         self.start = self.step = 0
+        self.seconds = 0.0  # spent training in this run
         self.data_start: int | None = 0  # None: continue on fresh samples (the data layout changed)
         self.history: list[dict] = []
         self.previous_run = ""  # the MLflow run that wrote the checkpoint resumed from
