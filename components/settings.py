@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 BUILTIN_SOURCES = ("shapes",)
-SOURCE_KINDS = ("builtin", "folder")
+SOURCE_KINDS = ("builtin", "folder", "webdataset", "parquet")
 Device = str  # "auto", "cpu", "cuda", "cuda:N"
 
 
@@ -101,39 +101,53 @@ class SamplingOptions(BaseModel):
             raise ValueError(f"class {int(bad[0])} out of range [0, {model.num_classes})")
 
 
+class ParquetOptions(_Section):
+    """Only read with a `parquet:` source: which columns hold what (Hugging Face's layout)."""
+
+    # Encoded image bytes, or a {bytes, path} struct (null bytes: read `path`, relative to the file).
+    image_column: str = "image"
+    # Integer or string classes; null: unlabelled. Names from the ClassLabel metadata when present.
+    label_column: str | None = None
+    # A string column kept as each sample's caption; null: none.
+    caption_column: str | None = None
+
+
 class ShardConfig(_Section):
+    # builtin:shapes | folder:PATH | webdataset:SPEC (tar shards) | parquet:SPEC (docs/corpora.md)
     source: str = "builtin:shapes"
-    # Only for builtin sources; a folder source takes every image it finds.
+    # Only for builtin sources; the others take every image they find.
     num_images: int = Field(16000, ge=1)
     image_size: int = Field(32, ge=8)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     samples_per_shard: int = Field(1000, ge=1)
+    # How the shards store images: png (lossless) or jpg (quality 95, about 5x smaller for photos).
+    image_format: Literal["png", "jpg"] = "png"
+    # Captions longer than this many characters are cut (and counted in the manifest).
+    max_caption_chars: int = Field(2048, ge=1)
+    parquet: ParquetOptions = ParquetOptions()
     seed: int = 0
+    # The stage fails when more than this share of the input shards or files cannot be read
+    # (each is tried 1 + `retries` times and listed with its error in the manifest).
+    max_unreadable: float = runtime(0.01, ge=0, le=1)
+    retries: int = runtime(2, ge=0)
     # Below this many inputs Ray's start-up costs more than it saves (the shards are
-    # byte-identical either way).
+    # byte-identical either way). A tar shard of a webdataset source counts as samples_per_shard.
     ray_min_inputs: int = runtime(10000, ge=1)
-    # Ray tasks writing partitions at once; 0: one per core.
+    # Ray tasks writing shards at once; 0: one per core.
     ray_tasks: int = runtime(0, ge=0)
 
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
         kind, sep, arg = value.partition(":")
+        allowed = f"builtin:{'|'.join(BUILTIN_SOURCES)}, folder:PATH, webdataset:SPEC, parquet:SPEC"
         if not sep or kind not in SOURCE_KINDS:
-            raise ValueError(f"unknown source {value!r} (allowed: builtin:{'|'.join(BUILTIN_SOURCES)}, folder:PATH)")
+            raise ValueError(f"unknown source {value!r} (allowed: {allowed})")
         if kind == "builtin" and arg not in BUILTIN_SOURCES:
             raise ValueError(f"unknown builtin source {arg!r} (allowed: {', '.join(BUILTIN_SOURCES)})")
-        if kind == "folder" and not arg:
-            raise ValueError("folder source needs a path: folder:PATH")
+        if kind != "builtin" and not arg.strip():
+            raise ValueError(f"{kind} source needs a path or pattern: {kind}:SPEC")
         return value
-
-    @property
-    def source_kind(self) -> str:
-        return self.source.partition(":")[0]
-
-    @property
-    def source_arg(self) -> str:
-        return self.source.partition(":")[2]
 
 
 def _pick_quantizer(value: Any) -> QuantizerConfig:

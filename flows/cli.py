@@ -55,9 +55,9 @@ def cmd_run(args) -> int:
     except StageFailed as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 1
-    print("\nstage             result")
+    print("\nstage               result")
     for r in result["stages"]:
-        print(f"{r['stage']:<17} {'ran' if r['ran'] else 'skipped (unchanged)'}")
+        print(f"{r['stage']:<19} {'ran' if r['ran'] else 'skipped (unchanged)'}")
     _print_outputs(repo, result["mlflow_run_id"])
     return 0
 
@@ -98,13 +98,13 @@ def cmd_status(args) -> int:
     waiting = downstream(repo, set(stale))
     for stage in STAGES:
         if stage in stale:
-            print(f"{stage:<17} stale")
+            print(f"{stage:<19} stale")
             for reason in stale[stage]:
                 print(f"    {reason}")
         elif stage in waiting:
-            print(f"{stage:<17} up to date, reruns if {', '.join(waiting[stage])} changes its outputs")
+            print(f"{stage:<19} up to date, reruns if {', '.join(waiting[stage])} changes its outputs")
         else:
-            print(f"{stage:<17} up to date")
+            print(f"{stage:<19} up to date")
     return 0
 
 

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate")
+from pipelines.source_fingerprint import describe_change
+
+FINGERPRINT_STAGE = "source_fingerprint"
+STAGES = (FINGERPRINT_STAGE, "shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate")
 
 
 def stage_status(repo: str | Path, stage: str | None = None) -> dict[str, list[str]]:
@@ -25,7 +28,31 @@ def stage_status(repo: str | Path, stage: str | None = None) -> dict[str, list[s
     if proc.returncode != 0:
         raise RuntimeError(f"dvc status failed in {repo}:\n{proc.stderr.strip()}")
     raw = json.loads(proc.stdout or "{}")
-    return {name.removeprefix("dvc.yaml:"): _reasons(entries) for name, entries in raw.items()}
+    stale = {name.removeprefix("dvc.yaml:"): _reasons(entries) for name, entries in raw.items()}
+    if stale.get(FINGERPRINT_STAGE) == ["always changed"]:
+        # DVC says so of every always_changed stage; whether the source changed is ours to say.
+        change = source_change(repo)
+        if change is None:
+            del stale[FINGERPRINT_STAGE]
+        else:
+            stale[FINGERPRINT_STAGE] = [f"the source changed: {change}"]
+            if stage is None:
+                stale.setdefault("shard", []).append(f"its source changed since the last run ({change})")
+    return stale
+
+
+def source_change(repo: str | Path) -> str | None:
+    """How the shard stage's source differs from what data/source.json recorded at the last
+    run, in words; None when it does not (a listing, not a read: see pipelines/source_fingerprint.py)."""
+    recorded = Path(repo) / "data" / "source.json"
+    cmd = [sys.executable, "-m", "pipelines.source_fingerprint", "--print"]
+    proc = subprocess.run(cmd, cwd=repo, env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"cannot list it: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+    if not recorded.is_file():
+        return "never listed before"
+    old, new = json.loads(recorded.read_text()), json.loads(proc.stdout.strip().splitlines()[-1])
+    return None if old == new else describe_change(old, new)
 
 
 def missing_params(repo: str | Path) -> list[tuple[str, str]]:

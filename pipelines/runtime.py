@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from components.config import ConfigError, Params, load_params
+from components.data.units import SourceError
 
 
 class Paths:
@@ -22,6 +23,7 @@ class Paths:
         root = Path(root)
         self.root = root
         self.shards = root / "data" / "shards"
+        self.source_fingerprint = root / "data" / "source.json"
         self.tokens = root / "data" / "tokens"
         self.tokenizer = root / "models" / "tokenizer"
         self.prior = root / "models" / "prior"
@@ -43,14 +45,15 @@ def setup_logging() -> None:
 
 
 def stage_main(section: str, run: Callable, params_path: str = "params.yaml") -> None:
-    """Entry point of `python -m pipelines.<stage>`: params errors exit 2 before any work."""
+    """Entry point of `python -m pipelines.<stage>`: params errors, and a source that cannot be
+    used as configured, exit 2 before any work."""
     setup_logging()
     try:
         params: Params = load_params(params_path)
-    except ConfigError as err:
+        run(getattr(params, section))
+    except (ConfigError, SourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    run(getattr(params, section))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -193,3 +193,28 @@ def read_shard(url: str) -> Iterator[dict]:
         if "unexpected end" in text or isinstance(err, EOFError):
             text = f"truncated tar: {text}"
         raise ShardUnreadable(url, text) from err
+
+
+def stat_input(url: str) -> tuple[int, str]:
+    """(size in bytes, version) of an input without reading it, to tell whether it changed:
+    the version is the modification time, or the object store's ETag or generation; a `pipe:`
+    command cannot be looked into (0, "command"), a missing input is (-1, "missing")."""
+    if url.startswith("pipe:"):
+        return 0, "command"
+    if "://" not in url or url.startswith("file://"):
+        try:
+            stat = Path(url.removeprefix("file://")).stat()
+        except FileNotFoundError:
+            return -1, "missing"
+        return stat.st_size, str(stat.st_mtime_ns)
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return -1, "missing"
+    version = next((str(info[k]) for k in VERSION_KEYS if info.get(k) is not None), "")
+    return int(info.get("size") or 0), version
+
+
+# What object stores and HTTP servers call a version of an object, in order of preference.
+VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "LastModified", "last_modified", "mtime", "updated")

@@ -1,10 +1,12 @@
-"""WebDataset shards: writing partitions atomically, the manifest, and streaming for training.
+"""WebDataset shards: the split of a key, the manifest, and reading shards back.
 
-Training reads them through `components.data.stream.TrainingStream`.
+Written by `components.data.shard_writer`; training reads them through
+`components.data.stream.TrainingStream`, evaluation through `split_batches`.
 
-Layout: `{split}-{n:06d}.tar`, each sample `__key__`, `png`, `cls` (class id as text, when
-labelled), `json` (source path and class name, when known); `manifest.json` and
-`rejects.jsonl` beside them.
+Layout: `{split}-{n:06d}.tar`, each sample `__key__`, `png` (or `jpg`), `cls` (class id as
+text, when labelled), `txt` (the caption, when it has one), `json` (where it came from, the
+input's own metadata and the class name, when known); `manifest.json` and `rejects.jsonl`
+beside them.
 """
 
 from __future__ import annotations
@@ -12,15 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import webdataset as wds
 
 from components.data.corpus import read_shard
-from components.data.images import DECODE_ERRORS, decode_image, describe_error, encode_png, to_array
-from components.data.sources import Reject, SourceItem
+from components.data.images import decode_image, to_array
+from components.data.units import Reject
 from components.io import atomic_write, write_json
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
@@ -42,99 +43,23 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class Partition:
-    """One output shard's worth of inputs: the unit of parallel work."""
-
-    split: str
-    index: int
-    items: list[SourceItem]
-
-    @property
-    def name(self) -> str:
-        return f"{self.split}-{self.index:06d}.tar"
-
-
-@dataclass
-class PartitionResult:
-    name: str
-    split: str
-    inputs: int
-    written: int
-    sha256: str
-    rejects: list[Reject] = field(default_factory=list)
-
-
-def plan_partitions(items: list[SourceItem], val_fraction: float, seed: int, per_shard: int) -> list[Partition]:
-    by_split: dict[str, list[SourceItem]] = {"train": [], "val": []}
-    for item in items:
-        by_split[assign_split(item.key, val_fraction, seed)].append(item)
-    partitions = []
-    for split, split_items in by_split.items():
-        for n, start in enumerate(range(0, len(split_items), per_shard)):
-            partitions.append(Partition(split, n, split_items[start : start + per_shard]))
-    return partitions
-
-
-def write_partition(
-    source, partition: Partition, out_dir: str | Path, image_size: int, classes: list[str] | None
-) -> PartitionResult:
-    """Load, preprocess and write one partition to `out_dir/partition.name`, atomically."""
-    out_dir = Path(out_dir)
-    final = out_dir / partition.name
-    rejects: list[Reject] = []
-    written = 0
-
-    def write(tmp: str) -> None:
-        nonlocal written
-        # A fixed mtime makes shards byte-reproducible: same inputs, same sha256, and DVC sees
-        # an unchanged output when a rerun changes nothing.
-        with wds.TarWriter(tmp, mtime=0.0) as sink:
-            for item in partition.items:
-                try:
-                    img, label, meta = source.load(item, image_size)
-                except DECODE_ERRORS as err:
-                    rejects.append(Reject(str(item.ref), describe_error(err)))
-                    continue
-                sample = {"__key__": item.key, "png": encode_png(img)}
-                if label is not None:
-                    sample["cls"] = str(label)
-                    if classes:
-                        meta = {**meta, "class_name": classes[label]}
-                if meta:
-                    sample["json"] = json.dumps(meta, sort_keys=True)
-                sink.write(sample)
-                written += 1
-
-    atomic_write(final, write)
-    return PartitionResult(partition.name, partition.split, len(partition.items), written, sha256_file(final), rejects)
-
-
 def write_manifest(
-    out_dir: str | Path, results: list[PartitionResult], early_rejects: list[Reject], info: dict
+    out_dir: str | Path, shards: list[dict], rejects: list[Reject], failed: list[dict], info: dict
 ) -> dict:
-    """manifest.json and rejects.jsonl; returns the manifest. Counts add up by construction:
-    inputs = written + rejected, per shard and in total."""
+    """manifest.json and rejects.jsonl; returns the manifest. `shards`: per output shard its
+    name, split, inputs, samples, rejected and sha256. Counts add up by construction:
+    inputs = written + rejected, per shard and in total (the inputs of a unit that could not be
+    read are unknown: such units are listed under `failed`, with their error)."""
     out_dir = Path(out_dir)
-    rejects = list(early_rejects) + [r for res in results for r in res.rejects]
-    shards = [
-        {
-            "name": r.name,
-            "split": r.split,
-            "inputs": r.inputs,
-            "samples": r.written,
-            "rejected": len(r.rejects),
-            "sha256": r.sha256,
-        }
-        for r in sorted(results, key=lambda r: r.name)
-    ]
     written = {split: sum(s["samples"] for s in shards if s["split"] == split) for split in ("train", "val")}
+    listed = len(rejects) - sum(s["rejected"] for s in shards)  # rejected before any unit was read
     manifest = {
         **info,
-        "inputs": len(early_rejects) + sum(r.inputs for r in results),
+        "inputs": listed + sum(s["inputs"] for s in shards),
         "samples": written,
         "rejected": len(rejects),
         "shards": shards,
+        "failed": failed,
     }
     lines = "".join(json.dumps(asdict(r)) + "\n" for r in rejects)
     atomic_write(out_dir / REJECTS, lambda tmp: Path(tmp).write_text(lines))
@@ -192,6 +117,29 @@ def load_split(
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), keys
 
 
+def split_batches(
+    shard_dir: str | Path, split: str, batch_size: int, limit: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """A split streamed in shard order, `batch_size` samples at a time (the last batch may be
+    smaller): (b, 3, H, W) uint8, (b,) int64 labels (-1: unlabelled), keys. Memory holds one
+    batch, whatever the split's size; `limit` stops after that many samples."""
+    images, labels, keys, seen = [], [], [], 0
+    for url in shard_paths(shard_dir, split):
+        for sample in iter_shard(url):
+            img, label = decode_training_sample(sample)
+            images.append(img)
+            labels.append(label)
+            keys.append(sample["__key__"])
+            seen += 1
+            if len(images) == batch_size or seen == limit:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.long), keys
+                images, labels, keys = [], [], []
+            if seen == limit:
+                return
+    if images:
+        yield torch.stack(images), torch.tensor(labels, dtype=torch.long), keys
+
+
 def iter_shard(url: str) -> Iterator[dict]:
     """Raw samples of one shard, in order (bytes per field plus `__key__`), read whole wherever
     this runs; raises `ShardUnreadable` for a missing or truncated shard (see `read_shard`)."""
@@ -204,18 +152,15 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "Partition",
-    "PartitionResult",
     "assign_split",
     "decode_training_sample",
     "iter_shard",
     "load_split",
-    "plan_partitions",
     "read_manifest",
     "sample_image_bytes",
     "sample_label",
     "shard_paths",
+    "split_batches",
     "to_float",
     "write_manifest",
-    "write_partition",
 ]

@@ -1,35 +1,34 @@
-"""Where images come from: the built-in procedural datasets and image folders.
+"""Where images come from: the built-in procedural datasets, image folders, WebDataset tar
+shards (`components.data.tar_source`) and Parquet image datasets (`components.data.parquet_source`).
 
-A source lists its inputs as small picklable `SourceItem`s (so partitions can go to other
-processes) and loads one item at a time; loading raises one of DECODE_ERRORS for a bad input.
+Every source splits itself into *units*, the pieces the `shard` stage reads, writes and retries
+as a whole, each one on its own (a Ray task, or this process): a unit is small and picklable,
+so the work can go anywhere, and reading one is bounded by a sample, never by the corpus.
+
+- `builtin:` and `folder:` sources list their inputs up front (names only) and group them
+  into units by split, `samples_per_shard` at a time: each unit becomes one output shard.
+- `webdataset:` and `parquet:` sources have one unit per input shard or file; the split of
+  each sample is decided as it is read, from its key, and a unit becomes a shard per split
+  (more when it holds more than `samples_per_shard`).
+
+`samples(unit)` yields `RawSample`s in a fixed order; it raises `ShardUnreadable` when the
+unit cannot be read whole (retried, then listed as failed), while a sample that is no usable
+image is a reject (`RawSample.reject`, or a decoding error found later).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image
-
 from components.data import shapes
-from components.data.images import decode_image, resize_center_crop
+from components.data.parquet_source import ParquetImages
+from components.data.tar_source import TarShards
+from components.data.units import RawSample, Reject, SourceError, SourceItem, SourceUnit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-@dataclass(frozen=True)
-class SourceItem:
-    key: str  # unique, stable, free of dots (WebDataset splits names at the first dot)
-    ref: str | int  # a path relative to the folder, or an index into a procedural dataset
-    label: int | None = None
-
-
-@dataclass(frozen=True)
-class Reject:
-    input: str
-    reason: str
 
 
 class BuiltinShapes:
@@ -40,13 +39,21 @@ class BuiltinShapes:
         self.classes = list(shapes.CLASSES)
         self.description = f"builtin:shapes (num_images={num_images}, seed={seed})"
 
-    def scan(self) -> tuple[list[SourceItem], list[Reject]]:
+    def items(self) -> tuple[list[SourceItem], list[Reject]]:
         # The label is drawn inside render(); it is filled in when the item is loaded.
         return [SourceItem(f"shapes-{i:08d}", i) for i in range(self.num_images)], []
 
-    def load(self, item: SourceItem, size: int) -> tuple[Image.Image, int | None, dict]:
-        img, label = shapes.render(int(item.ref), self.seed)
-        return resize_center_crop(img, size), label, {}
+    def units(self, plan) -> tuple[list[SourceUnit], list[Reject]]:
+        items, rejects = self.items()
+        return plan(items), rejects
+
+    def samples(self, unit: SourceUnit) -> Iterator[RawSample]:
+        for item in unit.ref:
+            img, label = shapes.render(int(item.ref), self.seed)
+            yield RawSample(item.key, str(item.ref), img, label)
+
+    def listing(self) -> Iterator[tuple[str, int, str]]:
+        yield self.description, 0, ""
 
 
 class ImageFolder:
@@ -64,37 +71,69 @@ class ImageFolder:
         subdirs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.classes = subdirs or None
 
-    def scan(self) -> tuple[list[SourceItem], list[Reject]]:
-        class_ids = {name: i for i, name in enumerate(self.classes or [])}
-        items, rejects = [], []
+    def _files(self) -> Iterator[str]:
+        """Regular files below the root, as relative POSIX paths, in a fixed order."""
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                rel = Path(dirpath, name).relative_to(self.root).as_posix()
-                if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                    rejects.append(Reject(rel, f"not an image file (extension not in {', '.join(IMAGE_EXTENSIONS)})"))
+                path = Path(dirpath, name)
+                if path.is_file() and not path.is_symlink():
+                    yield path.relative_to(self.root).as_posix()
+
+    def items(self) -> tuple[list[SourceItem], list[Reject]]:
+        class_ids = {name: i for i, name in enumerate(self.classes or [])}
+        items, rejects = [], []
+        for rel in self._files():
+            if Path(rel).suffix.lower() not in IMAGE_EXTENSIONS:
+                rejects.append(Reject(rel, f"not an image file (extension not in {', '.join(IMAGE_EXTENSIONS)})"))
+                continue
+            label = None
+            if self.classes is not None:
+                top = rel.split("/", 1)[0]
+                if top not in class_ids:
+                    rejects.append(Reject(rel, "outside the class subfolders (unlabelled)"))
                     continue
-                label = None
-                if self.classes is not None:
-                    top = rel.split("/", 1)[0]
-                    if top not in class_ids:
-                        rejects.append(Reject(rel, "outside the class subfolders (unlabelled)"))
-                        continue
-                    label = class_ids[top]
-                key = "img-" + hashlib.sha1(rel.encode()).hexdigest()[:20]
-                items.append(SourceItem(key, rel, label))
+                label = class_ids[top]
+            key = "img-" + hashlib.sha1(rel.encode()).hexdigest()[:20]
+            items.append(SourceItem(key, rel, label))
         return items, rejects
 
-    def load(self, item: SourceItem, size: int) -> tuple[Image.Image, int | None, dict]:
-        data = (self.root / str(item.ref)).read_bytes()
-        return decode_image(data, size), item.label, {"source": str(item.ref)}
+    def units(self, plan) -> tuple[list[SourceUnit], list[Reject]]:
+        items, rejects = self.items()
+        return plan(items), rejects
+
+    def samples(self, unit: SourceUnit) -> Iterator[RawSample]:
+        for item in unit.ref:
+            rel = str(item.ref)
+            try:
+                data = (self.root / rel).read_bytes()
+            except OSError as err:  # vanished or unreadable since it was listed: this input only
+                yield RawSample(item.key, rel, None, reject=f"unreadable file: {err}")
+                continue
+            yield RawSample(item.key, rel, data, item.label, meta={"source": rel})
+
+    def listing(self) -> Iterator[tuple[str, int, str]]:
+        for rel in self._files():
+            stat = (self.root / rel).stat()
+            yield rel, stat.st_size, str(stat.st_mtime_ns)
 
 
-def open_source(source: str, num_images: int = 0, seed: int = 0):
-    """`builtin:shapes` or `folder:PATH` -> a source object (validated names come from config)."""
-    kind, _, arg = source.partition(":")
+def open_source(cfg, check: bool = True):
+    """The source `cfg.source` names (`cfg`: the shard stage's settings). Raises SourceError
+    (a ValueError) for a source that cannot be used as configured, before any work.
+    `check=False`: only what `listing()` needs (no Parquet schema or label pass)."""
+    kind, _, arg = cfg.source.partition(":")
     if kind == "builtin" and arg == "shapes":
-        return BuiltinShapes(num_images, seed)
+        return BuiltinShapes(cfg.num_images, cfg.seed)
     if kind == "folder":
         return ImageFolder(arg)
-    raise ValueError(f"unknown source {source!r} (allowed: builtin:shapes, folder:PATH)")
+    if kind == "webdataset":
+        return TarShards(arg)
+    if kind == "parquet":
+        return ParquetImages(arg, cfg.parquet, check)
+    raise SourceError(
+        f"unknown source {cfg.source!r} (allowed: builtin:shapes, folder:PATH, webdataset:SPEC, parquet:SPEC)"
+    )
+
+
+__all__ = ["BuiltinShapes", "ImageFolder", "RawSample", "Reject", "SourceItem", "SourceUnit", "open_source"]
