@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import re
+import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from components.data.corpus import read_shard
 from components.data.images import DECODE_ERRORS, decode_image, describe_error, to_array
 from components.data.shards import sample_image_bytes
-from components.data.tokens import PartLayout, PartRows, token_table, write_part
+from components.data.tokens import TEXT_COLUMNS, PartLayout, PartRows, list_to_matrix, token_table, write_part_groups
+
+ROW_GROUP_ROWS = 1024  # rows of a part's row group: what tokenizing holds, and what readers read at once
 
 
 @dataclass
@@ -178,51 +183,97 @@ def decoded_samples(url: str, size: int, threads: int, window: int) -> Iterator[
 
 
 class _PartBuilder:
-    """The rows of one part as they come: text fields per row, token columns per encoded batch."""
+    """The rows of one part as they come: text fields per row, token columns per encoded
+    batch, spooled to a local Parquet file a row group (`ROW_GROUP_ROWS` rows) at a time, so
+    memory holds a row group whatever the shard's size. `tables()` gives the part's row groups
+    once the shard is read: only then is it known which text columns the part has and whether
+    `cls` is an integer label."""
 
-    def __init__(self, tokenizer, batch_size: int, model_lock):
+    def __init__(self, tokenizer, batch_size: int, model_lock, spool: str):
         self.tokenizer, self.batch_size, self.model_lock = tokenizer, batch_size, model_lock
-        self.keys: list[str] = []
-        self.captions: list[str | None] = []
-        self.meta: list[str | None] = []
-        self.classes: list[str | None] = []
-        self.tokens: dict[str, list[np.ndarray]] = {name: [] for name in tokenizer.token_columns}
+        tok = self.tokenizer
+        tiers = [tok.tier_columns(tier) for tier in tok.tiers]
+        self.layout = PartLayout(tok.fingerprint, tok.codebook_size, tok.column_grids, tiers)
+        self.spool_path = spool
+        self.spool: pq.ParquetWriter | None = None
+        self.rows = 0
+        self.present = {name: False for name in TEXT_COLUMNS}
+        self.numeric = True  # every `cls` seen is an integer class id
+        self._clear()
         self.batch: list[np.ndarray] = []
+
+    def _clear(self) -> None:
+        self.keys: list[str] = []
+        self.text: dict[str, list[str | None]] = {name: [] for name in TEXT_COLUMNS}
+        self.tokens: dict[str, list[np.ndarray]] = {name: [] for name in self.tokenizer.token_columns}
 
     def add(self, fields: dict, image: np.ndarray) -> None:
         self.keys.append(fields["__key__"])
-        self.captions.append(_text(fields.get("txt")))
-        self.meta.append(_text(fields.get("json")))
-        self.classes.append(_text(fields.get("cls")))
+        for name, field_name in zip(TEXT_COLUMNS, ("txt", "json", "cls"), strict=True):
+            value = _text(fields.get(field_name))
+            self.text[name].append(value)
+            self.present[name] |= value is not None
+        cls = self.text["cls"][-1]
+        self.numeric &= cls is None or _label(cls) is not None
         self.batch.append(image)
         if len(self.batch) >= self.batch_size:
             self.flush()
 
     def flush(self) -> None:
-        """Encode the images waiting, one forward pass under the actor's model lock."""
-        if not self.batch:
-            return
-        x = torch.from_numpy(np.stack(self.batch)).float().div_(255.0)
-        with self.model_lock or contextlib.nullcontext(), torch.inference_mode():
-            for name, column in self.tokenizer.encode_columns(x).items():
-                self.tokens[name].append(column.cpu().numpy())
-        self.batch.clear()
+        """Encode the images waiting, one forward pass under the actor's model lock; spool a row
+        group once there are enough rows."""
+        if self.batch:
+            x = torch.from_numpy(np.stack(self.batch)).float().div_(255.0)
+            with self.model_lock or contextlib.nullcontext(), torch.inference_mode():
+                for name, column in self.tokenizer.encode_columns(x).items():
+                    self.tokens[name].append(column.cpu().numpy())
+            self.batch.clear()
+        if len(self.keys) >= ROW_GROUP_ROWS:
+            self._spill()
 
-    def table(self, source: dict):
-        tok = self.tokenizer
-        grids = tok.column_grids
-        columns = {
-            name: np.concatenate(chunks) if chunks else np.zeros((0, grids[name][0] * grids[name][1]), dtype=np.int64)
-            for name, chunks in self.tokens.items()
-        }
-        labels = [_label(c) for c in self.classes]
-        numeric = all(lbl is not None for lbl, c in zip(labels, self.classes, strict=True) if c is not None)
-        label_array = None
-        if numeric and any(c is not None for c in self.classes):
-            label_array = np.asarray([-1 if lbl is None else lbl for lbl in labels], dtype=np.int32)
-        rows = PartRows(self.keys, columns, label_array, self.captions, self.meta, None if numeric else self.classes)
-        tiers = [tok.tier_columns(tier) for tier in tok.tiers]
-        return token_table(rows, PartLayout(tok.fingerprint, tok.codebook_size, grids, tiers), source)
+    def _spill(self) -> None:
+        if not self.keys:
+            return
+        columns = {name: np.concatenate(chunks) for name, chunks in self.tokens.items()}
+        rows = PartRows(self.keys, columns, None, self.text["caption"], self.text["meta"], self.text["cls"])
+        table = token_table(rows, self.layout, text_columns=TEXT_COLUMNS)
+        if self.spool is None:
+            self.spool = pq.ParquetWriter(self.spool_path, table.schema, compression="none")
+        self.spool.write_table(table)
+        self.rows += len(self.keys)
+        self._clear()
+
+    def tables(self, source: dict) -> Iterator[pa.Table]:
+        """The part's row groups, with its final columns and `source` in the metadata."""
+        self.flush()
+        self._spill()
+        if self.spool is not None:
+            self.spool.close()
+        numeric = self.numeric and self.present["cls"]
+        kept = tuple(n for n in ("caption", "meta") if self.present[n])
+        if self.present["cls"] and not numeric:
+            kept += ("cls",)
+        if not self.rows:
+            grids = self.tokenizer.column_grids
+            empty = {n: np.zeros((0, grids[n][0] * grids[n][1]), dtype=np.int64) for n in grids}
+            yield token_table(PartRows([], empty), self.layout, source, kept)
+            return
+        spooled = pq.ParquetFile(self.spool_path)
+        for i in range(spooled.num_row_groups):
+            group = spooled.read_row_group(i)
+            classes = group.column("cls").to_pylist()
+            labels = None
+            if numeric:
+                labels = np.asarray([-1 if c is None else _label(c) for c in classes], dtype=np.int32)
+            rows = PartRows(
+                group.column("key").to_pylist(),
+                {name: list_to_matrix(group.column(name)) for name in self.tokens},
+                labels,
+                group.column("caption").to_pylist(),
+                group.column("meta").to_pylist(),
+                None if numeric else classes,
+            )
+            yield token_table(rows, self.layout, source, kept)
 
 
 def tokenize_shard(tokenizer, task: ShardTask, batch_size: int, decode_threads: int, model_lock=None) -> ShardTokens:
@@ -231,20 +282,21 @@ def tokenize_shard(tokenizer, task: ShardTask, batch_size: int, decode_threads: 
     (`caption`, `meta`, and `label` when `cls` is an integer, else a `cls` text column).
 
     Raises ShardUnreadable when the shard cannot be read whole; nothing is written then.
-    Memory is bounded by the batch and a decode window of twice the batch, whatever the shard's
-    size. `model_lock` (a lock shared by the shards one actor tokenizes at once) serialises the
+    Memory is bounded by the batch, a decode window of twice the batch and a row group of the
+    part (spooled to a local temporary file until the shard ends), whatever the shard's size.
+    `model_lock` (a lock shared by the shards one actor tokenizes at once) serialises the
     forward passes, so that one shard's reading, decoding and writing overlap another's compute."""
-    part = _PartBuilder(tokenizer, batch_size, model_lock)
     rejects: list[dict] = []
     samples = 0
     window = max(2 * batch_size, 4 * decode_threads)
-    for sample in decoded_samples(task.url, tokenizer.image_size, decode_threads, window):
-        samples += 1
-        if sample.reject is not None:
-            rejects.append({"key": sample.fields["__key__"], "reason": sample.reject})
-        else:
-            part.add(sample.fields, sample.image)
-    part.flush()
-    table = part.table({"input_shard": task.name, "samples": samples, "rejects": rejects})
-    write_part(table, f"{task.out.rstrip('/')}/{task.part}")
-    return ShardTokens(input_shard=task.name, part=task.part, samples=samples, rows=len(part.keys), rejects=rejects)
+    with tempfile.TemporaryDirectory(prefix="vqpipe-part-") as spool_dir:
+        part = _PartBuilder(tokenizer, batch_size, model_lock, str(Path(spool_dir) / "rows.parquet"))
+        for sample in decoded_samples(task.url, tokenizer.image_size, decode_threads, window):
+            samples += 1
+            if sample.reject is not None:
+                rejects.append({"key": sample.fields["__key__"], "reason": sample.reject})
+            else:
+                part.add(sample.fields, sample.image)
+        source = {"input_shard": task.name, "samples": samples, "rejects": rejects}
+        write_part_groups(part.tables(source), f"{task.out.rstrip('/')}/{task.part}")
+    return ShardTokens(input_shard=task.name, part=task.part, samples=samples, rows=part.rows, rejects=rejects)

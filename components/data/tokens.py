@@ -100,9 +100,16 @@ class PartRows:
     classes: list[str | None] | None = None
 
 
-def token_table(rows: PartRows, layout: PartLayout, source: dict | None = None) -> pa.Table:
+TEXT_COLUMNS = ("caption", "meta", "cls")
+
+
+def token_table(
+    rows: PartRows, layout: PartLayout, source: dict | None = None, text_columns: tuple[str, ...] | None = None
+) -> pa.Table:
     """The Arrow table of a part. source: where the rows came from (`input_shard`, `samples`
-    read, `rejects`), kept in the metadata so a part describes itself."""
+    read, `rejects`), kept in the metadata so a part describes itself. text_columns: which of
+    `caption`, `meta`, `cls` to write (default: those with a value in some row); a part
+    written a row group at a time names them, so every row group has the same schema."""
     tokens = rows.tokens
     grids = layout.grid if isinstance(layout.grid, dict) else {name: layout.grid for name in tokens}
     tiers = layout.tiers or [list(tokens)]
@@ -113,9 +120,10 @@ def token_table(rows: PartRows, layout: PartLayout, source: dict | None = None) 
         columns[name] = tokens_array(matrix, layout.codebook_size)
     if rows.labels is not None:
         columns["label"] = pa.array(np.asarray(rows.labels, dtype=np.int32), type=pa.int32())
-    for name, values in (("caption", rows.captions), ("meta", rows.meta), ("cls", rows.classes)):
-        if values is not None and any(v is not None for v in values):
-            columns[name] = pa.array(values, type=pa.string())
+    for name, values in zip(TEXT_COLUMNS, (rows.captions, rows.meta, rows.classes), strict=True):
+        wanted = name in text_columns if text_columns is not None else values and any(v is not None for v in values)
+        if wanted:
+            columns[name] = pa.array(values if values is not None else [None] * len(rows.keys), type=pa.string())
     metadata = {
         META_FINGERPRINT: layout.fingerprint.encode(),
         META_CODEBOOK: str(layout.codebook_size).encode(),
@@ -131,6 +139,26 @@ def token_table(rows: PartRows, layout: PartLayout, source: dict | None = None) 
 def write_part(table: pa.Table, path: str | Path) -> None:
     """Write atomically (temporary name, renamed when complete) to a local path or any fsspec URL."""
     atomic_write_to(path, lambda f: pq.write_table(table, f, compression="zstd"))
+
+
+def write_part_groups(tables: Iterator[pa.Table], path: str | Path) -> None:
+    """A part from tables of one schema, each a row group, written as they come (memory holds
+    one); atomically, like `write_part`. There must be at least one table (it may be empty)."""
+
+    def write(f) -> None:
+        writer = None
+        try:
+            for table in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(f, table.schema, compression="zstd")
+                writer.write_table(table)
+            if writer is None:
+                raise ValueError(f"no rows, not even an empty table, for {path}")
+        finally:
+            if writer is not None:
+                writer.close()
+
+    atomic_write_to(path, write)
 
 
 @dataclass
