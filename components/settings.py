@@ -315,10 +315,15 @@ class TrainPriorConfig(_Section):
     use_gpu: bool | Literal["auto"] = runtime("auto")
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
+    # Token rows shuffled through a buffer this large as they stream from the parts (memory:
+    # this many rows, never the corpus).
+    shuffle_buffer: int = Field(10000, ge=0)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # Validation rows whose bits per token are measured every val_every steps (null: all).
+    val_max_rows: int | None = Field(10000, ge=1)
     val_every: int = runtime(250, ge=1)
     log_every: int = runtime(25, ge=1)
     seed: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import os
 import time
@@ -107,16 +108,41 @@ def stage_run(stage: str, cfg: BaseModel | None = None) -> Iterator[mlflow.Activ
 
 class MetricLogger:
     """Per-step metrics, sent to MLflow in batches (one request per `flush_every` steps rather
-    than one per value) and kept for the stage's DVC plot CSV."""
+    than one per value) and appended to a history file (JSON lines, one per `log`) for the
+    stage's DVC plot CSV. Memory holds the latest value of each key, never the history: a
+    checkpoint records how many lines the history had (`rows`), and `resume` cuts it back there."""
 
-    def __init__(self, run_id: str, flush_every: int = 25):
+    def __init__(self, run_id: str, history: str | Path, flush_every: int = 25):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient()
         self.run_id = run_id
         self.flush_every = flush_every
         self.pending: list = []
-        self.history: list[dict] = []
+        self.history = Path(history)
+        self.history.parent.mkdir(parents=True, exist_ok=True)
+        self.lines: list[str] = []  # not yet in the history file
+        self.rows = 0  # lines logged, in the file or pending
+        self.latest: dict[str, float] = {}
+
+    def resume(self, rows: int, legacy: list[dict] | None = None) -> None:
+        """Call before logging: keep the history's first `rows` lines (what the checkpoint
+        resumed from saw; 0 to start over) and drop the rest. A checkpoint of vqpipe <= 0.2
+        holds its history itself (`legacy`), which becomes the file."""
+        self.lines, self.rows, self.latest = [], 0, {}
+        if legacy is not None:
+            self.history.write_text("".join(json.dumps(row) + "\n" for row in legacy))
+            rows = len(legacy)
+        if not self.history.exists():
+            self.history.touch()
+        with open(self.history, "r+b") as f:
+            for _ in range(rows):
+                line = f.readline()
+                if not line:
+                    break
+                self.latest.update({k: v for k, v in json.loads(line).items() if k != "step"})
+                self.rows += 1
+            f.truncate(f.tell())
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -124,36 +150,50 @@ class MetricLogger:
         now = int(time.time() * 1000)
         values = {k: float(v) for k, v in values.items()}
         self.pending += [Metric(k, v, now, step) for k, v in values.items()]
-        self.history.append({"step": step, **values})
+        self.lines.append(json.dumps({"step": step, **values}) + "\n")
+        self.rows += 1
+        self.latest.update(values)
         if len(self.pending) >= self.flush_every * max(len(values), 1):
             self.flush()
 
     def last(self, key: str) -> float | None:
         """The most recent value logged under `key`."""
-        for row in reversed(self.history):
-            if key in row:
-                return row[key]
-        return None
+        return self.latest.get(key)
 
     def flush(self) -> None:
+        """Send the pending metrics to MLflow and append them to the history file."""
         while self.pending:
             chunk, self.pending = self.pending[:1000], self.pending[1000:]
             self.client.log_batch(self.run_id, metrics=chunk)
+        if self.lines:
+            with open(self.history, "a") as f:
+                f.writelines(self.lines)
+            self.lines = []
 
     def write_csv(self, path: str | Path, keys: list[str]) -> None:
         """One row per step that logged `keys[0]`, for `dvc plots`; a later key logged at the
-        same step (a validation value, say) joins its row, and is blank where there was none."""
-        by_step: dict[int, dict] = {}
-        for row in self.history:
-            by_step.setdefault(row["step"], {}).update(row)
+        same step (a validation value, say) joins its row, and is blank where there was none.
+        Streams the history (steps are logged in order)."""
+        self.flush()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
+        with open(path, "w", newline="") as out, open(self.history) as history:
+            writer = csv.writer(out)
             writer.writerow(["step", *keys])
-            for step, row in sorted(by_step.items()):
-                if keys[0] in row:
-                    writer.writerow([step, *(f"{row[k]:.6g}" if k in row else "" for k in keys)])
+
+            def emit(row: dict | None) -> None:
+                if row is not None and keys[0] in row:
+                    writer.writerow([row["step"], *(f"{row[k]:.6g}" if k in row else "" for k in keys)])
+
+            current: dict | None = None
+            for line in history:
+                row = json.loads(line)
+                if current is not None and row["step"] == current["step"]:
+                    current.update(row)
+                    continue
+                emit(current)
+                current = row
+            emit(current)
 
 
 def log_run_params(client, run_id: str, values: dict) -> None:

@@ -33,6 +33,7 @@ m tokens in column order, so [p0 group0, p0 group1, p1 group0, p1 group1, ...], 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -232,7 +233,7 @@ def list_to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.flatten().to_numpy().astype(np.int64).reshape(n, int(lengths[0]))
 
 
-def _check_parts(paths: list, fingerprint: str | None) -> list[PartInfo]:
+def check_parts(paths: list, fingerprint: str | None) -> list[PartInfo]:
     """Part infos, all from the tokenizer `fingerprint` (the first part's when None) and with
     one token layout; raises TokenShardMismatch naming the first part that differs."""
     if not paths:
@@ -250,7 +251,7 @@ def _check_parts(paths: list, fingerprint: str | None) -> list[PartInfo]:
     return infos
 
 
-def _sequences(table: pa.Table | pa.RecordBatch, tiers: list) -> np.ndarray:
+def sequences(table: pa.Table | pa.RecordBatch, tiers: list) -> np.ndarray:
     """(n, L) int64 in the documented order: per tier (n, h*w, m) -> (n, h*w*m), a position's m
     tokens side by side; then the tiers one after the other, coarsest first."""
     n = table.num_rows
@@ -258,7 +259,7 @@ def _sequences(table: pa.Table | pa.RecordBatch, tiers: list) -> np.ndarray:
     return np.concatenate(blocks, axis=1)
 
 
-def _labels(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+def row_labels(table: pa.Table | pa.RecordBatch) -> np.ndarray:
     if "label" in table.column_names:
         return table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     return np.full(table.num_rows, -1, dtype=np.int64)
@@ -267,14 +268,14 @@ def _labels(table: pa.Table | pa.RecordBatch) -> np.ndarray:
 def read_tokens(paths: list[str | Path], fingerprint: str | None = None) -> TokenData:
     """Read token parts into memory; refuses parts whose fingerprint differs from `fingerprint`
     (when given). For corpora larger than memory, stream them with `iter_token_batches`."""
-    infos = _check_parts(paths, fingerprint)
+    infos = check_parts(paths, fingerprint)
     tiers = infos[0].tiers
     tables = [pq.read_table(p) for p in paths]
     has_labels = any("label" in t.column_names for t in tables)
     return TokenData(
         keys=[key for t in tables for key in t.column("key").to_pylist()],
-        tokens=np.concatenate([_sequences(t, tiers) for t in tables]),
-        labels=np.concatenate([_labels(t) for t in tables]) if has_labels else None,
+        tokens=np.concatenate([sequences(t, tiers) for t in tables]),
+        labels=np.concatenate([row_labels(t) for t in tables]) if has_labels else None,
         codebook_size=infos[0].codebook_size,
         grid=infos[0].grid,
         columns=infos[0].token_columns,
@@ -319,7 +320,7 @@ def iter_token_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if vocab_offset < 0:
         raise ValueError(f"vocab_offset must be >= 0, got {vocab_offset}")
-    infos = _check_parts(paths, fingerprint)
+    infos = check_parts(paths, fingerprint)
     tiers, size = infos[0].tiers, infos[0].codebook_size
     for name, token in (("boi", boi), ("eoi", eoi)):
         if token is not None and (token < 0 or vocab_offset <= token < vocab_offset + size):
@@ -334,10 +335,10 @@ def iter_token_batches(
         for record in parquet.iter_batches(batch_size=batch_size, columns=wanted):
             n = record.num_rows
             pieces = [np.full((n, 1), boi, dtype=np.int64)] if boi is not None else []
-            pieces.append(_sequences(record, tiers) + vocab_offset)
+            pieces.append(sequences(record, tiers) + vocab_offset)
             if eoi is not None:
                 pieces.append(np.full((n, 1), eoi, dtype=np.int64))
-            chunk = TokenBatch(record.column("key").to_pylist(), np.concatenate(pieces, axis=1), _labels(record))
+            chunk = TokenBatch(record.column("key").to_pylist(), np.concatenate(pieces, axis=1), row_labels(record))
             held = chunk if held is None else held.concat(chunk)
             while len(held.keys) >= batch_size:
                 yield held.rows(0, batch_size)
@@ -366,3 +367,45 @@ def split_parts(token_dir: str | Path, split: str) -> list[Path]:
     """Token parts of one split, from the manifest."""
     manifest = read_manifest(token_dir)
     return [Path(token_dir) / p["part"] for p in manifest["parts"] if p["split"] == split and p["rows"] > 0]
+
+
+def parts_identity(paths: list) -> str:
+    """A sha256 of what the parts are (name, size, rows, row groups, tokenizer, source), read
+    from their footers: equal for the same parts, without reading a token."""
+    digest = hashlib.sha256()
+    for path in paths:
+        meta = pq.read_metadata(path)
+        info = part_info(path)
+        size = fsspec.core.url_to_fs(str(path))[0].size(str(path))
+        fields = [Path(str(path)).name, size, meta.num_rows, meta.num_row_groups, info.fingerprint, info.source]
+        digest.update(json.dumps(fields, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def largest_label(paths: list) -> int:
+    """The largest `label` of the parts (-1: none), from the row groups' statistics where they
+    have them, else reading that column alone."""
+    largest = -1
+    for path in paths:
+        parquet = pq.ParquetFile(path)
+        if "label" not in parquet.schema_arrow.names:
+            continue
+        column = parquet.schema_arrow.get_field_index("label")
+        for i in range(parquet.metadata.num_row_groups):
+            stats = parquet.metadata.row_group(i).column(column).statistics
+            if stats is not None and stats.has_min_max:
+                largest = max(largest, int(stats.max))
+            else:
+                values = parquet.read_row_group(i, columns=["label"]).column(0).to_numpy(zero_copy_only=False)
+                largest = max(largest, int(values.max(initial=-1)))
+    return largest
+
+
+def legacy_tokens_digest(paths: list, tiers: list) -> str:
+    """The sha256 vqpipe <= 0.2 tied a prior's checkpoint to: of every row's int64 tokens, in
+    part order, computed a record batch at a time."""
+    digest = hashlib.sha256()
+    for path in paths:
+        for record in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            digest.update(np.ascontiguousarray(sequences(record, tiers)).tobytes())
+    return digest.hexdigest()

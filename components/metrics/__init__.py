@@ -2,10 +2,11 @@
 
 from components.metrics.codebook import code_counts, codebook_stats, used_code_counts
 from components.metrics.grid import make_grid, save_grid
-from components.metrics.prior import bits_per_token
+from components.metrics.prior import PriorBits, bits_per_token
 from components.metrics.reconstruction import psnr, ssim
 
 __all__ = [
+    "PriorBits",
     "bits_per_token",
     "code_counts",
     "codebook_stats",

@@ -10,22 +10,44 @@ import torch.nn.functional as F
 from components.priors.transformer import TransformerPrior
 
 
-@torch.no_grad()
 def bits_per_token(
     model: TransformerPrior, tokens: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 256
 ) -> float:
     """Mean negative log2-likelihood per token of (n, L) `tokens` under the prior."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size].to(device)
-        batch_labels = labels[start : start + batch_size].to(device) if labels is not None else None
-        logits = model(batch, batch_labels)
-        total += F.cross_entropy(
+    batches = (
+        (tokens[i : i + batch_size], labels[i : i + batch_size] if labels is not None else None)
+        for i in range(0, tokens.shape[0], batch_size)
+    )
+    return PriorBits(model).add_all(batches).bits
+
+
+class PriorBits:
+    """Bits per token of a stream of (tokens (b, L), labels (b,) or None) batches under the
+    prior, accumulated a batch at a time: memory holds one batch."""
+
+    def __init__(self, model: TransformerPrior):
+        self.model = model
+        self.total, self.count = 0.0, 0
+
+    @torch.no_grad()
+    def add(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> None:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        batch = tokens.to(device)
+        logits = model(batch, labels.to(device) if labels is not None else None)
+        self.total += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), batch.reshape(-1), reduction="sum"
         ).item()
-        count += batch.numel()
-    model.train(was_training)
-    return total / max(count, 1) / math.log(2)
+        self.count += batch.numel()
+        model.train(was_training)
+
+    def add_all(self, batches) -> PriorBits:
+        for tokens, labels in batches:
+            self.add(tokens, labels)
+        return self
+
+    @property
+    def bits(self) -> float:
+        return self.total / max(self.count, 1) / math.log(2)

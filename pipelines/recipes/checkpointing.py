@@ -4,11 +4,13 @@ state gathered for it, and the end-of-training check that the replicas agree.
 Resume rules: an unfinished checkpoint of the same training settings is resumed; one of other
 settings is refused, naming them (`key: old -> new`); a finished one is extended when only
 `steps` grew, else the run starts over (its result is the stage's output, and in DVC's cache).
+A setting added after a checkpoint was written does not stand in its way.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ class CheckpointFile:
     directory: Path
     stage: str  # its params section: messages name the keys to change
     settings: dict  # the run's training settings (see TrainTokenizerConfig.training_settings)
+    # A checkpoint's settings in today's terms, where an earlier version recorded them otherwise.
+    upgrade: Callable[[dict], dict] | None = None
 
     def restorable(self, steps: int, device: torch.device, lead: bool) -> dict | None:
         """The state to resume a run of `steps` steps from, or None to start over (`lead`: this
@@ -38,7 +42,12 @@ class CheckpointFile:
         state = load_checkpoint(self.directory, map_location=device)
         if state is None:
             return None
-        diffs = compare_settings(_current_names(self.stage, state["settings"]), self.settings)
+        saved = _current_names(self.stage, state["settings"])
+        if self.upgrade is not None:
+            saved = self.upgrade(saved)
+        # A setting the checkpoint does not know was added since it was written: it cannot differ.
+        saved = {**{k: v for k, v in self.settings.items() if k not in saved}, **saved}
+        diffs = compare_settings(saved, self.settings)
         if state["complete"] and (diffs or state["step"] >= steps):
             if lead:
                 log.info("%s holds a finished run (step %d); starting over", self.directory, state["step"])

@@ -6,13 +6,14 @@ in its own process), its state on `self`.
     recipe.train()       # steps, validation and checkpoints until cfg.steps
     recipe.export()      # rank 0: the prior, summary.json and the plot CSV into job.staging
 
-Every rank draws its own batch_size / world_size sequences from its own seeded sampler; DDP
-averages the gradients; rank 0 logs, validates, checkpoints and exports.
+Every rank reads its own batch_size / world_size rows a step from its share of the token
+parts (components/data/token_stream.py: row groups split by rank, a seeded shuffle buffer, an
+exact resume position), so memory is bounded by a row group and the buffer, never by the
+corpus; DDP averages the gradients; rank 0 logs, validates, checkpoints and exports.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -26,8 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from components.checkpoint import rng_state, set_rng_state
 from components.config import TrainPriorConfig
 from components.data import tokens as token_io
+from components.data.token_stream import TokenStream
 from components.io import write_json
-from components.metrics import bits_per_token
+from components.metrics import PriorBits
 from components.priors import build_prior, save_prior
 from components.priors.transformer import upgrade_state
 from components.tokenizers import Tokenizer
@@ -36,7 +38,9 @@ from pipelines.runtime import Paths, autocast_dtype, seed_everything
 from pipelines.tracking import MetricLogger, log_run_params
 
 log = logging.getLogger("vqpipe.train_prior")
-RANK_SEED = 1_000_003  # rank r's batch sampler is seeded with seed + r * this
+VAL_BATCH = 256
+RANK_SEED = 1_000_003  # rank r's label dropout is seeded with seed + r * this
+HISTORY = "history.jsonl"  # the metric history, beside the checkpoint
 
 
 @dataclass
@@ -69,59 +73,80 @@ class PriorRecipe:
         self.sampler = torch.Generator().manual_seed(cfg.seed if world_size == 1 else cfg.seed + RANK_SEED * rank)
         paths = Paths(job.root)
         self.tokenizer = Tokenizer.load(paths.tokenizer)
-        self._load_tokens(paths)
-        self.model = _build_model(cfg, self.tokenizer, self.tokens.shape[1], self.num_classes).to(device)
+        self._open_tokens(paths)
+        self.model = _build_model(cfg, self.tokenizer, self.row_length, self.num_classes).to(device)
         self.optimizer = _build_optimizer(cfg, self.model)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(cfg))
-        self.metrics = MetricLogger(job.run_id, flush_every=cfg.log_every) if self.lead else None
+        self.metrics = None
         if self.lead:
+            self.metrics = MetricLogger(job.run_id, Path(job.checkpoint_dir) / HISTORY, flush_every=cfg.log_every)
             self._log_params()
-        data = hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()
-        settings = {**cfg.training_settings(), "tokenizer": self.tokenizer.fingerprint, "data": data}
-        self.checkpoints = CheckpointFile(Path(job.checkpoint_dir), "train_prior", settings)
+        # The parts' identity (from their footers) ties a checkpoint to its data.
+        settings = {**cfg.training_settings(), "tokenizer": self.tokenizer.fingerprint, "parts": self.parts_id}
+        self.checkpoints = CheckpointFile(Path(job.checkpoint_dir), "train_prior", settings, self._legacy_settings)
         self.start = self.step = 0
+        # The stream's seed and the batches it had given when this run began.
+        self.stream_seed, self.data_start = cfg.seed, 0
         self.seconds = 0.0  # spent training in this run
         self.val_bits = float("nan")
 
-    def _load_tokens(self, paths: Paths) -> None:
+    def _open_tokens(self, paths: Paths) -> None:
+        """The train and val parts, checked against the tokenizer; nothing is read but footers
+        and the labels' statistics."""
         fingerprint = self.tokenizer.fingerprint
-        train = token_io.read_tokens(token_io.split_parts(paths.tokens, "train"), fingerprint=fingerprint)
-        val = token_io.read_tokens(token_io.split_parts(paths.tokens, "val"), fingerprint=fingerprint)
+        self.train_parts = token_io.split_parts(paths.tokens, "train")
+        self.val_parts = token_io.split_parts(paths.tokens, "val")
+        infos = token_io.check_parts(self.train_parts + self.val_parts, fingerprint)
+        self.tiers = infos[0].tiers
+        self.row_length = sum(h * w for h, w in infos[0].grid.values())
+        self.train_rows = sum(info.rows for info in infos[: len(self.train_parts)])
         self.class_names = token_io.read_manifest(paths.tokens).get("classes")
-        labelled = train.labels is not None and (train.labels >= 0).any()
+        largest = token_io.largest_label(self.train_parts)
         self.num_classes = 0
-        if labelled:
-            self.num_classes = len(self.class_names) if self.class_names else int(train.labels.max()) + 1
-        self.tokens = torch.from_numpy(train.tokens)
-        self.labels = torch.from_numpy(train.labels) if self.num_classes else None
-        self.val_tokens = torch.from_numpy(val.tokens)
-        self.val_labels = torch.from_numpy(val.labels) if self.num_classes else None
+        if largest >= 0:
+            self.num_classes = len(self.class_names) if self.class_names else largest + 1
+        self.parts_id = token_io.parts_identity(self.train_parts)
+
+    def _legacy_settings(self, saved: dict) -> dict:
+        """A checkpoint of vqpipe <= 0.2 is tied to a sha256 of all its tokens (`data`): the
+        same tokens are the same parts."""
+        if "data" in saved and "parts" not in saved:
+            same = saved["data"] == token_io.legacy_tokens_digest(self.train_parts, self.tiers)
+            saved = {k: v for k, v in saved.items() if k != "data"}
+            saved["parts"] = self.parts_id if same else f"other tokens (sha256 {saved.get('data', '')[:12]})"
+        return saved
 
     def _log_params(self) -> None:
         values = {
             "model.parameters": sum(p.numel() for p in self.model.parameters()),
             "model.kind": type(self.model).__name__,
-            "data.train_rows": len(self.tokens),
+            "data.train_rows": self.train_rows,
             "data.num_classes": self.num_classes,
         }
         log_run_params(self.metrics.client, self.job.run_id, values)
 
     def restore(self) -> None:
         """Continue from the stage's checkpoint when the resume rules allow (checkpointing.py):
-        model, optimizer, schedule, every rank's batch sampler and RNG states, the metric history.
-        Unlike the tokenizer's, a run of other DDP workers is refused (its sampler states differ)."""
+        model, optimizer, schedule, every rank's label-dropout sampler and RNG states, the data
+        position, the metric history. Unlike the tokenizer's, a run of other DDP workers is
+        refused (its streams and sampler states differ)."""
         cfg = self.cfg
         state = self.checkpoints.restorable(cfg.steps, self.device, self.lead) if cfg.resume else None
+        rows, legacy = 0, None
         if state is not None:
             self.model.load_state_dict(upgrade_state(state["model"]))
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
             self.sampler.set_state(state["sampler"][self.rank])
             set_rng_state(state["rng"][self.rank])
-            if self.lead:
-                self.metrics.history = list(state["history"])
+            rows, legacy = state.get("history_rows", 0), state.get("history")
             self.start = self.step = state["step"]
+            if "batches" in state:
+                self.stream_seed, self.data_start = state["stream_seed"], state["batches"]
+            else:  # vqpipe <= 0.2 drew rows at random from tokens in memory: a fresh stream goes on
+                self.stream_seed, self.data_start = cfg.seed + self.start, 0
         if self.lead:
+            self.metrics.resume(rows, legacy)
             self.val_bits = self.metrics.last("val_bits_per_token") or float("nan")
             if self.start:
                 self.metrics.client.set_tag(self.job.run_id, "vqpipe.resumed_from_step", str(self.start))
@@ -135,11 +160,22 @@ class PriorRecipe:
             ids = [self.device.index] if self.device.type == "cuda" else None
             loss_fn = DistributedDataParallel(loss_fn, device_ids=ids)
         amp = autocast_dtype(cfg.precision, self.device) if self.device.type == "cuda" else None
+        stream = TokenStream(
+            self.train_parts,
+            self.tiers,
+            cfg.batch_size // self.world_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle_buffer=cfg.shuffle_buffer,
+            seed=self.stream_seed,
+            start_batch=self.data_start,
+        )
+        batches = iter(stream)
         started = time.perf_counter()
         self.model.train()
         for step in range(self.start + 1, cfg.steps + 1):
             self.step = step
-            tokens, labels = self._batch()
+            tokens, labels = self._batch(batches)
             with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
                 loss = loss_fn(tokens, labels)
             self.optimizer.zero_grad(set_to_none=True)
@@ -156,17 +192,15 @@ class PriorRecipe:
                 self.checkpoint()
         self.seconds = time.perf_counter() - started
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's batch: sequences drawn from its sampler, classes dropped to the null
-        token with probability label_dropout."""
-        per_rank = self.cfg.batch_size // self.world_size
-        batch = torch.randint(0, len(self.tokens), (per_rank,), generator=self.sampler)
-        labels = None
-        if self.labels is not None:
-            labels = self.labels[batch]
-            dropped = torch.rand(per_rank, generator=self.sampler) < self.cfg.label_dropout
-            labels = torch.where(dropped, torch.full_like(labels, -1), labels).to(self.device)
-        return self.tokens[batch].to(self.device), labels
+    def _batch(self, batches) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's next batch from its stream, classes dropped to the null token with
+        probability label_dropout."""
+        tokens, labels = next(batches)
+        if not self.num_classes:
+            return tokens.to(self.device), None
+        dropped = torch.rand(len(labels), generator=self.sampler) < self.cfg.label_dropout
+        labels = torch.where(dropped, torch.full_like(labels, -1), labels)
+        return tokens.to(self.device), labels.to(self.device)
 
     def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -175,8 +209,17 @@ class PriorRecipe:
         return value
 
     def validate(self, train_bits: float, steps_per_second: float) -> None:
-        """Bits per token of the validation tokens (rank 0)."""
-        self.val_bits = bits_per_token(self.model, self.val_tokens, self.val_labels)
+        """Bits per token of the first `val_max_rows` validation rows, streamed (rank 0)."""
+        bits, rows, limit = PriorBits(self.model), 0, self.cfg.val_max_rows
+        for batch in token_io.iter_token_batches(self.val_parts, VAL_BATCH):
+            if limit is not None:
+                if rows >= limit:
+                    break
+                batch = batch.rows(0, limit - rows)
+            labels = torch.from_numpy(batch.labels) if self.num_classes else None
+            bits.add(torch.from_numpy(batch.tokens), labels)
+            rows += len(batch.keys)
+        self.val_bits = bits.bits
         self.metrics.log(self.step, {"val_bits_per_token": self.val_bits})
         log.info(
             "step %d/%d  train %.3f  val %.3f bits/token  (%.1f steps/s)",
@@ -188,13 +231,17 @@ class PriorRecipe:
         states = gather({"sampler": self.sampler.get_state(), "rng": rng_state()}, self.world_size)
         if not self.lead:
             return
+        self.metrics.flush()  # the history file holds every row the checkpoint counts
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "sampler": [s["sampler"] for s in states],
             "rng": [s["rng"] for s in states],
-            "history": self.metrics.history,
+            "history_rows": self.metrics.rows,
+            # Batches each rank's stream gave since the stream began at this seed: where to go on.
+            "stream_seed": self.stream_seed,
+            "batches": self.data_start + self.step - self.start,
         }
         self.checkpoints.save(state, self.step, complete=self.step == self.cfg.steps)
 

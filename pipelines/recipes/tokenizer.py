@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from components.checkpoint import rng_state, set_rng_state
 from components.config import TrainTokenizerConfig
-from components.data.shards import load_split, shard_paths, to_float
+from components.data.shards import shard_paths, split_batches, to_float
 from components.data.stream import StreamLayout, TrainingStream
 from components.io import write_json
 from components.metrics import make_grid, psnr, ssim
@@ -37,8 +37,10 @@ from pipelines.tracking import MetricLogger, log_run_params, system_metrics
 
 log = logging.getLogger("vqpipe.train_tokenizer")
 VAL_IMAGES = 512  # validation images per evaluation: enough for a stable PSNR, cheap on CPU
+VAL_BATCH = 64  # validated at once: bounded memory at 256 px too
 GRID_IMAGES = 16
 PLOT_KEYS = ["loss", "recon_loss", "codebook_usage", "val_psnr"]
+HISTORY = "history.jsonl"  # the metric history, beside the checkpoint
 REPLICA_SEED = 7919  # rank r draws its own noise (dropout, Gumbel) from seed + r * this
 
 
@@ -73,10 +75,10 @@ class TokenizerRecipe:
         self.start = self.step = 0
         self.seconds = 0.0  # spent training in this run
         self.data_start: int | None = 0  # None: continue on fresh samples (the data layout changed)
-        self.history: list[dict] = []
+        self.history_rows = 0  # lines of the metric history the checkpoint resumed from saw
+        self.legacy_history: list[dict] | None = None  # a vqpipe <= 0.2 checkpoint's own history
         self.previous_run = ""  # the MLflow run that wrote the checkpoint resumed from
         self.metrics: MetricLogger | None = None
-        self.val_images: torch.Tensor | None = None
         self.last_parts: dict[str, torch.Tensor] = {}
 
     def restore(self) -> None:
@@ -94,7 +96,8 @@ class TokenizerRecipe:
             if self.lead and not exact:
                 log.info("DDP or loader workers, or the batch, changed: continuing on fresh samples")
             self.start = self.step = state["step"]
-            self.history = list(state.get("history", []))
+            self.history_rows = state.get("history_rows", 0)
+            self.legacy_history = state.get("history")
             self.data_start = state["step"] if exact else None
             self.previous_run = state.get("mlflow_run_id", "")
         elif self.rank > 0:
@@ -128,21 +131,27 @@ class TokenizerRecipe:
 
     @torch.no_grad()
     def validate(self, steps_per_second: float) -> None:
-        """PSNR/SSIM of the validation images' reconstructions, and a grid of them (rank 0)."""
-        model, images = self.step_fn.model, self.val_images
+        """PSNR/SSIM of the reconstructions of the first VAL_IMAGES validation images, streamed
+        a batch at a time, and a grid of the first GRID_IMAGES (rank 0)."""
+        model = self.step_fn.model
         model.eval()
-        recon = []
-        for start in range(0, images.shape[0], 256):
-            x = images[start : start + 256].to(self.device) * 2.0 - 1.0
-            recon.append(((model(x).reconstruction.float() + 1.0) / 2.0).clamp(0, 1).cpu())
+        psnr_sum = ssim_sum = 0.0
+        count, shown = 0, None
+        for raw, _, _ in split_batches(self.job.shards, "val", VAL_BATCH, limit=VAL_IMAGES):
+            images = to_float(raw)
+            x = images.to(self.device) * 2.0 - 1.0
+            recon = ((model(x).reconstruction.float() + 1.0) / 2.0).clamp(0, 1).cpu()
+            psnr_sum += psnr(recon, images).sum().item()
+            ssim_sum += ssim(recon, images).sum().item()
+            count += len(images)
+            if shown is None:
+                # Originals on the top row, their reconstructions under them.
+                n = min(GRID_IMAGES, len(images))
+                shown = make_grid(torch.cat([images[:n], recon[:n]]), nrow=n, upscale=2)
         model.train()
-        recon = torch.cat(recon)
-        n = min(GRID_IMAGES, images.shape[0])
-        # Originals on the top row, their reconstructions under them.
-        grid = make_grid(torch.cat([images[:n], recon[:n]]), nrow=n, upscale=2)
-        val_psnr, val_ssim = psnr(recon, images).mean().item(), ssim(recon, images).mean().item()
+        val_psnr, val_ssim = psnr_sum / count, ssim_sum / count
         self.metrics.log(self.step, {"val_psnr": val_psnr, "val_ssim": val_ssim})
-        self.metrics.client.log_image(self.job.run_id, grid, key="reconstructions", step=self.step)
+        self.metrics.client.log_image(self.job.run_id, shown, key="reconstructions", step=self.step)
         parts = self.last_parts
         log.info(
             "step %d/%d  loss %.4f  usage %.1f%%  perplexity %.1f  val PSNR %.2f dB  (%.1f steps/s)",
@@ -155,12 +164,13 @@ class TokenizerRecipe:
         rngs = gather(rng_state(), self.world_size)
         if not self.lead:
             return
+        self.metrics.flush()  # the history file holds every row the checkpoint counts
         state = {
             **self.step_fn.state_dict(),
             "roles": self.roles,
             "batch_per_rank": self.per_rank,
             "rng": rngs,
-            "history": self.metrics.history,
+            "history_rows": self.metrics.rows,
             "mlflow_run_id": self.job.run_id,
         }
         self.checkpoints.save(state, self.step, complete=self.step == self.cfg.steps)
@@ -223,11 +233,11 @@ class TokenizerRecipe:
         )
 
     def _start_tracking(self):
-        """Rank 0: the metric logger (with the resumed history), the run's model params, system
-        metrics, and the validation images."""
+        """Rank 0: the metric logger (with the resumed history), the run's model params and
+        system metrics."""
         job, step_fn = self.job, self.step_fn
-        self.metrics = MetricLogger(job.run_id, flush_every=self.cfg.log_every)
-        self.metrics.history = self.history
+        self.metrics = MetricLogger(job.run_id, Path(job.checkpoint_dir) / HISTORY, flush_every=self.cfg.log_every)
+        self.metrics.resume(self.history_rows, self.legacy_history)
         params = {
             "model.parameters": sum(p.numel() for p in step_fn.model.parameters()),
             "data.image_size": job.image_size,
@@ -242,9 +252,7 @@ class TokenizerRecipe:
             # The steps before `start` were logged to the run that wrote the checkpoint.
             self.metrics.client.set_tag(job.run_id, "vqpipe.resumed_from_step", str(self.start))
             self.metrics.client.set_tag(job.run_id, "vqpipe.resumed_from_run", self.previous_run)
-        monitor = system_metrics(job.run_id, job.tracking_uri)
-        self.val_images = to_float(load_split(job.shards, "val", limit=VAL_IMAGES)[0])
-        return monitor
+        return system_metrics(job.run_id, job.tracking_uri)
 
     def _log_step(self) -> None:
         step_fn = self.step_fn
