@@ -375,6 +375,9 @@ class EvaluateConfig(_Section):
     # Steps of the small classifier (trained on the validation images) that judges whether a
     # sample shows the class it was drawn for.
     classifier_steps: int = Field(200, ge=1)
+    # MiB of features precision/recall keeps in memory per set; past it they are spilled to a
+    # memory-mapped temporary file (the same result, bounded memory).
+    feature_memory_mb: int = runtime(1024, ge=1)
     seed: int = 0
     device: Device = runtime("auto")
 

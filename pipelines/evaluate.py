@@ -10,12 +10,21 @@ when `inception_weights` is given, else in the tokenizer encoder's, named by
 classifier trained on the validation images assigns to the class they were drawn for. Also
 eval/reconstructions.png (originals above their reconstructions) and plots/codebook_usage.csv;
 logs all to MLflow.
+
+Everything streams: tokens a record batch at a time, images a batch at a time, samples a batch
+at a time. Metrics are sums over batches; FID comes from running feature moments; the features
+precision/recall compares are kept in memory up to `feature_memory_mb`, then spilled to a
+memory-mapped file, and compared in blocks. The judge trains from a shuffled stream of the
+validation shards. Memory is bounded by a batch, whatever the split's size; the whole split is
+evaluated unless `max_images` caps it (recorded as `val_images`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,24 +32,29 @@ import torch
 
 from components.config import EvaluateConfig
 from components.data import tokens as token_io
-from components.data.shards import load_split, to_float
+from components.data.shards import assign_split, shard_paths, split_batches, to_float
+from components.data.stream import StreamLayout, TrainingStream
 from components.io import write_json
-from components.metrics import bits_per_token, codebook_stats, make_grid, psnr, ssim, used_code_counts
+from components.metrics import CodeCounts, PriorBits, make_grid, psnr, ssim
 from components.metrics.generation import (
-    class_consistency,
-    frechet_distance,
+    FeatureMoments,
+    FeatureStore,
+    classifier_accuracy,
+    fit_classifier,
+    frechet_from_moments,
     precision_recall,
     tokenizer_features,
-    train_classifier,
 )
 from components.metrics.inception import inception_features, load_inception
-from components.priors import Sampler, load_prior, sample_images
+from components.priors import Sampler, image_batches, load_prior
 from components.tokenizers import Tokenizer
 from pipelines.runtime import Paths, resolve_device, stage_main
 from pipelines.tracking import stage_run
 
 log = logging.getLogger("vqpipe.evaluate")
 GRID_COLUMNS = 16
+JUDGE_HELD_OUT = 0.2  # share of the labelled validation images the judge is tested on, not trained on
+JUDGE_BATCH, JUDGE_BUFFER = 64, 512
 
 
 @dataclass
@@ -50,27 +64,41 @@ class EvaluateResult:
     run_id: str  # the stage's MLflow run
 
 
+@dataclass
+class RealImages:
+    """What one pass over the validation images gathers."""
+
+    count: int = 0
+    psnr_sum: float = 0.0
+    ssim_sum: float = 0.0
+    labelled: int = 0
+    largest_label: int = -1
+    shown: list[torch.Tensor] = field(default_factory=list)  # originals and reconstructions for the grid
+    moments: FeatureMoments = field(default_factory=FeatureMoments)
+    features: FeatureStore | None = None
+
+
 def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
     device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(paths.tokenizer, device=device)
     prior, _ = load_prior(paths.prior, device=device, tokenizer=tokenizer)
-    val = token_io.read_tokens(token_io.split_parts(paths.tokens, "val"), fingerprint=tokenizer.fingerprint)
+    val_parts = token_io.split_parts(paths.tokens, "val")
+    token_io.check_parts(val_parts, tokenizer.fingerprint)
 
-    with stage_run("evaluate", cfg) as active:
+    with stage_run("evaluate", cfg) as active, tempfile.TemporaryDirectory(prefix="vqpipe-eval-") as scratch:
         import mlflow
 
-        raw, real_labels, _ = load_split(paths.shards, "val", limit=cfg.max_images)
-        images = to_float(raw)
-        recon = torch.cat(
-            [tokenizer.reconstruct(images[i : i + cfg.batch_size]).cpu() for i in range(0, len(images), cfg.batch_size)]
+        metrics = _token_metrics(cfg, tokenizer, prior, val_parts, paths.plots / "codebook_usage.csv")
+        features = _feature_space(cfg, tokenizer, device) if cfg.num_samples else None
+        real = _real_images(cfg, tokenizer, paths.shards, features, Path(scratch))
+        metrics.update(
+            {"val_images": real.count, "psnr": real.psnr_sum / real.count, "ssim": real.ssim_sum / real.count}
         )
-        metrics = _reconstruction_metrics(cfg, tokenizer, prior, val, (images, recon))
         if cfg.num_samples:
-            metrics.update(_generation_metrics(cfg, tokenizer, prior, images, real_labels, device))
+            metrics.update(_generation_metrics(cfg, tokenizer, prior, real, features, paths.shards, Path(scratch)))
         metrics_path = paths.metrics / "evaluate.json"
         write_json(metrics_path, metrics)
-        _write_usage_csv(paths.plots / "codebook_usage.csv", val.tokens, tokenizer.codebook_size)
-        grid = _reconstruction_grid(images, recon)
+        grid = make_grid(torch.cat(real.shown), nrow=GRID_COLUMNS, upscale=2)
         paths.eval.mkdir(parents=True, exist_ok=True)
         grid.save(paths.eval / "reconstructions.png")
 
@@ -82,31 +110,73 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         return EvaluateResult(metrics, metrics_path, active.info.run_id)
 
 
-def _reconstruction_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, val, pair) -> dict:
-    """PSNR/SSIM of the reconstructions (`pair`: images, reconstructions), codebook usage and
-    perplexity of the validation tokens, and the prior's bits per token against their unigram entropy."""
-    images, recon = pair
-    stats = codebook_stats({c: val.column(c) for c in val.columns}, tokenizer.column_codebook_sizes)
-    labels = torch.from_numpy(val.labels) if prior.num_classes and val.labels is not None else None
-    prior_bits = bits_per_token(prior, torch.from_numpy(val.tokens), labels, cfg.batch_size)
+def _token_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, parts: list, usage_csv: Path) -> dict:
+    """Codebook usage and perplexity of the validation tokens and the prior's bits per token
+    against their unigram entropy, a record batch at a time; writes the usage CSV."""
+    info = token_io.part_info(parts[0])
+    counts, bits = CodeCounts(tokenizer.column_codebook_sizes), PriorBits(prior)
+    for batch in token_io.iter_token_batches(parts, cfg.batch_size):
+        counts.add({c: token_io.column_of(batch.tokens, c, info.tiers, info.grid) for c in info.grid})
+        labels = torch.from_numpy(batch.labels) if prior.num_classes else None
+        bits.add(torch.from_numpy(batch.tokens), labels)
+    _write_usage_csv(usage_csv, counts, tokenizer.codebook_size)
+    stats = counts.stats()
     return {
-        "val_images": len(images),
-        "psnr": psnr(recon, images).mean().item(),
-        "ssim": ssim(recon, images).mean().item(),
         "codebook_usage": stats["codebook_usage"],
         "perplexity": stats["perplexity"],
         "unigram_bits_per_token": stats["unigram_bits_per_token"],
-        "prior_bits_per_token": prior_bits,
+        "prior_bits_per_token": bits.bits,
         # How much the prior knows beyond code frequencies.
-        "prior_gain_bits_per_token": stats["unigram_bits_per_token"] - prior_bits,
+        "prior_gain_bits_per_token": stats["unigram_bits_per_token"] - bits.bits,
     }
 
 
-def _reconstruction_grid(images: torch.Tensor, recon: torch.Tensor):
-    """Rows of GRID_COLUMNS originals, each above its reconstructions."""
-    n = min(GRID_COLUMNS * 2, len(images))
-    rows = [t for i in range(0, n, GRID_COLUMNS) for t in (images[i : i + GRID_COLUMNS], recon[i : i + GRID_COLUMNS])]
-    return make_grid(torch.cat(rows), nrow=GRID_COLUMNS, upscale=2)
+@dataclass
+class FeatureSpace:
+    name: str
+    features: Callable[[torch.Tensor], np.ndarray]  # (b, 3, H, W) in [0, 1] -> (b, d)
+
+
+def _feature_space(cfg: EvaluateConfig, tokenizer: Tokenizer, device) -> FeatureSpace:
+    if cfg.inception_weights:
+        net = load_inception(cfg.inception_weights, device)
+        return FeatureSpace("inception", lambda images: inception_features(net, images))
+    return FeatureSpace("tokenizer_encoder", lambda images: tokenizer_features(tokenizer, images, cfg.batch_size))
+
+
+def _real_images(cfg: EvaluateConfig, tokenizer: Tokenizer, shards: Path, space, scratch: Path) -> RealImages:
+    """One pass over the validation images (up to max_images): reconstruction metrics, the
+    grid's images and, when samples are to be compared, their features."""
+    real = RealImages()
+    if space is not None:
+        real.features = FeatureStore(cfg.feature_memory_mb << 20, scratch)
+    for raw, labels, _ in split_batches(shards, "val", cfg.batch_size, limit=cfg.max_images):
+        images = to_float(raw)
+        recon = tokenizer.reconstruct(images).cpu()
+        real.count += len(images)
+        real.psnr_sum += psnr(recon, images).sum().item()
+        real.ssim_sum += ssim(recon, images).sum().item()
+        real.labelled += int((labels >= 0).sum())
+        real.largest_label = max(real.largest_label, int(labels.max()))
+        _keep_for_grid(real.shown, images, recon)
+        if space is not None:
+            features = space.features(images)
+            real.moments.add(features)
+            real.features.add(features)
+    if not real.count:
+        raise ValueError(f"no validation images in {shards}")
+    return real
+
+
+def _keep_for_grid(shown: list[torch.Tensor], images: torch.Tensor, recon: torch.Tensor) -> None:
+    """Rows of GRID_COLUMNS originals, each above its reconstructions, for the first 2 rows' worth."""
+    have = sum(len(t) for t in shown) // 2
+    for start in range(0, len(images), GRID_COLUMNS):
+        if have >= 2 * GRID_COLUMNS:
+            return
+        take = min(GRID_COLUMNS, 2 * GRID_COLUMNS - have, len(images) - start)
+        shown += [images[start : start + take], recon[start : start + take]]
+        have += take
 
 
 def _log_summary(metrics: dict, run_id: str) -> None:
@@ -128,55 +198,90 @@ def _log_summary(metrics: dict, run_id: str) -> None:
 
 
 def _generation_metrics(
-    cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: torch.Tensor, real_labels: torch.Tensor, device
+    cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: RealImages, space: FeatureSpace, shards, scratch
 ) -> dict:
-    """FID, precision/recall and class consistency of `cfg.num_samples` samples against `real`."""
-    generator = torch.Generator(device).manual_seed(cfg.seed)
+    """FID, precision/recall and class consistency of `cfg.num_samples` samples, drawn and
+    judged a batch at a time, against the validation images' features."""
+    generator = torch.Generator(tokenizer.device).manual_seed(cfg.seed)
     labels = torch.arange(cfg.num_samples) % prior.num_classes if prior.num_classes else None
-    sampler = Sampler(prior, cfg.sampling, generator)
-    fake, _, seconds = sample_images(sampler, tokenizer, cfg.num_samples, labels, cfg.batch_size)
-    log.info("%d samples drawn in %.1f s", len(fake), seconds)
-    if cfg.inception_weights:
-        net = load_inception(cfg.inception_weights, device)
-        real_f, fake_f = inception_features(net, real), inception_features(net, fake)
-        space = "inception"
-    else:
-        real_f, fake_f = (
-            tokenizer_features(tokenizer, real, cfg.batch_size),
-            tokenizer_features(tokenizer, fake, cfg.batch_size),
-        )
-        space = "tokenizer_encoder"
-    precision, recall = precision_recall(real_f, fake_f, k=cfg.pr_k)
+    judge, accuracy = None, float("nan")
+    if labels is not None and real.labelled > 4:
+        judge, accuracy = _train_judge(cfg, shards, max(prior.num_classes, real.largest_label + 1))
+    moments, store = FeatureMoments(), FeatureStore(cfg.feature_memory_mb << 20, scratch)
+    hits = drawn = 0
+    seconds = 0.0
+    for images, batch_labels, spent in image_batches(
+        Sampler(prior, cfg.sampling, generator), tokenizer, cfg.num_samples, labels, cfg.batch_size
+    ):
+        features = space.features(images)
+        moments.add(features)
+        store.add(features)
+        if judge is not None:
+            with torch.no_grad():
+                hits += int((judge(images).argmax(1) == batch_labels).sum())
+        drawn += len(images)
+        seconds += spent
+    log.info("%d samples drawn in %.1f s", drawn, seconds)
+    precision, recall = precision_recall(real.features.array(), store.array(), k=cfg.pr_k)
     out = {
-        "feature_space": space,
-        "generated_images": len(fake),
-        "fid": frechet_distance(real_f, fake_f),
+        "feature_space": space.name,
+        "generated_images": drawn,
+        "fid": frechet_from_moments(real.moments, moments),
         "precision": precision,
         "recall": recall,
     }
-    labelled = real_labels >= 0
-    if labels is not None and labelled.sum() > 4:
-        classes = max(prior.num_classes, int(real_labels.max()) + 1)
-        judge, accuracy = train_classifier(
-            real[labelled], real_labels[labelled], classes, steps=cfg.classifier_steps, seed=cfg.seed
-        )
-        out["class_consistency"] = class_consistency(judge, fake, labels)
+    if judge is not None:
+        out["class_consistency"] = hits / drawn
         out["classifier_val_accuracy"] = accuracy  # how far the judge itself can be trusted
     return out
 
 
-def _write_usage_csv(path: Path, tokens, codebook_size: int) -> None:
+class _HeldOut:
+    """Whether a validation image is kept from the judge's training, to test it on: from a
+    hash of its key salted apart from the train/val split's (whose val keys all hash low)."""
+
+    def __init__(self, seed: int):
+        self.salt = f"judge-{seed}"
+
+    def __call__(self, key: str) -> bool:
+        return assign_split(key, JUDGE_HELD_OUT, self.salt) == "val"
+
+
+def _train_judge(cfg: EvaluateConfig, shards: Path, num_classes: int):
+    """The class-consistency judge, trained from a shuffled stream of the labelled validation
+    images outside the held-out fifth; its accuracy on that fifth, streamed."""
+    held_out = _HeldOut(cfg.seed)
+    stream = TrainingStream(
+        shard_paths(shards, "val"),
+        StreamLayout(JUDGE_BATCH),
+        shuffle_buffer=JUDGE_BUFFER,
+        seed=cfg.seed,
+        keep=lambda key: not held_out(key),
+    )
+    judge = fit_classifier(
+        ((to_float(x), y) for x, y in stream), num_classes, steps=cfg.classifier_steps, seed=cfg.seed
+    )
+
+    def tested() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for raw, labels, keys in split_batches(shards, "val", cfg.batch_size):
+            mask = torch.tensor([held_out(k) for k in keys])
+            yield to_float(raw[mask]), labels[mask]
+
+    return judge, classifier_accuracy(judge, tested())
+
+
+def _write_usage_csv(path: Path, counts: CodeCounts, codebook_size: int) -> None:
     """code,count over all token columns: every code up to 65,536 codes, the used ones past
     that (a plot of 2^18 mostly empty rows says less than the list of used codes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    codes, counts = used_code_counts(tokens)
+    codes, used = counts.all_columns()
     if codebook_size <= 65536:
         dense = np.zeros(codebook_size, dtype=np.int64)
-        dense[codes] = counts
-        codes, counts = np.arange(codebook_size), dense
-    path.write_text(
-        "code,count\n" + "".join(f"{c},{n}\n" for c, n in zip(codes.tolist(), counts.tolist(), strict=True))
-    )
+        dense[codes] = used
+        codes, used = np.arange(codebook_size), dense
+    with open(path, "w") as f:
+        f.write("code,count\n")
+        f.writelines(f"{c},{n}\n" for c, n in zip(codes.tolist(), used.tolist(), strict=True))
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 
 
-def assign_split(key: str, val_fraction: float, seed: int) -> str:
+def assign_split(key: str, val_fraction: float, seed: int | str) -> str:
     """'train' or 'val' from a hash of the key: stable whatever the order or number of inputs."""
     h = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
     return "val" if h / 2**64 < val_fraction else "train"

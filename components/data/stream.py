@@ -17,7 +17,7 @@ are unchanged (`resumable_position`).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -46,7 +46,14 @@ class TrainingStream(IterableDataset):
     `DataLoader(stream, batch_size=None, num_workers=layout.loader_workers)`."""
 
     def __init__(
-        self, urls: list[str], layout: StreamLayout, *, shuffle_buffer: int = 0, seed: int = 0, start_batch: int = 0
+        self,
+        urls: list[str],
+        layout: StreamLayout,
+        *,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        start_batch: int = 0,
+        keep: Callable[[str], bool] | None = None,
     ):
         if not urls:
             raise ValueError("no shards to read")
@@ -58,6 +65,7 @@ class TrainingStream(IterableDataset):
         self.world_size = layout.world_size
         self.loader_workers = max(layout.loader_workers, 1)
         self.start_batch = start_batch
+        self.keep = keep  # only samples whose key it accepts (None: all)
 
     @property
     def roles(self) -> int:
@@ -91,6 +99,8 @@ class TrainingStream(IterableDataset):
                 if by_shard and n % self.roles != role:
                     continue
                 for sample in iter_shard(url):
+                    if self.keep is not None and not self.keep(sample["__key__"]):
+                        continue
                     seen += 1
                     if not by_shard and (seen - 1) % self.roles != role:
                         continue

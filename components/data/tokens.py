@@ -210,15 +210,20 @@ class TokenData:
 
     def column(self, name: str) -> np.ndarray:
         """(n, h*w) tokens of one token column: a strided view into `tokens`."""
-        start = 0
-        for tier in self.tiers:
-            h, w = self.grid[tier[0]]
-            width = h * w * len(tier)
-            if name in tier:
-                block = self.tokens[:, start : start + width].reshape(len(self.tokens), h * w, len(tier))
-                return block[:, :, tier.index(name)]
-            start += width
-        raise KeyError(f"no token column {name!r} (columns: {', '.join(self.columns)})")
+        return column_of(self.tokens, name, self.tiers, self.grid)
+
+
+def column_of(tokens: np.ndarray, name: str, tiers: list, grid: dict) -> np.ndarray:
+    """(n, h*w) tokens of column `name` from flattened rows (n, L) (see the module doc): a view."""
+    start = 0
+    for tier in tiers:
+        h, w = grid[tier[0]]
+        width = h * w * len(tier)
+        if name in tier:
+            block = tokens[:, start : start + width].reshape(len(tokens), h * w, len(tier))
+            return block[:, :, tier.index(name)]
+        start += width
+    raise KeyError(f"no token column {name!r} (columns: {', '.join(grid)})")
 
 
 def list_to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from components.config import SamplingOptions
 from components.priors.export import PriorMismatch, build_prior, load_prior, save_prior
-from components.priors.sampling import Sampler, filter_logits, sample, sample_images
+from components.priors.sampling import Sampler, filter_logits, image_batches, sample, sample_images
 from components.priors.transformer import HierarchicalPrior, PriorConfig, TransformerPrior
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "TransformerPrior",
     "build_prior",
     "filter_logits",
+    "image_batches",
     "load_prior",
     "sample",
     "sample_images",

@@ -12,6 +12,7 @@ against the prior and the classes asked for when a `Sampler` draws.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -128,6 +129,21 @@ def sample(
 ) -> torch.Tensor:
     """n token sequences (n, L) from `model`: `Sampler(model, options, generator).draw(n, labels)`."""
     return Sampler(model, options, generator).draw(n, labels)
+
+
+def image_batches(
+    sampler: Sampler, tokenizer, n: int, labels: torch.Tensor | None, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, float]]:
+    """`sample_images` a batch at a time: (images (b, 3, H, W) in [0, 1] on the CPU, the batch's
+    labels, seconds spent sampling it); memory holds one batch. The same draws as `sample_images`."""
+    sampler.options.check(sampler.model, labels)
+    limits = tokenizer.vocab_limits()
+    for start in range(0, n, batch_size):
+        batch_labels = labels[start : start + batch_size] if labels is not None else None
+        began = time.perf_counter()
+        tokens = sampler._draw(min(batch_size, n - start), batch_labels, limits)
+        seconds = time.perf_counter() - began
+        yield tokenizer.decode(tokenizer.unflatten(tokens)).cpu(), batch_labels, seconds
 
 
 def sample_images(
