@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from components.config import load_params
-from flows.dvc import STAGES, repro_stage, stage_status
+from flows.dvc import FINGERPRINT_STAGE, STAGES, repro_stage, stage_status
 from pipelines.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, PARENT_RUN_ENV, absolute_tracking_uri
 
 RESUMABLE_STAGES = ("train_tokenizer", "train_prior")
@@ -47,7 +47,9 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = Fal
     unknown = set(stages or []) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)} (allowed: {', '.join(STAGES)})")
-    chosen = [s for s in STAGES if stages is None or s in stages]
+    # The source listing goes with `shard`: without a current one, DVC cannot tell whether it is stale.
+    wanted = set(stages or STAGES) | ({FINGERPRINT_STAGE} if "shard" in (stages or STAGES) else set())
+    chosen = [s for s in STAGES if s in wanted]
 
     uri = tracking_uri(root)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)

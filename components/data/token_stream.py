@@ -83,27 +83,37 @@ class TokenStream:
         table = pq.ParquetFile(group.path).read_row_group(group.index)
         return sequences(table, self.tiers), row_labels(table)
 
-    def _epochs(self) -> Iterator[tuple[np.ndarray, int]]:
-        roles, role, epoch = self.world_size, self.rank, 0
-        while True:
-            order = list(range(len(self.groups)))
-            random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
-            by_group = len(order) >= roles
-            got = seen = 0
-            for n, g in enumerate(order):
-                if by_group and n % roles != role:
+    def epoch(self, n: int) -> Iterator[tuple[np.ndarray, int]]:
+        """This rank's rows of epoch `n`, before the shuffle buffer: over all ranks, every row
+        of the parts exactly once."""
+        roles, role = self.world_size, self.rank
+        order = list(range(len(self.groups)))
+        random.Random(f"{self.seed}:epoch:{n}").shuffle(order)
+        by_group = len(order) >= roles
+        seen = 0
+        for i, g in enumerate(order):
+            if by_group and i % roles != role:
+                continue
+            tokens, labels = self._read(self.groups[g])
+            for r in range(len(tokens)):
+                seen += 1
+                if not by_group and (seen - 1) % roles != role:
                     continue
-                tokens, labels = self._read(self.groups[g])
-                for r in range(len(tokens)):
-                    seen += 1
-                    if not by_group and (seen - 1) % roles != role:
-                        continue
-                    got += 1
-                    # A copy: a view would keep the whole row group alive in the buffer.
-                    yield tokens[r].copy(), int(labels[r])
+                # A copy: a view would keep the whole row group alive in the buffer.
+                yield tokens[r].copy(), int(labels[r])
+
+    def _epochs(self) -> Iterator[tuple[np.ndarray, int]]:
+        n = 0
+        while True:
+            got = 0
+            for item in self.epoch(n):
+                got += 1
+                yield item
             if not got:
-                raise ValueError(f"rank {role} of {roles} got no token rows from {len(order)} row groups")
-            epoch += 1
+                raise ValueError(
+                    f"rank {self.rank} of {self.world_size} got no token rows from {len(self.groups)} row groups"
+                )
+            n += 1
 
     def _shuffled(self) -> Iterator[tuple[np.ndarray, int]]:
         if not self.shuffle_buffer:

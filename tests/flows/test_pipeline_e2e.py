@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import yaml
+from PIL import Image
 
 from components.config import SECTIONS, is_runtime, parse_params
 from tests.conftest import TINY
@@ -29,7 +30,7 @@ PROJECT_FILES = [
 ]
 
 
-def _make_repo(dest: Path) -> Path:
+def _make_repo(dest: Path, **sections) -> Path:
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
@@ -38,7 +39,8 @@ def _make_repo(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     # Every key written out: dvc.yaml names each one, and DVC wants them all in params.yaml.
-    (dest / "params.yaml").write_text(yaml.safe_dump(parse_params(TINY).model_dump(), sort_keys=False))
+    raw = {**TINY, **{name: {**TINY.get(name, {}), **values} for name, values in sections.items()}}
+    (dest / "params.yaml").write_text(yaml.safe_dump(parse_params(raw).model_dump(), sort_keys=False))
     git = lambda *args: subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)  # noqa: E731
     git("init", "-q", "-b", "main")
     git("add", "-A")
@@ -81,7 +83,7 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     parent = mlflow.get_run(first["mlflow_run_id"])
     assert parent.data.tags["prefect.flow_run_id"] == first["flow_run_id"] != ""
     children = _children(first["mlflow_run_id"])
-    assert set(children) == set(STAGES)
+    assert set(children) == set(STAGES) - {"source_fingerprint"}  # a listing: nothing to track
     assert mlflow.get_run(children["evaluate"]).data.metrics["psnr"] > 0
     assert stage_status(repo) == {}
     _runtime_settings_leave_every_stage_up_to_date(repo, capsys)
@@ -97,7 +99,7 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
 
     second = pipeline(repo=str(repo))
     ran = [s["stage"] for s in second["stages"] if s["ran"]]
-    assert ran == ["train_prior", "sample", "evaluate"]
+    assert ran == ["source_fingerprint", "train_prior", "sample", "evaluate"]  # the listing always runs
     assert set(_children(second["mlflow_run_id"])) == {"train_prior", "sample", "evaluate"}
     assert (repo / "models/tokenizer/model.safetensors").stat().st_mtime_ns == tokenizer_mtime
     assert stage_status(repo) == {}
@@ -107,6 +109,8 @@ def _other_value(key: str, value):
     """A different valid value of a runtime setting."""
     if key == "use_gpu":
         return False
+    if key == "max_unreadable":
+        return value / 2
     if isinstance(value, bool):
         return not value
     if isinstance(value, int | float):
@@ -140,6 +144,38 @@ def _runtime_settings_leave_every_stage_up_to_date(repo: Path, capsys) -> None:
         assert "stale" not in capsys.readouterr().out
     finally:
         (repo / "params.yaml").write_text(text)
+
+
+def test_a_changed_source_makes_shard_stale_and_an_unchanged_one_does_not(tmp_path, mlflow_store, capsys):
+    """`dvc repro shard` runs the source listing first; a file added to the folder changes the
+    listing (and `vqpipe status` says so before anything runs), so shard reruns; nothing else does."""
+    from flows.cli import main
+    from flows.dvc import repro_stage, stage_status
+
+    images = tmp_path / "images"
+    for cls in ("a", "b"):
+        (images / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (80 * i, 40, 0 if cls == "a" else 200)).save(images / cls / f"{i}.png")
+    repo = _make_repo(tmp_path / "repo", shard={"source": f"folder:{images}"})
+    env = {"MLFLOW_TRACKING_URI": mlflow_store}
+
+    def repro() -> list[bool]:  # as the flow runs them: the listing, then shard
+        return [repro_stage(repo, stage, env, on_line=lambda line: None) for stage in ("source_fingerprint", "shard")]
+
+    assert repro() == [True, True]
+    assert not {"source_fingerprint", "shard"} & set(stage_status(repo))
+    assert repro() == [True, False]  # unchanged: listed again, shard skipped
+
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(images / "b" / "new.png")
+    stale = stage_status(repo)
+    assert "inputs 6 -> 7" in stale["source_fingerprint"][0] and "source changed" in stale["shard"][0]
+    capsys.readouterr()
+    assert main(["--repo", str(repo), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "shard               stale" in out and "inputs 6 -> 7" in out
+    assert repro() == [True, True]
+    assert json.loads((repo / "data/shards/manifest.json").read_text())["inputs"] == 7
 
 
 def test_scheduled_deployment_carries_the_cron(tmp_path):
