@@ -166,6 +166,9 @@ def read_shard(url: str) -> Iterator[dict]:
             current: dict | None = None
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
+                    # A streamed TarFile still lists every member it has read: forget them, or a
+                    # shard's headers pile up in memory (about 1 KiB per member).
+                    tar.members = []
                     if not member.isfile():
                         continue
                     parts = _split_name(member.name)
