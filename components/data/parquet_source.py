@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import fsspec
 import pyarrow as pa
@@ -54,8 +54,8 @@ def _expand(spec: str) -> list[str]:
         if fs.isdir(path):
             found = sorted(fs.glob(path.rstrip("/") + "/**/*.parquet"))
             files += [p if "://" not in url else fs.unstrip_protocol(p) for p in found]
-        else:
-            files.append(url)
+        else:  # local paths absolute: Ray workers do not share this process's working directory
+            files.append(url if "://" in url else str(Path(url).expanduser().resolve()))
     return list(dict.fromkeys(files))
 
 

@@ -111,9 +111,10 @@ class PriorRecipe:
         """A checkpoint of vqpipe <= 0.2 is tied to a sha256 of all its tokens (`data`): the
         same tokens are the same parts."""
         if "data" in saved and "parts" not in saved:
-            same = saved["data"] == token_io.legacy_tokens_digest(self.train_parts, self.tiers)
+            digest = saved["data"]
+            same = digest == token_io.legacy_tokens_digest(self.train_parts, self.tiers)
             saved = {k: v for k, v in saved.items() if k != "data"}
-            saved["parts"] = self.parts_id if same else f"other tokens (sha256 {saved.get('data', '')[:12]})"
+            saved["parts"] = self.parts_id if same else f"other tokens (sha256 {digest[:12]}...)"
         return saved
 
     def _log_params(self) -> None:
