@@ -80,7 +80,8 @@ class TokenStream:
                 rows, labels = [], []
 
     def _read(self, group: RowGroup) -> tuple[np.ndarray, np.ndarray]:
-        table = pq.ParquetFile(group.path).read_row_group(group.index)
+        # One thread: a row group is small, and pyarrow's pool would compete with training for cores.
+        table = pq.ParquetFile(group.path).read_row_group(group.index, use_threads=False)
         return sequences(table, self.tiers), row_labels(table)
 
     def epoch(self, n: int) -> Iterator[tuple[np.ndarray, int]]:
