@@ -33,7 +33,6 @@ m tokens in column order, so [p0 group0, p0 group1, p1 group0, p1 group1, ...], 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -372,45 +371,3 @@ def split_parts(token_dir: str | Path, split: str) -> list[Path]:
     """Token parts of one split, from the manifest."""
     manifest = read_manifest(token_dir)
     return [Path(token_dir) / p["part"] for p in manifest["parts"] if p["split"] == split and p["rows"] > 0]
-
-
-def parts_identity(paths: list) -> str:
-    """A sha256 of what the parts are (name, size, rows, row groups, tokenizer, source), read
-    from their footers: equal for the same parts, without reading a token."""
-    digest = hashlib.sha256()
-    for path in paths:
-        meta = pq.read_metadata(path)
-        info = part_info(path)
-        size = fsspec.core.url_to_fs(str(path))[0].size(str(path))
-        fields = [Path(str(path)).name, size, meta.num_rows, meta.num_row_groups, info.fingerprint, info.source]
-        digest.update(json.dumps(fields, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def largest_label(paths: list) -> int:
-    """The largest `label` of the parts (-1: none), from the row groups' statistics where they
-    have them, else reading that column alone."""
-    largest = -1
-    for path in paths:
-        parquet = pq.ParquetFile(path)
-        if "label" not in parquet.schema_arrow.names:
-            continue
-        column = parquet.schema_arrow.get_field_index("label")
-        for i in range(parquet.metadata.num_row_groups):
-            stats = parquet.metadata.row_group(i).column(column).statistics
-            if stats is not None and stats.has_min_max:
-                largest = max(largest, int(stats.max))
-            else:
-                values = parquet.read_row_group(i, columns=["label"]).column(0).to_numpy(zero_copy_only=False)
-                largest = max(largest, int(values.max(initial=-1)))
-    return largest
-
-
-def legacy_tokens_digest(paths: list, tiers: list) -> str:
-    """The sha256 vqpipe <= 0.2 tied a prior's checkpoint to: of every row's int64 tokens, in
-    part order, computed a record batch at a time."""
-    digest = hashlib.sha256()
-    for path in paths:
-        for record in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            digest.update(np.ascontiguousarray(sequences(record, tiers)).tobytes())
-    return digest.hexdigest()

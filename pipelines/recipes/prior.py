@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from components.checkpoint import rng_state, set_rng_state
 from components.config import TrainPriorConfig
+from components.data import part_footers
 from components.data import tokens as token_io
 from components.data.token_stream import TokenStream
 from components.io import write_json
@@ -101,18 +102,18 @@ class PriorRecipe:
         self.row_length = sum(h * w for h, w in infos[0].grid.values())
         self.train_rows = sum(info.rows for info in infos[: len(self.train_parts)])
         self.class_names = token_io.read_manifest(paths.tokens).get("classes")
-        largest = token_io.largest_label(self.train_parts)
+        largest = part_footers.largest_label(self.train_parts)
         self.num_classes = 0
         if largest >= 0:
             self.num_classes = len(self.class_names) if self.class_names else largest + 1
-        self.parts_id = token_io.parts_identity(self.train_parts)
+        self.parts_id = part_footers.parts_identity(self.train_parts)
 
     def _legacy_settings(self, saved: dict) -> dict:
         """A checkpoint of vqpipe <= 0.2 is tied to a sha256 of all its tokens (`data`): the
         same tokens are the same parts."""
         if "data" in saved and "parts" not in saved:
             digest = saved["data"]
-            same = digest == token_io.legacy_tokens_digest(self.train_parts, self.tiers)
+            same = digest == part_footers.legacy_tokens_digest(self.train_parts, self.tiers)
             saved = {k: v for k, v in saved.items() if k != "data"}
             saved["parts"] = self.parts_id if same else f"other tokens (sha256 {digest[:12]}...)"
         return saved
