@@ -73,7 +73,8 @@ class RealImages:
     ssim_sum: float = 0.0
     labelled: int = 0
     largest_label: int = -1
-    shown: list[torch.Tensor] = field(default_factory=list)  # originals and reconstructions for the grid
+    originals: list[torch.Tensor] = field(default_factory=list)  # the grid's first 2 x GRID_COLUMNS
+    reconstructions: list[torch.Tensor] = field(default_factory=list)
     moments: FeatureMoments = field(default_factory=FeatureMoments)
     features: FeatureStore | None = None
 
@@ -98,7 +99,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
             metrics.update(_generation_metrics(cfg, tokenizer, prior, real, features, paths.shards, Path(scratch)))
         metrics_path = paths.metrics / "evaluate.json"
         write_json(metrics_path, metrics)
-        grid = make_grid(torch.cat(real.shown), nrow=GRID_COLUMNS, upscale=2)
+        grid = _reconstruction_grid(real)
         paths.eval.mkdir(parents=True, exist_ok=True)
         grid.save(paths.eval / "reconstructions.png")
 
@@ -158,7 +159,10 @@ def _real_images(cfg: EvaluateConfig, tokenizer: Tokenizer, shards: Path, space,
         real.ssim_sum += ssim(recon, images).sum().item()
         real.labelled += int((labels >= 0).sum())
         real.largest_label = max(real.largest_label, int(labels.max()))
-        _keep_for_grid(real.shown, images, recon)
+        room = 2 * GRID_COLUMNS - sum(len(t) for t in real.originals)
+        if room > 0:
+            real.originals.append(images[:room])
+            real.reconstructions.append(recon[:room])
         if space is not None:
             features = space.features(images)
             real.moments.add(features)
@@ -168,15 +172,12 @@ def _real_images(cfg: EvaluateConfig, tokenizer: Tokenizer, shards: Path, space,
     return real
 
 
-def _keep_for_grid(shown: list[torch.Tensor], images: torch.Tensor, recon: torch.Tensor) -> None:
-    """Rows of GRID_COLUMNS originals, each above its reconstructions, for the first 2 rows' worth."""
-    have = sum(len(t) for t in shown) // 2
-    for start in range(0, len(images), GRID_COLUMNS):
-        if have >= 2 * GRID_COLUMNS:
-            return
-        take = min(GRID_COLUMNS, 2 * GRID_COLUMNS - have, len(images) - start)
-        shown += [images[start : start + take], recon[start : start + take]]
-        have += take
+def _reconstruction_grid(real: RealImages):
+    """Rows of GRID_COLUMNS originals, each above its reconstructions."""
+    images, recon = torch.cat(real.originals), torch.cat(real.reconstructions)
+    step = GRID_COLUMNS
+    rows = [t for i in range(0, len(images), step) for t in (images[i : i + step], recon[i : i + step])]
+    return make_grid(torch.cat(rows), nrow=GRID_COLUMNS, upscale=2)
 
 
 def _log_summary(metrics: dict, run_id: str) -> None:

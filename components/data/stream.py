@@ -17,13 +17,15 @@ are unchanged (`resumable_position`).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from components.data.shards import decode_training_sample, iter_shard
+
+T = TypeVar("T")
 
 
 def batches_made_by(role: int, batches: int, workers: int) -> int:
@@ -111,15 +113,21 @@ class TrainingStream(IterableDataset):
             epoch += 1
 
     def _shuffled(self, role: int) -> Iterator[dict]:
-        if not self.shuffle_buffer:
-            yield from self._epochs(role)
-            return
-        rng = random.Random(f"{self.seed}:buffer:{role}")
-        buffer: list[dict] = []
-        for sample in self._epochs(role):
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            j = rng.randrange(len(buffer))
-            buffer[j], sample = sample, buffer[j]
-            yield sample
+        return buffer_shuffled(self._epochs(role), self.shuffle_buffer, f"{self.seed}:buffer:{role}")
+
+
+def buffer_shuffled(items: Iterable[T], size: int, seed: str) -> Iterator[T]:
+    """`items` through a shuffle buffer of `size` (0: in order), seeded by `seed`: once full, each
+    new item takes the place of a random one, which is given out. Endless for endless items."""
+    if not size:
+        yield from items
+        return
+    rng = random.Random(seed)
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(len(buffer))
+        buffer[j], item = item, buffer[j]
+        yield item

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from components.data.stream import buffer_shuffled
 from components.data.tokens import row_labels, sequences
 
 
@@ -117,15 +118,4 @@ class TokenStream:
             n += 1
 
     def _shuffled(self) -> Iterator[tuple[np.ndarray, int]]:
-        if not self.shuffle_buffer:
-            yield from self._epochs()
-            return
-        rng = random.Random(f"{self.seed}:buffer:{self.rank}")
-        buffer: list[tuple[np.ndarray, int]] = []
-        for item in self._epochs():
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            j = rng.randrange(len(buffer))
-            buffer[j], item = item, buffer[j]
-            yield item
+        return buffer_shuffled(self._epochs(), self.shuffle_buffer, f"{self.seed}:buffer:{self.rank}")
