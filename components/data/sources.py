@@ -66,7 +66,7 @@ class ImageFolder:
         # Absolute, so the source still finds its files when loaded in another process.
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"shard.source: folder {self.root} does not exist or is not a directory")
+            raise SourceError(f"shard.source: folder {self.root} does not exist or is not a directory")
         self.description = f"folder:{self.root}"
         subdirs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.classes = subdirs or None
