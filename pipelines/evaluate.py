@@ -84,12 +84,12 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
     tokenizer = Tokenizer.load(paths.tokenizer, device=device)
     prior, _ = load_prior(paths.prior, device=device, tokenizer=tokenizer)
     val_parts = token_io.split_parts(paths.tokens, "val")
-    token_io.check_parts(val_parts, tokenizer.fingerprint)
+    layout = token_io.check_parts(val_parts, tokenizer.fingerprint)[0]  # before any work, and once
 
     with stage_run("evaluate", cfg) as active, tempfile.TemporaryDirectory(prefix="vqpipe-eval-") as scratch:
         import mlflow
 
-        metrics = _token_metrics(cfg, tokenizer, prior, val_parts, paths.plots / "codebook_usage.csv")
+        metrics = _token_metrics(cfg, tokenizer, prior, (val_parts, layout), paths.plots / "codebook_usage.csv")
         features = _feature_space(cfg, tokenizer, device) if cfg.num_samples else None
         real = _real_images(cfg, tokenizer, paths.shards, features, Path(scratch))
         metrics.update(
@@ -111,10 +111,11 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         return EvaluateResult(metrics, metrics_path, active.info.run_id)
 
 
-def _token_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, parts: list, usage_csv: Path) -> dict:
-    """Codebook usage and perplexity of the validation tokens and the prior's bits per token
-    against their unigram entropy, a record batch at a time; writes the usage CSV."""
-    info = token_io.part_info(parts[0])
+def _token_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, val: tuple, usage_csv: Path) -> dict:
+    """Codebook usage and perplexity of the validation tokens (`val`: the parts and their
+    layout) and the prior's bits per token against their unigram entropy, a record batch at a
+    time; writes the usage CSV."""
+    parts, info = val
     counts, bits = CodeCounts(tokenizer.column_codebook_sizes), PriorBits(prior)
     for batch in token_io.iter_token_batches(parts, cfg.batch_size):
         counts.add({c: token_io.column_of(batch.tokens, c, info.tiers, info.grid) for c in info.grid})

@@ -37,6 +37,10 @@ def _is_bytes(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
+def _is_label(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or _is_text(t)
+
+
 def _image_type_ok(t: pa.DataType) -> bool:
     if _is_bytes(t):
         return True
@@ -92,8 +96,7 @@ class ParquetImages:
         o = self.options
         wanted = [("image_column", o.image_column, _image_type_ok, "bytes, or a struct of bytes and path")]
         if o.label_column:
-            integer_or_text = lambda t: pa.types.is_integer(t) or _is_text(t)  # noqa: E731
-            wanted.append(("label_column", o.label_column, integer_or_text, "an integer or a string"))
+            wanted.append(("label_column", o.label_column, _is_label, "an integer or a string"))
         if o.caption_column:
             wanted.append(("caption_column", o.caption_column, _is_text, "a string"))
         for key, column, ok, expected in wanted:

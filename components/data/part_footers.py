@@ -12,18 +12,17 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from components.data.tokens import part_info, sequences
+from components.data.tokens import PartInfo, sequences
 
 
-def parts_identity(paths: list) -> str:
-    """A sha256 of what the parts are (name, size, rows, row groups, tokenizer, source), read
-    from their footers: equal for the same parts, without reading a token."""
+def parts_identity(paths: list, infos: list[PartInfo]) -> str:
+    """A sha256 of what the parts are (name, size, rows, row groups, tokenizer, source), from
+    their footers as `check_parts` read them (`infos`): equal for the same parts, without
+    reading a token."""
     digest = hashlib.sha256()
-    for path in paths:
-        meta = pq.read_metadata(path)
-        info = part_info(path)
+    for path, info in zip(paths, infos, strict=True):
         size = fsspec.core.url_to_fs(str(path))[0].size(str(path))
-        fields = [Path(str(path)).name, size, meta.num_rows, meta.num_row_groups, info.fingerprint, info.source]
+        fields = [Path(str(path)).name, size, info.rows, info.row_groups, info.fingerprint, info.source]
         digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()
 

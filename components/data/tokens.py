@@ -169,6 +169,7 @@ class PartInfo:
     rows: int
     tiers: list  # the token columns of each tier, coarsest first
     source: dict | None = None  # input_shard, samples, rejects (None for parts without it)
+    row_groups: int = 1
 
     @property
     def token_columns(self) -> list[str]:
@@ -187,6 +188,7 @@ def part_info(path: str | Path, filesystem=None) -> PartInfo:
         rows=meta.num_rows,
         tiers=_tiers(schema_meta),
         source=json.loads(schema_meta[META_SOURCE]) if META_SOURCE in schema_meta else None,
+        row_groups=meta.num_row_groups,
     )
 
 

@@ -106,7 +106,7 @@ class PriorRecipe:
         self.num_classes = 0
         if largest >= 0:
             self.num_classes = len(self.class_names) if self.class_names else largest + 1
-        self.parts_id = part_footers.parts_identity(self.train_parts)
+        self.parts_id = part_footers.parts_identity(self.train_parts, infos[: len(self.train_parts)])
 
     def _legacy_settings(self, saved: dict) -> dict:
         """A checkpoint of vqpipe <= 0.2 is tied to a sha256 of all its tokens (`data`): the
