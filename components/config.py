@@ -26,6 +26,7 @@ from components.settings import (
     SampleConfig,
     SamplingOptions,
     ShardConfig,
+    TamingOptions,
     TokenizeConfig,
     TrainPriorConfig,
     TrainTokenizerConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "SampleConfig",
     "SamplingOptions",
     "ShardConfig",
+    "TamingOptions",
     "TokenizeConfig",
     "TrainPriorConfig",
     "TrainTokenizerConfig",
@@ -144,14 +146,56 @@ class Params(BaseModel):
                 )
             elif not Path(tok.perceptual_weights).is_file():
                 problems.append(("train_tokenizer.perceptual_weights", f"{tok.perceptual_weights} not found"))
-        if tok.batch_size % tok.ddp_workers:
+        if tok.batch_size % (tok.ddp_workers * tok.grad_accum_steps):
             problems.append(
                 (
                     "train_tokenizer.batch_size",
-                    f"{tok.batch_size} does not split evenly over ddp_workers={tok.ddp_workers}",
+                    f"{tok.batch_size} does not split evenly over ddp_workers={tok.ddp_workers} "
+                    f"x grad_accum_steps={tok.grad_accum_steps}",
                 )
             )
+        if tok.network == "taming":
+            problems += taming_problems(tok, size)
         return problems
+
+
+def taming_problems(tok: TrainTokenizerConfig, image_size: int) -> list[tuple[str, str]]:
+    """What cannot be built of `network: taming` for `image_size` images, under the key to change."""
+    if tok.arch == "vqvae2":
+        return [("train_tokenizer.network", "taming works with arch vqvae and vqgan; vqvae2 uses the compact network")]
+    problems = []
+    opts = tok.taming
+    ch_mult = opts.resolved_ch_mult(tok.downsample)
+    if len(ch_mult) != tok.num_downsamples + 1:
+        problems.append(
+            (
+                "train_tokenizer.taming.ch_mult",
+                f"{list(ch_mult)} has {len(ch_mult)} levels, which downsample by {2 ** (len(ch_mult) - 1)}; "
+                f"downsample is {tok.downsample} (give {tok.num_downsamples + 1} multipliers)",
+            )
+        )
+        return problems  # the levels, and so where attention can go, are unknown
+    if tok.num_res_blocks < 1:
+        problems.append(("train_tokenizer.num_res_blocks", "network taming needs at least 1 block per level"))
+    have = [image_size // 2**level for level in range(len(ch_mult))]
+    never = [r for r in opts.resolved_attn_resolutions(image_size, tok.downsample) if r not in have]
+    if never:
+        problems.append(
+            (
+                "train_tokenizer.taming.attn_resolutions",
+                f"{never} never occur: at shard.image_size={image_size} the levels are {have} pixels a side",
+            )
+        )
+    widths = sorted({tok.channels * m for m in ch_mult})
+    odd = [w for w in widths if w % opts.norm_groups]
+    if odd:
+        problems.append(
+            (
+                "train_tokenizer.taming.norm_groups",
+                f"{opts.norm_groups} groups do not divide the widths {odd} (channels x ch_mult)",
+            )
+        )
+    return problems
 
 
 SECTIONS = tuple(Params.model_fields)

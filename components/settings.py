@@ -193,6 +193,39 @@ class VQGANOptions(_Section):
     lecam_decay: float = Field(0.999, gt=0, lt=1)
 
 
+def default_ch_mult(levels: int) -> tuple[int, ...]:
+    """LlamaGen's width multipliers for `levels` resolutions: 1 at full size, ending 2, 2, 4
+    (f4: 1, 2, 4; f8: 1, 2, 2, 4; f16: 1, 1, 2, 2, 4)."""
+    if levels <= 1:
+        return (1,)
+    return (1, *([1] * levels + [2, 2, 4])[-(levels - 1) :])
+
+
+class TamingOptions(_Section):
+    """Only read when `network: taming`: taming-transformers' and LlamaGen's encoder/decoder
+    (components/tokenizers/taming.py). `channels` is its base width and `num_res_blocks` the
+    ResNet blocks per level (the decoder has one more)."""
+
+    # Width multiplier of each resolution level; len(ch_mult) - 1 = log2(downsample).
+    # null: LlamaGen's for the downsampling (f8: [1, 2, 2, 4], f16: [1, 1, 2, 2, 4]).
+    ch_mult: tuple[Annotated[int, Field(ge=1)], ...] | None = None
+    # Feature-map sides (pixels) whose ResNet blocks are each followed by self-attention.
+    # null: the coarsest level's (LlamaGen; 16 at 256 px with f16); []: none.
+    attn_resolutions: tuple[Annotated[int, Field(ge=1)], ...] | None = None
+    # Self-attention between the two ResNet blocks of the middle.
+    mid_attention: bool = True
+    # Width of the encoder's output and the decoder's input; a 1x1 conv maps it to latent_dim.
+    z_channels: int = Field(256, ge=1)
+    # GroupNorm groups: 32 as both references; every level's width must be a multiple.
+    norm_groups: int = Field(32, ge=1)
+
+    def resolved_ch_mult(self, downsample: int) -> tuple[int, ...]:
+        return self.ch_mult if self.ch_mult is not None else default_ch_mult(int(math.log2(downsample)) + 1)
+
+    def resolved_attn_resolutions(self, image_size: int, downsample: int) -> tuple[int, ...]:
+        return self.attn_resolutions if self.attn_resolutions is not None else (image_size // downsample,)
+
+
 def training_settings(cfg: BaseModel, resumable: tuple[str, ...], unused: frozenset[str] = frozenset()) -> dict:
     """What a checkpoint must agree on to be resumed: every outcome setting but `resumable`
     (what a resumed run may change) and the `unused` option groups."""
@@ -206,8 +239,12 @@ def training_settings(cfg: BaseModel, resumable: tuple[str, ...], unused: frozen
 
 class TrainTokenizerConfig(_Section):
     arch: Literal["vqvae", "vqvae2", "vqgan"] = "vqvae"
-    # Width of the first stage; it doubles at each downsampling, up to 4x.
+    # compact: small residual network, widths doubling per downsampling up to 4x (the CPU
+    # default); taming: taming-transformers' / LlamaGen's, with the `taming` options.
+    network: Literal["compact", "taming"] = "compact"
+    # Width of the first stage (compact: doubles at each downsampling, up to 4x; taming: times ch_mult).
     channels: GroupNormWidth = Field(32, ge=8)
+    # Per resolution (compact: the bottleneck always has one; taming: at least 1).
     num_res_blocks: int = Field(0, ge=0)
     # Spatial downsampling factor of the encoder: a power of two; image_size / downsample = grid.
     downsample: PowerOfTwo = Field(4, ge=1)
@@ -217,6 +254,7 @@ class TrainTokenizerConfig(_Section):
     quantizer: SerializeAsAny[QuantizerConfig] = Field(default_factory=lambda: QUANTIZERS["vq"]())
     vqvae2: VQVAE2Options = VQVAE2Options()
     vqgan: VQGANOptions = VQGANOptions()
+    taming: TamingOptions = TamingOptions()
     recon_loss: Literal["l2", "l1"] = "l2"
     # LPIPS (VGG16) weight; > 0 needs `perceptual_weights`, a local file (never downloaded).
     perceptual_weight: float = Field(0.0, ge=0)
@@ -225,6 +263,21 @@ class TrainTokenizerConfig(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    # Adam's (beta1, beta2); null: (0.5, 0.9) for vqgan as taming-transformers, else (0.9, 0.999).
+    # LlamaGen trains with (0.9, 0.95).
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] | None = None
+    # constant, or cosine decay to min_lr_ratio x lr at `steps`; both after a linear warmup.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    # Gradients clipped to this global norm (generator and discriminator apart); null: never.
+    grad_clip: float | None = Field(None, gt=0)
+    # An exponential moving average of the weights with this decay (warmed up as
+    # min(decay, (1 + n) / (10 + n)) after n updates) is what is validated and exported; null: off.
+    weight_ema_decay: float | None = Field(None, gt=0, lt=1)
+    # Micro-batches per optimizer step: batch_size is split in this many, their gradients summed
+    # (memory of one micro-batch); EMA codebooks and dead-code counters move once per step.
+    grad_accum_steps: int = Field(1, ge=1)
     # bf16 autocast for the encoder/decoder (the quantizer always runs in fp32). auto: bf16
     # where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -256,7 +309,14 @@ class TrainTokenizerConfig(_Section):
 
     # Outcomes a resumed run may change: how long it trains, its precision, and its worker
     # counts (the run then continues on fresh samples rather than the exact data position).
-    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "precision", "loader_workers", "ddp_workers")
+    # grad_accum_steps too: the batches and their order do not depend on it.
+    RESUMABLE: ClassVar[tuple[str, ...]] = (
+        "steps",
+        "precision",
+        "loader_workers",
+        "ddp_workers",
+        "grad_accum_steps",
+    )
 
     @field_validator("quantizer", mode="before")
     @classmethod
@@ -271,11 +331,18 @@ class TrainTokenizerConfig(_Section):
     def training_settings(self) -> dict:
         """What a checkpoint must agree on to be resumed (the options of the architectures not
         in use aside)."""
-        return training_settings(self, self.RESUMABLE, frozenset({"vqvae2", "vqgan"} - {self.arch}))
+        unused = frozenset({"vqvae2", "vqgan"} - {self.arch}) | ({"taming"} if self.network != "taming" else set())
+        return training_settings(self, self.RESUMABLE, unused)
 
     @property
     def num_downsamples(self) -> int:
         return int(math.log2(self.downsample))
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        if self.adam_betas is not None:
+            return self.adam_betas
+        return (0.5, 0.9) if self.arch == "vqgan" else (0.9, 0.999)
 
 
 class TokenizeConfig(_Section):

@@ -4,7 +4,7 @@ Every module takes (b, h, w, d) or (b, n, d) and returns a `QuantizerOutput`; se
 for the whole interface.
 """
 
-from components.quantizers.base import QuantizerOutput, check_finite, index_stats, usage_stats
+from components.quantizers.base import QuantizerOutput, check_finite, deferred_updates, index_stats, usage_stats
 from components.quantizers.fsq import FSQ, FSQConfig
 from components.quantizers.gumbel import GumbelConfig, GumbelQuantizer
 from components.quantizers.lfq import LFQ, LFQConfig
@@ -31,6 +31,7 @@ __all__ = [
     "VQOptions",
     "VectorQuantizer",
     "check_finite",
+    "deferred_updates",
     "index_stats",
     "kmeans",
     "nearest_codes",

@@ -15,6 +15,8 @@ The interface every registered quantizer module implements:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -106,3 +108,22 @@ def check_finite(z: torch.Tensor, what: str = "encoder output") -> None:
 def check_last_dim(z: torch.Tensor, dim: int) -> None:
     if z.ndim not in (3, 4) or z.shape[-1] != dim:
         raise ValueError(f"expected input (b, h, w, {dim}) or (b, n, {dim}), got shape {tuple(z.shape)}")
+
+
+@contextmanager
+def deferred_updates(model: nn.Module) -> Iterator[None]:
+    """The quantizers of `model` that learn in `forward` (EMA codebooks, dead-code counters,
+    Gumbel's temperature clock) keep what each forward saw and learn from it once, on leaving:
+    several micro-batches then move them as one batch of them all would. Nothing is learned
+    when the block raises."""
+    learners = [m for m in model.modules() if hasattr(m, "begin_deferred")]
+    for learner in learners:
+        learner.begin_deferred()
+    try:
+        yield
+    except BaseException:
+        for learner in learners:
+            learner.finish_deferred(apply=False)
+        raise
+    for learner in learners:
+        learner.finish_deferred()

@@ -77,6 +77,16 @@ class GumbelQuantizer(nn.Module):
         self.codebook = nn.Embedding(codebook_size, dim)
         # Training steps taken: the temperature schedule's clock, saved with the weights.
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+        # While a step's micro-batches pass: the clock moves once, when the step ends.
+        self._deferred: bool | None = None
+
+    def begin_deferred(self) -> None:
+        self._deferred = False
+
+    def finish_deferred(self, apply: bool = True) -> None:
+        if apply and self._deferred:
+            self.step.add_(1)
+        self._deferred = None
 
     def temperature(self) -> float:
         """Geometric from start to end over anneal_steps, then constant."""
@@ -95,7 +105,10 @@ class GumbelQuantizer(nn.Module):
         if self.training:
             check_finite(flat)
             tau = self.temperature()
-            self.step.add_(1)
+            if self._deferred is None:
+                self.step.add_(1)
+            else:
+                self._deferred = True
             soft = _gumbel_softmax(logits, tau)
             indices = soft.argmax(dim=-1)
             if self.straight_through:

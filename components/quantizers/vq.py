@@ -188,6 +188,9 @@ class VectorQuantizer(nn.Module):
         # Set once the codebook has been initialised from encoder outputs.
         self.register_buffer("initialized", torch.tensor(False))
         self._init_pool: list[torch.Tensor] = []
+        # While a step's micro-batches pass (`deferred_updates`): each one's searched rows, learned
+        # from together when the step ends. None: learn at once.
+        self._deferred: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
     def code_vectors(self) -> torch.Tensor:
         """(k, c) the codes as searched: unit vectors in cosine mode."""
@@ -241,7 +244,28 @@ class VectorQuantizer(nn.Module):
     def learn(self, hs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
         """One training step's codebook update from searched rows (several lists when stages
         share this codebook): EMA and dead-code restart. Returns the code counts, summed over
-        replicas: counted once, they serve the stats, the EMA and the restart alike."""
+        replicas: counted once, they serve the stats, the EMA and the restart alike. Between
+        `begin_deferred` and `finish_deferred` the rows are kept instead, and the counts returned
+        are this micro-batch's."""
+        if self._deferred is not None:
+            self._deferred.append(([x.detach().float() for x in hs], list(indices)))
+            return code_counts(torch.cat(indices), self.codebook_size, reduce=True)
+        return self._learn(hs, indices)
+
+    def begin_deferred(self) -> None:
+        self._deferred = []
+
+    @torch.no_grad()
+    def finish_deferred(self, apply: bool = True) -> None:
+        """Learn once from every micro-batch kept since `begin_deferred`, rows in the order one
+        batch of them all would have (stage by stage, then micro-batch by micro-batch)."""
+        pending, self._deferred = self._deferred, None
+        if apply and pending:
+            hs = [torch.cat(parts) for parts in zip(*(h for h, _ in pending), strict=True)]
+            indices = [torch.cat(parts) for parts in zip(*(i for _, i in pending), strict=True)]
+            self._learn(hs, indices)
+
+    def _learn(self, hs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
         h = torch.cat([x.detach().float() for x in hs])
         idx = torch.cat(indices)
         counts = code_counts(idx, self.codebook_size, reduce=True)

@@ -108,5 +108,9 @@ class Decoder(nn.Module):
         layers += [norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], out_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.net[-1].weight
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

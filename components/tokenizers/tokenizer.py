@@ -27,6 +27,7 @@ from components import __version__
 from components.io import atomic_write, write_json
 from components.quantizers import QUANTIZERS
 from components.tokenizers.blocks import ConvShape
+from components.tokenizers.taming import TamingShape
 from components.tokenizers.vqvae import SINGLE_TIER, VQVAE
 from components.tokenizers.vqvae2 import VQVAE2
 
@@ -61,13 +62,40 @@ def _quantizer(config: dict, where: str):
     return QUANTIZERS[kind].model_validate(quant)
 
 
+NETWORKS = ("compact", "taming")
+
+
+def network_shape(config: dict) -> ConvShape | TamingShape:
+    """The encoder/decoder an export's config describes: the compact network (the only one
+    before vqpipe 0.4, whose configs name none) or taming-transformers' / LlamaGen's."""
+    network = config.get("network", "compact")
+    if network == "compact":
+        return ConvShape(*(config[k] for k in ConvShape._fields))
+    if network == "taming":
+        opts = config["taming"]
+        return TamingShape(
+            image_size=config["image_size"],
+            channels=config["channels"],
+            ch_mult=tuple(opts["ch_mult"]),
+            num_res_blocks=config["num_res_blocks"],
+            attn_resolutions=tuple(opts["attn_resolutions"]),
+            mid_attention=opts["mid_attention"],
+            z_channels=opts["z_channels"],
+            latent_dim=config["latent_dim"],
+            norm_groups=opts["norm_groups"],
+        )
+    raise ValueError(f"unknown tokenizer network {network!r} in config (allowed: {', '.join(NETWORKS)})")
+
+
 def build_model(config: dict) -> nn.Module:
     """The architecture an export's config.json describes (`vqgan` exports its generator, a VQVAE)."""
     arch = config.get("arch")
-    shape = ConvShape(*(config[k] for k in ConvShape._fields))
+    shape = network_shape(config)
     if arch in ("vqvae", "vqgan"):
         return VQVAE(_quantizer(config["quantizer"], "config quantizer"), shape)
     if arch == "vqvae2":
+        if not isinstance(shape, ConvShape):
+            raise ValueError("a vqvae2 tokenizer is built on the compact network only")
         return VQVAE2(
             _quantizer(config["quantizer"], "config quantizer"),
             _quantizer(config["top_quantizer"], "config top_quantizer"),
@@ -283,7 +311,23 @@ def save_export(path: str | Path, config: dict, model: torch.nn.Module) -> None:
 
 
 def export_config(cfg, image_size: int) -> dict:
-    """The config.json of a tokenizer trained with `cfg` (a TrainTokenizerConfig)."""
+    """The config.json of a tokenizer trained with `cfg` (a TrainTokenizerConfig). A compact
+    network's names no network: its config, and so its fingerprint, is what vqpipe 0.3 wrote."""
+    taming = cfg.taming
+    network = (
+        {
+            "network": "taming",
+            "taming": {
+                "ch_mult": list(taming.resolved_ch_mult(cfg.downsample)),
+                "attn_resolutions": list(taming.resolved_attn_resolutions(image_size, cfg.downsample)),
+                "mid_attention": taming.mid_attention,
+                "z_channels": taming.z_channels,
+                "norm_groups": taming.norm_groups,
+            },
+        }
+        if cfg.network == "taming"
+        else {}
+    )
     return {
         "arch": cfg.arch,
         "image_size": image_size,
@@ -297,4 +341,5 @@ def export_config(cfg, image_size: int) -> dict:
             if cfg.arch == "vqvae2"
             else {}
         ),
+        **network,
     }

@@ -1,6 +1,8 @@
 """One optimisation step of a tokenizer, whatever its architecture: reconstruction (L1/L2, +
 LPIPS) and quantizer losses; for VQ-GAN the adaptive-weighted adversarial term and a
-discriminator step, both only after `disc_start` steps.
+discriminator step, both only after `disc_start` steps. Around them the recipe of the field's
+tokenizers: the learning-rate schedule, gradient clipping, gradient accumulation over
+micro-batches (the quantizers learning once per step) and an EMA of the weights.
 
 Usable with torch alone (a notebook, a benchmark): `build_step(cfg, image_size, device)` then
 `step(images, n)` per batch. The training recipe (pipelines/recipes/tokenizer.py) adds the data,
@@ -9,6 +11,7 @@ checkpoints, validation and logging around it.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -17,6 +20,8 @@ from torch import nn
 
 from components.config import TrainTokenizerConfig
 from components.data.shards import to_float
+from components.quantizers import deferred_updates
+from components.schedules import lr_factor
 from components.tokenizers.lpips import LPIPS, reconstruction_loss
 from components.tokenizers.tokenizer import build_model, export_config
 from components.tokenizers.vqgan import (
@@ -26,6 +31,7 @@ from components.tokenizers.vqgan import (
     discriminator_loss,
     generator_loss,
 )
+from components.weight_ema import WeightEMA
 
 
 class Critics(NamedTuple):
@@ -41,7 +47,13 @@ class TokenizerStep:
     """The optimisation step of every architecture: reconstruction (L1/L2, + LPIPS) and
     quantizer losses; for VQ-GAN the adaptive-weighted adversarial term and a discriminator
     step, both only after `disc_start` steps. `generator`/`discriminator` may be DDP- or
-    compile-wrapped; `model`/`disc` are the plain modules."""
+    compile-wrapped; `model`/`disc` are the plain modules; `weight_ema` averages `model`'s
+    weights when `weight_ema_decay` is set, and `trained_model` is what is validated and exported.
+
+    A batch is split into `grad_accum_steps` micro-batches whose gradients add up to the
+    batch's (each loss scaled by 1 / grad_accum_steps); the quantizers learn from all of them
+    once, after the last (`deferred_updates`), so EMA codebooks and dead-code counters move as
+    they would for the whole batch."""
 
     def __init__(
         self,
@@ -57,14 +69,19 @@ class TokenizerStep:
         self.disc = self.discriminator = disc
         self.device = device
         self.amp_dtype = amp_dtype
-        gan = cfg.arch == "vqgan"
-        betas = (0.5, 0.9) if gan else (0.9, 0.999)  # taming-transformers' betas for GAN training
-        self.opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+        self.opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.opt_d = (
-            torch.optim.Adam(disc.parameters(), lr=cfg.vqgan.disc_lr or cfg.lr, betas=betas)
+            torch.optim.Adam(disc.parameters(), lr=cfg.vqgan.disc_lr or cfg.lr, betas=cfg.betas)
             if disc is not None
             else None
         )
+        self.lr_factor = lr_factor(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        self.weight_ema = WeightEMA(model, cfg.weight_ema_decay) if cfg.weight_ema_decay else None
+
+    @property
+    def trained_model(self) -> nn.Module:
+        """What training produces: the EMA of the weights when kept, else the model."""
+        return self.weight_ema.model if self.weight_ema is not None else self.model
 
     def gan_active(self, step: int) -> bool:
         """Steps are counted from 1: with disc_start = k the discriminator first trains at step k + 1."""
@@ -75,12 +92,53 @@ class TokenizerStep:
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         )
 
+    def _set_lr(self, step: int) -> None:
+        """The schedule's rate for `step` (from 1) on both optimizers."""
+        factor = self.lr_factor(step - 1)
+        for group in self.opt_g.param_groups:
+            group["lr"] = self.cfg.lr * factor
+        if self.opt_d is not None:
+            for group in self.opt_d.param_groups:
+                group["lr"] = (self.cfg.vqgan.disc_lr or self.cfg.lr) * factor
+
+    def _clip(self, module: nn.Module) -> torch.Tensor | None:
+        if self.cfg.grad_clip is None:
+            return None
+        return torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
+
     def step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        """One step on a uint8 batch (b, 3, H, W); returns detached scalars for logging."""
-        cfg = self.cfg
+        """One optimizer step on a uint8 batch (b, 3, H, W); returns detached scalars for
+        logging (means over the micro-batches)."""
         x = (to_float(images).to(self.device, non_blocking=True) * 2.0 - 1.0).contiguous(
             memory_format=torch.channels_last
         )
+        accum = self.cfg.grad_accum_steps
+        micro = x.chunk(accum) if accum > 1 else (x,)
+        self._set_lr(step)
+        gan = self.gan_active(step)
+        self.opt_g.zero_grad(set_to_none=True)
+        logged, fakes = [], []
+        with deferred_updates(self.model) if accum > 1 else nullcontext():
+            for i, batch in enumerate(micro):
+                with _syncing(self.generator, i == len(micro) - 1):
+                    parts, fake = self._generator_pass(batch, gan, 1.0 / len(micro))
+                logged.append(parts)
+                fakes.append(fake)
+        grad_norm = self._clip(self.model)
+        self.opt_g.step()
+        if self.weight_ema is not None:
+            self.weight_ema.update(self.model)
+        parts = {k: torch.stack([p[k].float() for p in logged]).mean() for k in logged[0]}
+        if grad_norm is not None:
+            parts["grad_norm"] = grad_norm.detach()
+        if gan:
+            parts.update(self._disc_step(micro, fakes))
+        return parts
+
+    def _generator_pass(self, x: torch.Tensor, gan: bool, scale: float) -> tuple[dict, torch.Tensor]:
+        """Forward and backward of one micro-batch, its loss scaled by `scale`; returns its
+        logged parts and its (detached) reconstruction."""
+        cfg = self.cfg
         with self._autocast():
             out = self.generator(x)
             rec = reconstruction_loss(cfg.recon_loss, out.reconstruction, x)
@@ -90,7 +148,6 @@ class TokenizerStep:
                 rec = rec + cfg.perceptual_weight * perceptual
                 parts["perceptual_loss"] = perceptual.detach()
         loss = rec + out.quant_loss
-        gan = self.gan_active(step)
         if gan:
             self.disc.requires_grad_(False)
             with self._autocast():
@@ -102,14 +159,28 @@ class TokenizerStep:
             loss = loss + weight * g_loss
             parts.update(g_loss=g_loss.detach(), adaptive_weight=weight)
             self.disc.requires_grad_(True)
-        self.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_g.step()
-        if gan:
-            parts.update(self._disc_step(x, out.reconstruction.detach()))
-        return {"loss": loss.detach(), **parts, **{k: v for k, v in out.parts.items() if k not in parts}}
+        (loss * scale).backward()
+        parts = {"loss": loss.detach(), **parts, **{k: v for k, v in out.parts.items() if k not in parts}}
+        return parts, out.reconstruction.detach()
 
-    def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _disc_step(self, reals: tuple[torch.Tensor, ...], fakes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.opt_d.zero_grad(set_to_none=True)
+        logged, seen_real, seen_fake = [], [], []
+        for i, (real, fake) in enumerate(zip(reals, fakes, strict=True)):
+            with _syncing(self.discriminator, i == len(reals) - 1):
+                parts, logits_real, logits_fake = self._disc_pass(real, fake, 1.0 / len(reals))
+            logged.append(parts)
+            seen_real.append(logits_real)
+            seen_fake.append(logits_fake)
+        if self.lecam is not None:  # its averages move once per step, over the whole batch
+            self.lecam.update(torch.cat(seen_real), torch.cat(seen_fake))
+        self._clip(self.disc)
+        self.opt_d.step()
+        return {k: torch.stack([p[k] for p in logged]).mean() for k in logged[0]}
+
+    def _disc_pass(self, real: torch.Tensor, fake: torch.Tensor, scale: float):
+        """Forward and backward of the discriminator on one micro-batch: its logged parts and
+        its (detached) logits on the real and the reconstructed images."""
         cfg = self.cfg.vqgan
         with self._autocast():
             # One forward of both halves: DDP expects one forward per backward (and GroupNorm
@@ -125,12 +196,9 @@ class TokenizerStep:
         if self.lecam is not None:
             penalty = self.lecam.penalty(logits_real, logits_fake)
             d_loss = d_loss + cfg.lecam_weight * penalty
-            self.lecam.update(logits_real.detach(), logits_fake.detach())
             parts["lecam_penalty"] = penalty.detach()
-        self.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.opt_d.step()
-        return parts
+        (d_loss * scale).backward()
+        return parts, logits_real.detach(), logits_fake.detach()
 
     def state_dict(self) -> dict:
         state = {"model": self.model.state_dict(), "optimizer": self.opt_g.state_dict()}
@@ -138,6 +206,8 @@ class TokenizerStep:
             state.update(disc=self.disc.state_dict(), disc_optimizer=self.opt_d.state_dict())
         if self.lecam is not None:
             state["lecam"] = self.lecam.state_dict()
+        if self.weight_ema is not None:
+            state["weight_ema"] = self.weight_ema.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -148,6 +218,17 @@ class TokenizerStep:
             self.opt_d.load_state_dict(state["disc_optimizer"])
         if self.lecam is not None:
             self.lecam.load_state_dict(state["lecam"])
+        if self.weight_ema is not None:
+            # A checkpoint of a run that kept no average starts one from its weights.
+            if "weight_ema" in state:
+                self.weight_ema.load_state_dict(state["weight_ema"])
+            else:
+                self.weight_ema = WeightEMA(self.model, self.weight_ema.decay)
+
+
+def _syncing(module: nn.Module, last: bool):
+    """DDP all-reduces gradients on the last micro-batch's backward only (`no_sync` before)."""
+    return nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
 
 
 def build_step(

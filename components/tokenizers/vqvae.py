@@ -16,6 +16,7 @@ from torch import nn
 
 from components.quantizers import QuantizerConfig
 from components.tokenizers.blocks import ConvShape, Decoder, Encoder
+from components.tokenizers.taming import TamingDecoder, TamingEncoder, TamingShape
 
 # The name of a one-tier tokenizer's only tier (a hierarchical one has "top" and "bottom").
 SINGLE_TIER = "single"
@@ -42,13 +43,19 @@ def quantize_fp32(quantizer: nn.Module, z: torch.Tensor):
 class VQVAE(nn.Module):
     tiers: tuple[str, ...] = (SINGLE_TIER,)
 
-    def __init__(self, quantizer: QuantizerConfig, shape: ConvShape, in_channels: int = 3):
+    def __init__(self, quantizer: QuantizerConfig, shape: ConvShape | TamingShape, in_channels: int = 3):
+        """`shape` picks the network: a ConvShape the compact one (blocks.py), a TamingShape
+        taming-transformers' and LlamaGen's (taming.py)."""
         super().__init__()
-        channels, num_downsamples, num_res_blocks, latent_dim = shape
-        self.encoder = Encoder(in_channels, channels, num_downsamples, num_res_blocks, latent_dim)
-        self.quantizer = quantizer.build(latent_dim)
-        self.decoder = Decoder(in_channels, channels, num_downsamples, num_res_blocks, latent_dim)
-        self.downsample = 2**num_downsamples
+        if isinstance(shape, TamingShape):
+            self.encoder = TamingEncoder(shape, in_channels)
+            self.decoder = TamingDecoder(shape, in_channels)
+            self.downsample = 2 ** (len(shape.ch_mult) - 1)
+        else:
+            self.encoder = Encoder(in_channels, *shape)
+            self.decoder = Decoder(in_channels, *shape)
+            self.downsample = 2**shape.num_downsamples
+        self.quantizer = quantizer.build(shape.latent_dim)
 
     @property
     def quantizers(self) -> dict[str, nn.Module]:
@@ -60,7 +67,7 @@ class VQVAE(nn.Module):
 
     @property
     def last_layer(self) -> torch.Tensor:
-        return self.decoder.net[-1].weight
+        return self.decoder.last_layer
 
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """(b, 3, H, W) -> channels-last latent (b, h, w, d), the quantizer's input."""

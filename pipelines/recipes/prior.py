@@ -33,6 +33,7 @@ from components.io import write_json
 from components.metrics import PriorBits
 from components.priors import build_prior, save_prior
 from components.priors.transformer import upgrade_state
+from components.schedules import lr_factor
 from components.tokenizers import Tokenizer
 from pipelines.recipes.checkpointing import CheckpointFile, gather, replicas_identical
 from pipelines.runtime import Paths, autocast_dtype, seed_everything
@@ -77,7 +78,9 @@ class PriorRecipe:
         self._open_tokens(paths)
         self.model = _build_model(cfg, self.tokenizer, self.row_length, self.num_classes).to(device)
         self.optimizer = _build_optimizer(cfg, self.model)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(cfg))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor("cosine", cfg.steps, cfg.warmup_steps, min_ratio=0.1)
+        )
         self.metrics = None
         if self.lead:
             self.metrics = MetricLogger(job.run_id, Path(job.checkpoint_dir) / HISTORY, flush_every=cfg.log_every)
@@ -288,16 +291,6 @@ def _build_optimizer(cfg: TrainPriorConfig, model: torch.nn.Module) -> torch.opt
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def _warmup_cosine(cfg: TrainPriorConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
 
 
 def train_worker(cfg: TrainPriorConfig, job: PriorJob, rank: int, world_size: int, device: torch.device) -> None:

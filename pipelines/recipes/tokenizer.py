@@ -133,7 +133,8 @@ class TokenizerRecipe:
     def validate(self, steps_per_second: float) -> None:
         """PSNR/SSIM of the reconstructions of the first VAL_IMAGES validation images, streamed
         a batch at a time, and a grid of the first GRID_IMAGES (rank 0)."""
-        model = self.step_fn.model
+        model = self.step_fn.trained_model  # the weights' EMA when kept: what is exported
+        was_training = model.training
         model.eval()
         psnr_sum = ssim_sum = 0.0
         count, shown = 0, None
@@ -148,7 +149,7 @@ class TokenizerRecipe:
                 # Originals on the top row, their reconstructions under them.
                 n = min(GRID_IMAGES, len(images))
                 shown = make_grid(torch.cat([images[:n], recon[:n]]), nrow=n, upscale=2)
-        model.train()
+        model.train(was_training)
         val_psnr, val_ssim = psnr_sum / count, ssim_sum / count
         self.metrics.log(self.step, {"val_psnr": val_psnr, "val_ssim": val_ssim})
         self.metrics.client.log_image(self.job.run_id, shown, key="reconstructions", step=self.step)
@@ -179,7 +180,8 @@ class TokenizerRecipe:
         """Rank 0: the tokenizer, summary.json and the plot CSV into job.staging. Every rank
         takes part in the replica check first."""
         step_fn = self.step_fn
-        modules = {"model": step_fn.model, "disc": step_fn.disc, "lecam": step_fn.lecam}
+        ema = step_fn.weight_ema.model if step_fn.weight_ema is not None else None
+        modules = {"model": step_fn.model, "disc": step_fn.disc, "lecam": step_fn.lecam, "weight_ema": ema}
         identical = replicas_identical(modules, self.world_size)
         if not self.lead:
             return
@@ -187,7 +189,9 @@ class TokenizerRecipe:
             log.warning("the replicas' weights or codebooks differ at the end of training")
         self.metrics.flush()
         staging = Path(self.job.staging)
-        Tokenizer(_cpu_copy(step_fn.model), export_config(self.cfg, self.job.image_size)).save(staging / "tokenizer")
+        Tokenizer(_cpu_copy(step_fn.trained_model), export_config(self.cfg, self.job.image_size)).save(
+            staging / "tokenizer"
+        )
         write_json(staging / "summary.json", self._summary(identical))
         self.metrics.write_csv(staging / "train_tokenizer.csv", PLOT_KEYS)
 
@@ -238,8 +242,10 @@ class TokenizerRecipe:
         job, step_fn = self.job, self.step_fn
         self.metrics = MetricLogger(job.run_id, Path(job.checkpoint_dir) / HISTORY, flush_every=self.cfg.log_every)
         self.metrics.resume(self.history_rows, self.legacy_history)
+        parameters = sum(p.numel() for p in step_fn.model.parameters())
+        log.info("tokenizer: %s network, %.2fM parameters", self.cfg.network, parameters / 1e6)
         params = {
-            "model.parameters": sum(p.numel() for p in step_fn.model.parameters()),
+            "model.parameters": parameters,
             "data.image_size": job.image_size,
             "train.autocast_dtype": str(step_fn.amp_dtype or torch.float32),
             "train.world_size": self.world_size,
