@@ -304,13 +304,39 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; raises ConfigError naming every bad key."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents; ConfigError when it is missing or not YAML."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([("<file>", f"{path} not found")], str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError([("<file>", f"not valid YAML: {err}")], str(path)) from None
-    return parse_params(raw, str(path))
+
+
+def merge_profile(base: dict, profile: dict) -> dict:
+    """`base` params with a profile's values in place: mappings merge key by key, except a
+    mapping with a `type` (a quantizer), which the profile's replaces whole, as any other value."""
+    merged = dict(base)
+    for key, value in profile.items():
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and "type" not in value:
+            merged[key] = merge_profile(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | Path | None = None) -> Params:
+    """Read and validate a params file, with a profile's values over it when one is given;
+    raises ConfigError naming every bad key."""
+    raw = read_yaml(path)
+    source = str(path)
+    if profile is not None:
+        overrides = read_yaml(profile)
+        if not isinstance(overrides, dict):
+            raise ConfigError([("<top level>", "a profile is a mapping of sections")], str(profile))
+        raw = merge_profile(raw or {}, overrides)
+        source = f"{path} with profile {profile}"
+    return parse_params(raw, source)

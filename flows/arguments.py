@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from components.config import SampleConfig
+from components.tokenizers.published import DEFAULT_MODEL, FORMATS, MODELS
 from flows.dvc import STAGES
 from pipelines.corpus.job import TOKENIZE
 
@@ -36,7 +37,34 @@ def _add_pipeline_commands(sub) -> None:
     serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     serve.add_argument("--name", default="vqpipe-scheduled", help="deployment name")
 
-    sub.add_parser("validate", help="check params.yaml and exit (status 2 when invalid)")
+    validate = sub.add_parser("validate", help="check params.yaml and exit (status 2 when invalid)")
+    validate.add_argument("--profile", default=None, help="check params.yaml with this profile's values over it")
+
+    profile = sub.add_parser(
+        "apply-profile",
+        help="write a params profile's values into params.yaml (e.g. profiles/gpu-256.yaml)",
+        description="Validates params.yaml with the profile's values first; writes nothing when invalid. "
+        "DVC then reruns exactly the stages the changed keys feed.",
+    )
+    profile.add_argument("profile", help="a YAML file of params.yaml sections with the values to change")
+
+    imp = sub.add_parser(
+        "import-tokenizer",
+        help="convert a published tokenizer checkpoint (LlamaGen, taming-transformers) into a vqpipe export",
+        description="Reads the checkpoint with torch.load(weights_only=True); every tensor is checked against "
+        "the model named by --model. The export works with vqpipe tokenize, the prior and Tokenizer.load.",
+    )
+    imp.add_argument("checkpoint", help="the .pt / .ckpt file")
+    imp.add_argument("--format", required=True, choices=FORMATS, help="whose checkpoint it is")
+    imp.add_argument(
+        "--model",
+        default=None,
+        help="the published configuration: "
+        + "; ".join(f"{fmt}: {', '.join(MODELS[fmt])} (default {DEFAULT_MODEL[fmt]})" for fmt in FORMATS),
+    )
+    imp.add_argument("--output", required=True, help="the export directory to write")
+    imp.add_argument("--image-size", type=_positive, default=256, help="images it tokenizes (default 256)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an export already in --output")
 
 
 def _add_tokenize(sub) -> None:

@@ -3,7 +3,9 @@
 vqpipe run [--stage train_prior ...] [--force]
 vqpipe status
 vqpipe serve --cron "0 3 * * *"
-vqpipe validate
+vqpipe validate [--profile profiles/gpu-256.yaml]
+vqpipe apply-profile profiles/gpu-256.yaml
+vqpipe import-tokenizer --format llamagen vq_ds16_c2i.pt --output models/llamagen-vq16
 vqpipe tokenize --tokenizer models/tokenizer --input 'data/{00000..00099}.tar' --output tokens/
 vqpipe sample --n 64 --class 3 --guidance 2.0 --out grid.png
 """
@@ -21,8 +23,12 @@ from pydantic import ValidationError
 
 from components.config import ConfigError, SamplingOptions, load_params
 from components.metrics import save_grid
+from components.tokenizers import Tokenizer, build_model
+from components.tokenizers.published import MODELS, CheckpointError, convert_checkpoint
+from components.tokenizers.tokenizer import CONFIG_FILE
 from flows.arguments import build_parser
 from flows.dvc import STAGES, StageFailed, downstream, missing_params, stage_status
+from flows.profiles import apply_profile
 from pipelines.corpus import resolve_tokenizer
 from pipelines.runtime import setup_logging
 from pipelines.sample import SampleRequest, draw, load_models
@@ -32,9 +38,9 @@ from pipelines.tracking import MLFLOW_SCHEMES
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def _check_params(repo: Path) -> int:
+def _check_params(repo: Path, profile: str | None = None) -> int:
     try:
-        load_params(repo / "params.yaml")
+        load_params(repo / "params.yaml", profile)
         missing = missing_params(repo)
         if missing:
             raise ConfigError(missing, str(repo / "params.yaml"))
@@ -123,10 +129,51 @@ def cmd_serve(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    code = _check_params(Path(args.repo).resolve())
+    code = _check_params(Path(args.repo).resolve(), args.profile)
     if code == 0:
-        print("params.yaml is valid")
+        print("params.yaml is valid" + (f" with profile {args.profile}" if args.profile else ""))
     return code
+
+
+def cmd_apply_profile(args) -> int:
+    repo = Path(args.repo).resolve()
+    try:
+        changes = apply_profile(repo / "params.yaml", args.profile)
+    except ConfigError as err:
+        print(f"error: {err}\nparams.yaml is unchanged", file=sys.stderr)
+        return 2
+    for key, old, new in changes:
+        print(f"  {key}: {old!r} -> {new!r}")
+    print(f"{len(changes)} value(s) of {args.profile} written to {repo / 'params.yaml'}; `vqpipe status` shows")
+    print("what they make stale, `vqpipe run` reruns it (`git diff params.yaml` shows the change)")
+    return 0
+
+
+def cmd_import_tokenizer(args) -> int:
+    out = Path(args.output)
+    if (out / CONFIG_FILE).exists() and not args.overwrite:
+        print(f"error: {out} already holds a tokenizer export (--overwrite replaces it)", file=sys.stderr)
+        return 2
+    try:
+        config, state, notes = convert_checkpoint(args.format, args.checkpoint, args.model, args.image_size)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    model = build_model(config)
+    model.load_state_dict(state)
+    tokenizer = Tokenizer(model, config)
+    tokenizer.save(out)
+    source = config["imported_from"]
+    spec = MODELS[source["format"]][source["model"]]
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{source['format']} {source['model']}: " + "; ".join(notes))
+    print(
+        f"{parameters / 1e6:.1f}M parameters, {tokenizer.codebook_size} codes, {args.image_size} px -> "
+        f"{'x'.join(map(str, tokenizer.grid))} tokens; published rFID {spec.rfid}"
+    )
+    print(f"tokenizer {tokenizer.fingerprint[:12]} written to {out}")
+    print(f"  vqpipe tokenize --tokenizer {out} --input 'SHARDS' --output TOKENS")
+    return 0
 
 
 def cmd_tokenize(args) -> int:
@@ -250,6 +297,8 @@ COMMANDS = {
     "status": cmd_status,
     "serve": cmd_serve,
     "validate": cmd_validate,
+    "apply-profile": cmd_apply_profile,
+    "import-tokenizer": cmd_import_tokenizer,
     "tokenize": cmd_tokenize,
     "sample": cmd_sample,
 }

@@ -26,6 +26,25 @@ ARCHS = {
         {"arch": "vqvae2", "vqvae2": {"top_downsample": 2, "top_quantizer": {"type": "fsq", "levels": [3, 3]}}},
         {"tokens_top": [2, 2], "tokens_bottom": [4, 4]},
     ),
+    # taming-transformers' / LlamaGen's network with LlamaGen-style cosine codes learned by
+    # gradient, and the whole recipe: warmup and cosine, clipping, weight EMA, accumulation.
+    "taming": (
+        {
+            "arch": "vqgan",
+            "network": "taming",
+            "num_res_blocks": 1,
+            "latent_dim": 4,
+            "taming": {"z_channels": 8, "norm_groups": 8},
+            "quantizer": {"type": "vq", "codebook_size": 16, "ema": False, "cosine": True, "kmeans_iters": 0},
+            "vqgan": {"disc_start": 2, "disc_channels": 8, "disc_layers": 2},
+            "lr_schedule": "cosine",
+            "warmup_steps": 1,
+            "grad_clip": 1.0,
+            "weight_ema_decay": 0.9,
+            "grad_accum_steps": 2,
+        },
+        {"tokens": [4, 4]},
+    ),
     "vqgan": (
         {
             "arch": "vqgan",
@@ -73,7 +92,7 @@ def test_pipeline_with_each_architecture(arch, tiny_project, tmp_path, mlflow_st
 
     result = train_tokenizer.run(params.train_tokenizer, paths)
     tok = Tokenizer.load(paths.tokenizer)
-    assert tok.config["arch"] == arch and tok.token_columns == list(grids)
+    assert tok.config["arch"] == options["arch"] and tok.token_columns == list(grids)
 
     tokenized = tokenize.run(params.tokenize, paths)
     assert tokenized.manifest["grid"] == grids
@@ -100,6 +119,10 @@ def test_pipeline_with_each_architecture(arch, tiny_project, tmp_path, mlflow_st
             run.data.metrics
         )
         assert run.data.params["train_tokenizer.vqgan.disc_start"] == "2"
+    elif arch == "taming":
+        assert {"g_loss", "d_loss", "grad_norm"} <= set(run.data.metrics)
+        assert tok.config["network"] == "taming" and tok.config["taming"]["ch_mult"] == [1, 2, 4]
+        assert int(run.data.params["model.parameters"]) == sum(p.numel() for p in tok.model.parameters())
     else:
         assert {"codebook_usage_top", "codebook_usage_bottom"} <= set(run.data.metrics)
 
@@ -130,7 +153,19 @@ def _kill_at_first_checkpoint(module: str, cwd, ckpt_dir) -> dict:
     return load_checkpoint(ckpt_dir)
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path):
+# The recipe's state (weight EMA, accumulated codebook statistics, the schedule's position) resumes too.
+RECIPE = {
+    "lr_schedule": "cosine",
+    "warmup_steps": 5,
+    "grad_clip": 0.5,
+    "weight_ema_decay": 0.95,
+    "grad_accum_steps": 2,
+    "precision": "fp32",
+}
+
+
+@pytest.mark.parametrize("recipe", [{}, RECIPE], ids=["constant", "recipe"])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(recipe, tiny_project, tmp_path):
     built, _ = tiny_project
     tokenizer = {
         "arch": "vqgan",
@@ -141,6 +176,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_project, tmp_path
         "log_every": 4,
         "vqgan": {"disc_start": 4, "disc_channels": 8, "disc_layers": 2, "lecam_weight": 0.01},
         "checkpoint_dir": "checkpoints/train_tokenizer",
+        **recipe,
     }
     raw, params = _params(tmp_path, **tokenizer)
     killed, straight = tmp_path / "killed", tmp_path / "straight"

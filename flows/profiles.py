@@ -1,0 +1,54 @@
+"""Params profiles: a YAML file of params.yaml's sections holding only the values that differ
+(`profiles/gpu-256.yaml`: 256-px images, LlamaGen's VQ-16 recipe on a GPU).
+
+A profile is applied *to params.yaml*, never beside it: DVC reads params.yaml, so the stages the
+changed keys feed become stale and nothing else does, and the run stays reproducible from the
+repo. Comments and layout of params.yaml are kept.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from components.config import load_params, read_yaml
+
+
+def changed_keys(base: Any, profile: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for each value the profile changes."""
+    if isinstance(profile, dict) and isinstance(base, dict) and "type" not in profile:
+        out = []
+        for key, value in profile.items():
+            out += changed_keys(base.get(key), value, f"{prefix}{key}.")
+        return out
+    return [] if base == profile else [(prefix.rstrip("."), base, profile)]
+
+
+def _assign(node, profile: dict) -> None:
+    for key, value in profile.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict) and "type" not in value:
+            _assign(node[key], value)
+        else:
+            node[key] = value
+
+
+def apply_profile(params_path: str | Path, profile_path: str | Path) -> list[tuple[str, Any, Any]]:
+    """Write the profile's values into params.yaml (after validating the result: nothing is
+    written when it is invalid); returns what changed."""
+    params_path = Path(params_path)
+    load_params(params_path, profile_path)  # ConfigError, naming the bad keys, before any write
+    profile = read_yaml(profile_path)
+    changes = changed_keys(read_yaml(params_path), profile)
+    yaml = YAML()  # round-trip: comments and key order stay
+    yaml.width = 120
+    document = yaml.load(params_path.read_text())
+    _assign(document, profile)
+    text = io.StringIO()
+    yaml.dump(document, text)
+    tmp = params_path.with_name(f".{params_path.name}.tmp")
+    tmp.write_text(text.getvalue())
+    tmp.replace(params_path)
+    return changes
