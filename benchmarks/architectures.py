@@ -2,10 +2,16 @@
 settings on the built-in shapes data. Prints a table (not a timed test).
 
     .venv/bin/python benchmarks/architectures.py [--steps 600] [--images 16000]
+    .venv/bin/python benchmarks/architectures.py --llamagen [--device cuda] [--batch 8]
 
 Per architecture: tokens per image, validation PSNR and SSIM (all validation images, through the
 exported tokenizer), codebook usage (mean over tiers), the stage's steps/s. VQ-GAN runs without
 LPIPS (no weights file here) and its discriminator starts halfway.
+
+`--llamagen`: the GPU profile's tokenizer (profiles/gpu-256.yaml: LlamaGen's VQ-16 at 256 px, a
+VQ-GAN with LPIPS, random LPIPS weights) on this machine: parameters, training images/s (the
+whole step: generator, LPIPS, adversarial term, discriminator) and encoding images/s, in fp32
+and bf16 autocast, with peak GPU memory on CUDA. Medians over --repeats timed steps.
 """
 
 from __future__ import annotations
@@ -13,19 +19,25 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch
+from safetensors.torch import save_file
 
 from benchmarks.common import shapes_project, sibling
-from components.config import parse_params
+from components.config import load_params, parse_params
 from components.data.shards import load_split, to_float
 from components.metrics import psnr, ssim
 from components.tokenizers import Tokenizer
+from components.tokenizers.lpips import LPIPS
+from components.tokenizers.training import build_step
 from pipelines import train_tokenizer
 
 ARCHS = {
@@ -36,12 +48,82 @@ ARCHS = {
 }
 
 
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn()` over `repeats` runs, after one untimed warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def llamagen(device: torch.device, batch: int, encode_batch: int, repeats: int) -> None:
+    """The GPU profile's tokenizer at 256 px: training and encoding throughput on `device`."""
+    lpips_file = Path(tempfile.mkdtemp(prefix="vqpipe-bench-")) / "lpips.safetensors"
+    save_file({k: v.abs().contiguous() for k, v in LPIPS().state_dict().items()}, str(lpips_file))
+    cfg = _profile_params(lpips_file).train_tokenizer.model_copy(update={"batch_size": batch})
+    images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8)
+    print(f"\n## LlamaGen VQ-16 (profiles/gpu-256.yaml) at 256 px on {device}\n")
+    print("| precision | parameters (generator + discriminator) | train images/s | encode images/s | peak GPU memory |")
+    print("|---|---|---|---|---|")
+    for precision in ("fp32", "bf16"):
+        print(_llamagen_row(cfg, lpips_file, precision, images, device, encode_batch, repeats), flush=True)
+
+
+def _llamagen_row(cfg, lpips_file: Path, precision: str, images, device, encode_batch: int, repeats: int) -> str:
+    amp = torch.bfloat16 if precision == "bf16" else None
+    torch.manual_seed(0)
+    step = build_step(cfg, 256, device, amp, perceptual_weights=str(lpips_file))
+    counter = iter(range(cfg.vqgan.disc_start + 1, 10**9))  # the adversarial part on from the start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train = _timed(lambda: step.step(images, next(counter)), repeats, device)
+    tokenizer = Tokenizer(step.model, {"image_size": 256}, device)
+    x = torch.rand(encode_batch, 3, 256, 256, device=device)
+
+    def encode():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp is not None):
+            tokenizer.encode(x)
+
+    enc = _timed(encode, repeats, device)
+    peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "-"
+    generator = sum(p.numel() for p in step.model.parameters())
+    disc = sum(p.numel() for p in step.disc.parameters())
+    return (
+        f"| {precision} | {generator / 1e6:.1f}M + {disc / 1e6:.1f}M | {len(images) / train:.2f} | "
+        f"{encode_batch / enc:.1f} | {peak} |"
+    )
+
+
+def _profile_params(lpips_file: Path):
+    """params.yaml with the GPU profile over it, its LPIPS file replaced by `lpips_file`."""
+    profile = ROOT / "profiles" / "gpu-256.yaml"
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        text = profile.read_text().replace("weights/lpips_vgg16.safetensors", str(lpips_file))
+        f.write(text)
+    return load_params(ROOT / "params.yaml", f.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--images", type=int, default=16000)
+    parser.add_argument("--llamagen", action="store_true", help="the GPU profile's tokenizer at 256 px instead")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=4, help="--llamagen: training images per step")
+    parser.add_argument("--encode-batch", type=int, default=16, help="--llamagen: images per encode")
+    parser.add_argument("--repeats", type=int, default=3, help="--llamagen: timed repetitions")
     args = parser.parse_args()
     logging.disable(logging.INFO)
+    if args.llamagen:
+        llamagen(torch.device(args.device), args.batch, args.encode_batch, args.repeats)
+        return
 
     base = shapes_project(args.images, "vqpipe-bench-archs-")
     val = to_float(load_split(base.shards, "val")[0])

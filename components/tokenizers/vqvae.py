@@ -47,15 +47,12 @@ class VQVAE(nn.Module):
         """`shape` picks the network: a ConvShape the compact one (blocks.py), a TamingShape
         taming-transformers' and LlamaGen's (taming.py)."""
         super().__init__()
-        if isinstance(shape, TamingShape):
-            self.encoder = TamingEncoder(shape, in_channels)
-            self.decoder = TamingDecoder(shape, in_channels)
-            self.downsample = 2 ** (len(shape.ch_mult) - 1)
-        else:
-            self.encoder = Encoder(in_channels, *shape)
-            self.decoder = Decoder(in_channels, *shape)
-            self.downsample = 2**shape.num_downsamples
+        # Built encoder, quantizer, decoder: the order they draw their initial weights in.
+        taming = isinstance(shape, TamingShape)
+        self.encoder = TamingEncoder(shape, in_channels) if taming else Encoder(in_channels, *shape)
         self.quantizer = quantizer.build(shape.latent_dim)
+        self.decoder = TamingDecoder(shape, in_channels) if taming else Decoder(in_channels, *shape)
+        self.downsample = 2 ** (len(shape.ch_mult) - 1) if taming else 2**shape.num_downsamples
 
     @property
     def quantizers(self) -> dict[str, nn.Module]:
