@@ -22,7 +22,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.common import shapes_project, sibling
+from benchmarks.common import shapes_project, sibling, timed
 from components.config import load_params, parse_params
 from components.data.shards import load_split, to_float
 from components.metrics import psnr, ssim
@@ -48,19 +47,10 @@ ARCHS = {
 }
 
 
-def _timed(fn, repeats: int, device: torch.device) -> float:
+def _median_time(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of `fn()` over `repeats` runs, after one untimed warm-up."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 def llamagen(device: torch.device, batch: int, encode_batch: int, repeats: int) -> None:
@@ -83,7 +73,7 @@ def _llamagen_row(cfg, lpips_file: Path, precision: str, images, device, encode_
     counter = iter(range(cfg.vqgan.disc_start + 1, 10**9))  # the adversarial part on from the start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train = _timed(lambda: step.step(images, next(counter)), repeats, device)
+    train = _median_time(lambda: step.step(images, next(counter)), repeats, device)
     tokenizer = Tokenizer(step.model, {"image_size": 256}, device)
     x = torch.rand(encode_batch, 3, 256, 256, device=device)
 
@@ -91,7 +81,7 @@ def _llamagen_row(cfg, lpips_file: Path, precision: str, images, device, encode_
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp is not None):
             tokenizer.encode(x)
 
-    enc = _timed(encode, repeats, device)
+    enc = _median_time(encode, repeats, device)
     peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "-"
     generator = sum(p.numel() for p in step.model.parameters())
     disc = sum(p.numel() for p in step.disc.parameters())

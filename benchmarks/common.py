@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from components.config import parse_params
 from pipelines import shard
@@ -29,3 +32,14 @@ def sibling(base, name: str):
     paths.shards.parent.mkdir(parents=True, exist_ok=True)
     paths.shards.symlink_to(Path(base.shards).resolve(), target_is_directory=True)
     return paths
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds `fn()` takes, the device's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

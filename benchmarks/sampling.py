@@ -20,7 +20,6 @@ import itertools
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
+from benchmarks.common import timed
 from components.priors import PriorConfig, Sampler, TransformerPrior
 from pipelines.runtime import resolve_device
 
@@ -55,9 +55,9 @@ def main() -> None:
         Sampler(model, generator=torch.Generator(device).manual_seed(0), use_cache=use_cache).draw(args.batch, labels)
 
     draw(use_cache=True)  # warm-up
-    cached = statistics.median(_timed(lambda: draw(use_cache=True), device) for _ in range(args.repeats))
+    cached = statistics.median(timed(lambda: draw(use_cache=True), device) for _ in range(args.repeats))
     if args.full:
-        uncached = _timed(lambda: draw(use_cache=False), device)
+        uncached = timed(lambda: draw(use_cache=False), device)
         how = "measured"
     else:
         uncached, points = _uncached_estimate(model, args, device)
@@ -89,16 +89,6 @@ def _prior(args, device: torch.device) -> TransformerPrior:
     return TransformerPrior(cfg).to(device).eval()
 
 
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def _uncached_estimate(model: TransformerPrior, args, device: torch.device) -> tuple[float, int]:
     """Seconds of an uncached generation: the sum over steps i = 1..length of one forward over
@@ -108,7 +98,7 @@ def _uncached_estimate(model: TransformerPrior, args, device: torch.device) -> t
     for p in points:
         idx = torch.randint(0, args.vocab, (args.batch, p), device=device)
         model.forward_tokens(idx)  # warm-up at this length
-        cost[p] = statistics.median(_timed(lambda idx=idx: model.forward_tokens(idx), device) for _ in range(2))
+        cost[p] = statistics.median(timed(lambda idx=idx: model.forward_tokens(idx), device) for _ in range(2))
     uncached = cost[points[0]]
     for a, b in itertools.pairwise(points):
         uncached += (cost[a] + cost[b]) / 2 * (b - a)

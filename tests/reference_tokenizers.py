@@ -131,6 +131,14 @@ class ReferenceVQ(nn.Module):
             h = part(h)
         return h
 
+    def _run_level(self, level, h, resample: str):
+        blocks = level.res if self.fmt == "llamagen" else level.block
+        for j, block in enumerate(blocks):
+            h = block(h)
+            if len(level.attn):
+                h = level.attn[j](h)
+        return getattr(level, resample)(h) if hasattr(level, resample) else h
+
     def _codebook(self):
         weight = self.quantize.embedding.weight
         return F.normalize(weight, dim=-1) if self.fmt == "llamagen" else weight
@@ -141,13 +149,7 @@ class ReferenceVQ(nn.Module):
         enc = self.encoder
         h = enc.conv_in(x)
         for level in enc.conv_blocks if self.fmt == "llamagen" else enc.down:
-            blocks, attns = (level.res, level.attn) if self.fmt == "llamagen" else (level.block, level.attn)
-            for j, block in enumerate(blocks):
-                h = block(h)
-                if len(attns):
-                    h = attns[j](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = self._run_level(level, h, "downsample")
         h = enc.conv_out(F.silu(enc.norm_out(self._run_mid(enc.mid, h))))
         z = self.quant_conv(h).permute(0, 2, 3, 1)
         if self.fmt == "llamagen":
@@ -164,11 +166,5 @@ class ReferenceVQ(nn.Module):
         h = self._run_mid(dec.mid, h)
         order = dec.conv_blocks if self.fmt == "llamagen" else list(reversed(dec.up))
         for level in order:
-            blocks, attns = (level.res, level.attn) if self.fmt == "llamagen" else (level.block, level.attn)
-            for j, block in enumerate(blocks):
-                h = block(h)
-                if len(attns):
-                    h = attns[j](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = self._run_level(level, h, "upsample")
         return dec.conv_out(F.silu(dec.norm_out(h)))

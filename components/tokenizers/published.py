@@ -14,7 +14,6 @@ of another configuration is refused naming what differs, before anything is writ
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from components.data.shards import sha256_file
 from components.tokenizers.tokenizer import build_model
 
 FORMATS = ("llamagen", "taming")
@@ -283,13 +283,5 @@ def convert_checkpoint(
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r} (allowed: {', '.join(FORMATS)})")
     config, state, notes = convert_state(fmt, model, read_checkpoint(path, fmt), image_size)
-    config["imported_from"] = {"format": fmt, "model": model, "file": Path(path).name, "sha256": _sha256(path)}
+    config["imported_from"] = {"format": fmt, "model": model, "file": Path(path).name, "sha256": sha256_file(path)}
     return config, state, notes
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

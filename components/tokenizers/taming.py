@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.tokenizers.blocks import Upsample  # nearest neighbour, then a 3x3 conv: the references' own
+
 
 class TamingShape(NamedTuple):
     """Everything that sizes the network. `attn_resolutions`: feature-map sides (pixels of
@@ -104,17 +106,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """(b, c, h, w) -> (b, c, 2h, 2w): nearest neighbour, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
