@@ -148,7 +148,7 @@ def read_checkpoint(path: str | Path, fmt: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = _load_weights_only(path)
     except pickle.UnpicklingError as err:
         entry = STATE_ENTRY[fmt]
         raise CheckpointError(
@@ -174,6 +174,17 @@ def read_checkpoint(path: str | Path, fmt: str) -> dict[str, torch.Tensor]:
             f"tensors, or tensors alone); found: {keys}"
         )
     return obj
+
+
+def _load_weights_only(path: Path):
+    """torch.load(weights_only=True), memory-mapped (a 300 MB file is not read twice) unless the
+    file predates the zip format, which cannot be mapped."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _looks_like(state: dict[str, torch.Tensor]) -> str | None:
