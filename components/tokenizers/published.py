@@ -150,6 +150,9 @@ def read_checkpoint(path: str | Path, fmt: str) -> dict[str, torch.Tensor]:
     try:
         obj = _load_weights_only(path)
     except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # not a refused object: bytes that are no checkpoint
+            detail = str(err).partition("WeightsUnpickler error:")[2].strip().split("\n")[0]
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (it does not unpickle: {detail})") from None
         entry = STATE_ENTRY[fmt]
         raise CheckpointError(
             f"{path} holds Python objects besides tensors (training arguments, callbacks, ...), and vqpipe "
