@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from components.config import ConfigError, SamplingOptions, load_params
 from components.metrics import save_grid
-from components.tokenizers import Tokenizer, build_model
+from components.tokenizers import Tokenizer
 from components.tokenizers.published import MODELS, CheckpointError, convert_checkpoint
 from components.tokenizers.tokenizer import CONFIG_FILE
 from flows.arguments import build_parser
@@ -155,12 +155,10 @@ def cmd_import_tokenizer(args) -> int:
         print(f"error: {out} already holds a tokenizer export (--overwrite replaces it)", file=sys.stderr)
         return 2
     try:
-        config, state, notes = convert_checkpoint(args.format, args.checkpoint, args.model, args.image_size)
+        config, model, notes = convert_checkpoint(args.format, args.checkpoint, args.model, args.image_size)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model = build_model(config)
-    model.load_state_dict(state)
     tokenizer = Tokenizer(model, config)
     tokenizer.save(out)
     source = config["imported_from"]

@@ -1,7 +1,6 @@
 """Published tokenizers as vqpipe exports: LlamaGen's VQ models and taming-transformers' VQGANs.
 
-    config, state, notes = convert_checkpoint("llamagen", "vq_ds16_c2i.pt", model="VQ-16")
-    model = build_model(config); model.load_state_dict(state)
+    config, model, notes = convert_checkpoint("llamagen", "vq_ds16_c2i.pt", model="VQ-16")
     save_export("models/llamagen-vq16", config, model)      # then Tokenizer.load(...) as any other
 
 Both references share one network (`network: taming` here); they differ in the names of its
@@ -20,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from components.config import TamingOptions, TrainTokenizerConfig
 from components.data.shards import sha256_file
-from components.tokenizers.tokenizer import build_model
+from components.quantizers import VQConfig
+from components.tokenizers.tokenizer import build_model, export_config
 
 FORMATS = ("llamagen", "taming")
 
@@ -75,42 +77,26 @@ class CheckpointError(ValueError):
 
 
 def export_config_for(fmt: str, model: str, image_size: int) -> dict:
-    """The vqpipe config.json of a published model at `image_size` (attention at the coarsest
-    level and in the middle, as both references place it)."""
+    """The vqpipe config.json of a published model at `image_size`: its settings as a
+    TrainTokenizerConfig (attention at the coarsest level and in the middle, as both references
+    place it; a codebook learned by gradient, no k-means, no restarts), exported as any other."""
     spec = MODELS[fmt][model]
     downsample = 2 ** (len(spec.ch_mult) - 1)
     if image_size % downsample:
         raise CheckpointError(f"--image-size {image_size} is not a multiple of {model}'s downsampling {downsample}")
-    return {
-        "arch": "vqgan",
-        "image_size": image_size,
-        "channels": spec.channels,
-        "num_downsamples": len(spec.ch_mult) - 1,
-        "num_res_blocks": spec.num_res_blocks,
-        "latent_dim": spec.latent_dim,
-        "quantizer": {
-            "type": "vq",
-            "codebook_size": spec.codebook_size,
-            "beta": 0.25,
-            "ema": False,
-            "decay": 0.99,
-            "eps": 1e-5,
-            "cosine": spec.cosine,
-            "codebook_dim": None,
-            "kmeans_iters": 0,
-            "kmeans_init_batches": 1,
-            "restart_after_steps": 0,
-            "search_chunk_size": 8192,
-        },
-        "network": "taming",
-        "taming": {
-            "ch_mult": list(spec.ch_mult),
-            "attn_resolutions": [image_size // downsample],
-            "mid_attention": True,
-            "z_channels": spec.z_channels,
-            "norm_groups": 32,
-        },
-    }
+    cfg = TrainTokenizerConfig(
+        arch="vqgan",
+        network="taming",
+        channels=spec.channels,
+        num_res_blocks=spec.num_res_blocks,
+        downsample=downsample,
+        latent_dim=spec.latent_dim,
+        taming=TamingOptions(ch_mult=spec.ch_mult, z_channels=spec.z_channels),
+        quantizer=VQConfig(
+            codebook_size=spec.codebook_size, ema=False, cosine=spec.cosine, kmeans_iters=0, restart_after_steps=0
+        ),
+    )
+    return export_config(cfg, image_size)
 
 
 def reference_name(fmt: str, key: str, levels: int) -> str | None:
@@ -240,9 +226,9 @@ def _matching_models(fmt: str, state: dict[str, torch.Tensor]) -> list[str]:
 
 def convert_state(
     fmt: str, model: str, state: dict[str, torch.Tensor], image_size: int = 256
-) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
-    """(config, vqpipe state dict, notes) for reference tensors `state` of published `model`.
-    CheckpointError naming what differs, is missing or is unknown."""
+) -> tuple[dict, nn.Module, list[str]]:
+    """(config, the vqpipe model holding the weights, notes) for reference tensors `state` of
+    published `model`. CheckpointError naming what differs, is missing or is unknown."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r} (allowed: {', '.join(FORMATS)})")
     other = _looks_like(state)
@@ -257,7 +243,8 @@ def convert_state(
         raise CheckpointError(f"the checkpoint is not {fmt} {model}: " + "; ".join(differences) + hint)
 
     config = export_config_for(fmt, model, image_size)
-    ours = build_model(config).state_dict()
+    built = build_model(config)
+    ours = built.state_dict()
     levels = len(MODELS[fmt][model].ch_mult)
     names = {key: reference_name(fmt, key, levels) for key in ours}
     expected = {ref: key for key, ref in names.items() if ref is not None}
@@ -282,20 +269,21 @@ def convert_state(
             converted[key] = torch.ones_like(tensor) if key.endswith("initialized") else torch.zeros_like(tensor)
         else:
             converted[key] = state[ref].detach().to(tensor.dtype).contiguous().clone()
+    built.load_state_dict(converted)
     notes = [f"{len(expected)} tensors converted"]
     if training_only:
         notes.append(f"{len(training_only)} training-only tensors checked and left out ({training_only[0]}, ...)")
-    return config, converted, notes
+    return config, built, notes
 
 
 def convert_checkpoint(
     fmt: str, path: str | Path, model: str | None = None, image_size: int = 256
-) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
-    """Read `path` (see `read_checkpoint`) and convert it (see `convert_state`); the config
-    records where it came from."""
-    model = model or DEFAULT_MODEL.get(fmt, "")
+) -> tuple[dict, nn.Module, list[str]]:
+    """Read `path` (see `read_checkpoint`) and convert it (see `convert_state`, which checks the
+    format once it is read); the config records where it came from."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r} (allowed: {', '.join(FORMATS)})")
-    config, state, notes = convert_state(fmt, model, read_checkpoint(path, fmt), image_size)
+    model = model or DEFAULT_MODEL[fmt]
+    config, built, notes = convert_state(fmt, model, read_checkpoint(path, fmt), image_size)
     config["imported_from"] = {"format": fmt, "model": model, "file": Path(path).name, "sha256": sha256_file(path)}
-    return config, state, notes
+    return config, built, notes

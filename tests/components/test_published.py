@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from components.tokenizers import Tokenizer, build_model
+from components.tokenizers import Tokenizer
 from components.tokenizers import published as pub
 from components.tokenizers.published import CheckpointError, PublishedModel, convert_checkpoint, convert_state
 from tests.reference_tokenizers import ReferenceVQ
@@ -45,9 +45,7 @@ def test_an_imported_tokenizer_encodes_and_decodes_as_the_reference(fmt, tmp_pat
     entry = pub.STATE_ENTRY[fmt]
     torch.save({entry: reference.state_dict(), "steps": 100}, ckpt)
 
-    config, state, notes = convert_checkpoint(fmt, ckpt, "tiny", image_size=32)
-    model = build_model(config)
-    model.load_state_dict(state)
+    config, model, notes = convert_checkpoint(fmt, ckpt, "tiny", image_size=32)
     Tokenizer(model, config).save(tmp_path / "export")
     tok = Tokenizer.load(tmp_path / "export")
     assert tok.grid == (8, 8) and tok.codebook_size == 64
@@ -65,10 +63,8 @@ def test_an_imported_tokenizer_encodes_and_decodes_as_the_reference(fmt, tmp_pat
 @pytest.mark.parametrize(("fmt", "model"), [("llamagen", "VQ-16"), ("taming", "imagenet-f16-16384")])
 def test_the_published_layouts_map_tensor_for_tensor(fmt, model):
     reference = _reference(fmt, pub.MODELS[fmt][model])
-    config, state, _ = convert_state(fmt, model, reference.state_dict())
+    config, built, _ = convert_state(fmt, model, reference.state_dict())  # loads strictly: every tensor filled
     assert config["quantizer"]["codebook_size"] == 16384 and config["taming"]["attn_resolutions"] == [16]
-    built = build_model(config)
-    built.load_state_dict(state)  # strict: every tensor of ours was filled
     assert torch.equal(built.quantizer.codebook, reference.quantize.embedding.weight)
 
 
