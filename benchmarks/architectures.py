@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import shapes_project, sibling, timed
-from components.config import load_params, parse_params
+from components.config import merge_profile, overlay, parse_params, read_profile, read_yaml
 from components.data.shards import load_split, to_float
 from components.metrics import psnr, ssim
 from components.tokenizers import Tokenizer
@@ -93,11 +93,9 @@ def _llamagen_row(cfg, lpips_file: Path, precision: str, images, device, encode_
 
 def _profile_params(lpips_file: Path):
     """params.yaml with the GPU profile over it, its LPIPS file replaced by `lpips_file`."""
-    profile = ROOT / "profiles" / "gpu-256.yaml"
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        text = profile.read_text().replace("weights/lpips_vgg16.safetensors", str(lpips_file))
-        f.write(text)
-    return load_params(ROOT / "params.yaml", f.name)
+    profile = read_profile(ROOT / "profiles" / "gpu-256.yaml")
+    overlay(profile, {"train_tokenizer": {"perceptual_weights": str(lpips_file)}})
+    return parse_params(merge_profile(read_yaml(ROOT / "params.yaml"), profile))
 
 
 def main() -> None:

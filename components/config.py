@@ -12,6 +12,7 @@ dvc.yaml equal to it. Keys renamed since an earlier version are refused with the
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -315,28 +316,40 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError([("<file>", f"not valid YAML: {err}")], str(path)) from None
 
 
-def merge_profile(base: dict, profile: dict) -> dict:
-    """`base` params with a profile's values in place: mappings merge key by key, except a
-    mapping with a `type` (a quantizer), which the profile's replaces whole, as any other value."""
-    merged = dict(base)
+def merges_into(old: Any, new: Any) -> bool:
+    """Whether a profile's value merges into params' value key by key (both mappings) rather
+    than replacing it (any other value, and a quantizer: a mapping with a `type`, chosen whole)."""
+    return isinstance(new, dict) and isinstance(old, dict) and "type" not in new
+
+
+def overlay(node: dict, profile: dict) -> None:
+    """Put a profile's values into the params mapping `node`, in place (see `merges_into`)."""
     for key, value in profile.items():
-        old = merged.get(key)
-        if isinstance(value, dict) and isinstance(old, dict) and "type" not in value:
-            merged[key] = merge_profile(old, value)
+        if merges_into(node.get(key), value):
+            overlay(node[key], value)
         else:
-            merged[key] = value
+            node[key] = value
+
+
+def merge_profile(base: dict, profile: dict) -> dict:
+    """`base` params with a profile's values over them (a new mapping; `base` is unchanged)."""
+    merged = copy.deepcopy(base)
+    overlay(merged, profile)
     return merged
+
+
+def read_profile(path: str | Path) -> dict:
+    """A profile file: a mapping of params sections; ConfigError otherwise."""
+    profile = read_yaml(path)
+    if not isinstance(profile, dict):
+        raise ConfigError([("<top level>", "a profile is a mapping of sections")], str(path))
+    return profile
 
 
 def load_params(path: str | Path = "params.yaml", profile: str | Path | None = None) -> Params:
     """Read and validate a params file, with a profile's values over it when one is given;
     raises ConfigError naming every bad key."""
     raw = read_yaml(path)
-    source = str(path)
-    if profile is not None:
-        overrides = read_yaml(profile)
-        if not isinstance(overrides, dict):
-            raise ConfigError([("<top level>", "a profile is a mapping of sections")], str(profile))
-        raw = merge_profile(raw or {}, overrides)
-        source = f"{path} with profile {profile}"
-    return parse_params(raw, source)
+    if profile is None:
+        return parse_params(raw, str(path))
+    return parse_params(merge_profile(raw or {}, read_profile(profile)), f"{path} with profile {profile}")

@@ -14,41 +14,32 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from components.config import load_params, read_yaml
+from components.config import merge_profile, merges_into, overlay, parse_params, read_profile, read_yaml
 
 
 def changed_keys(base: Any, profile: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(dotted key, old value, new value) for each value the profile changes."""
-    if isinstance(profile, dict) and isinstance(base, dict) and "type" not in profile:
-        out = []
-        for key, value in profile.items():
-            out += changed_keys(base.get(key), value, f"{prefix}{key}.")
-        return out
+    if merges_into(base, profile):
+        return [
+            change for key, value in profile.items() for change in changed_keys(base.get(key), value, f"{prefix}{key}.")
+        ]
     return [] if base == profile else [(prefix.rstrip("."), base, profile)]
-
-
-def _assign(node, profile: dict) -> None:
-    for key, value in profile.items():
-        if isinstance(value, dict) and isinstance(node.get(key), dict) and "type" not in value:
-            _assign(node[key], value)
-        else:
-            node[key] = value
 
 
 def apply_profile(params_path: str | Path, profile_path: str | Path) -> list[tuple[str, Any, Any]]:
     """Write the profile's values into params.yaml (after validating the result: nothing is
     written when it is invalid); returns what changed."""
     params_path = Path(params_path)
-    load_params(params_path, profile_path)  # ConfigError, naming the bad keys, before any write
-    profile = read_yaml(profile_path)
-    changes = changed_keys(read_yaml(params_path), profile)
+    raw, profile = read_yaml(params_path), read_profile(profile_path)
+    # ConfigError, naming the bad keys, before any write.
+    parse_params(merge_profile(raw or {}, profile), f"{params_path} with profile {profile_path}")
     yaml = YAML()  # round-trip: comments and key order stay
     yaml.width = 120
     document = yaml.load(params_path.read_text())
-    _assign(document, profile)
+    overlay(document, profile)
     text = io.StringIO()
     yaml.dump(document, text)
     tmp = params_path.with_name(f".{params_path.name}.tmp")
     tmp.write_text(text.getvalue())
     tmp.replace(params_path)
-    return changes
+    return changed_keys(raw, profile)
