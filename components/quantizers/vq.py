@@ -190,7 +190,7 @@ class VectorQuantizer(nn.Module):
         self._init_pool: list[torch.Tensor] = []
         # While a step's micro-batches pass (`deferred_updates`): each one's searched rows, learned
         # from together when the step ends. None: learn at once.
-        self._deferred: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+        self._deferred: list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] | None = None
 
     def code_vectors(self) -> torch.Tensor:
         """(k, c) the codes as searched: unit vectors in cosine mode."""
@@ -247,10 +247,11 @@ class VectorQuantizer(nn.Module):
         replicas: counted once, they serve the stats, the EMA and the restart alike. Between
         `begin_deferred` and `finish_deferred` the rows are kept instead, and the counts returned
         are this micro-batch's."""
+        counts = code_counts(torch.cat(indices), self.codebook_size, reduce=True)
         if self._deferred is not None:
-            self._deferred.append(([x.detach().float() for x in hs], list(indices)))
-            return code_counts(torch.cat(indices), self.codebook_size, reduce=True)
-        return self._learn(hs, indices)
+            self._deferred.append(([x.detach().float() for x in hs], list(indices), counts))
+            return counts
+        return self._learn(hs, indices, counts)
 
     def begin_deferred(self) -> None:
         self._deferred = []
@@ -261,14 +262,14 @@ class VectorQuantizer(nn.Module):
         batch of them all would have (stage by stage, then micro-batch by micro-batch)."""
         pending, self._deferred = self._deferred, None
         if apply and pending:
-            hs = [torch.cat(parts) for parts in zip(*(h for h, _ in pending), strict=True)]
-            indices = [torch.cat(parts) for parts in zip(*(i for _, i in pending), strict=True)]
-            self._learn(hs, indices)
+            hs = [torch.cat(parts) for parts in zip(*(h for h, _, _ in pending), strict=True)]
+            indices = [torch.cat(parts) for parts in zip(*(i for _, i, _ in pending), strict=True)]
+            # The micro-batches' counts (already summed over replicas) add up to the batch's.
+            self._learn(hs, indices, torch.stack([c for _, _, c in pending]).sum(0))
 
-    def _learn(self, hs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+    def _learn(self, hs: list[torch.Tensor], indices: list[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
         h = torch.cat([x.detach().float() for x in hs])
         idx = torch.cat(indices)
-        counts = code_counts(idx, self.codebook_size, reduce=True)
         if self.ema:
             self._ema_update(h, idx, counts)
         self._restart_dead_codes(h, counts)

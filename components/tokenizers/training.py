@@ -70,11 +70,8 @@ class TokenizerStep:
         self.device = device
         self.amp_dtype = amp_dtype
         self.opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.opt_d = (
-            torch.optim.Adam(disc.parameters(), lr=cfg.vqgan.disc_lr or cfg.lr, betas=cfg.betas)
-            if disc is not None
-            else None
-        )
+        self.disc_lr = cfg.vqgan.disc_lr or cfg.lr
+        self.opt_d = torch.optim.Adam(disc.parameters(), lr=self.disc_lr, betas=cfg.betas) if disc is not None else None
         self.lr_factor = lr_factor(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         self.weight_ema = WeightEMA(model, cfg.weight_ema_decay) if cfg.weight_ema_decay else None
 
@@ -99,7 +96,7 @@ class TokenizerStep:
             group["lr"] = self.cfg.lr * factor
         if self.opt_d is not None:
             for group in self.opt_d.param_groups:
-                group["lr"] = (self.cfg.vqgan.disc_lr or self.cfg.lr) * factor
+                group["lr"] = self.disc_lr * factor
 
     def _clip(self, module: nn.Module) -> torch.Tensor | None:
         if self.cfg.grad_clip is None:
