@@ -11,7 +11,8 @@ LPIPS (no weights file here) and its discriminator starts halfway.
 `--llamagen`: the GPU profile's tokenizer (profiles/gpu-256.yaml: LlamaGen's VQ-16 at 256 px, a
 VQ-GAN with LPIPS, random LPIPS weights) on this machine: parameters, training images/s (the
 whole step: generator, LPIPS, adversarial term, discriminator) and encoding images/s, in fp32
-and bf16 autocast, with peak GPU memory on CUDA. Medians over --repeats timed steps.
+and bf16 autocast, with peak GPU memory on CUDA. Medians over --repeats timed steps. Then the
+counted FLOPs of one image (the figures behind docs/scaling-out.md's cost estimate).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import shapes_project, sibling, timed
 from components.config import merge_profile, overlay, parse_params, read_profile, read_yaml
@@ -64,6 +66,30 @@ def llamagen(device: torch.device, batch: int, encode_batch: int, repeats: int) 
     print("|---|---|---|---|---|")
     for precision in ("fp32", "bf16"):
         print(_llamagen_row(cfg, lpips_file, precision, images, device, encode_batch, repeats), flush=True)
+    print(_flops_per_image(cfg, lpips_file), flush=True)
+
+
+def _flops_per_image(cfg, lpips_file: Path) -> str:
+    """Counted FLOPs of one 256-px image (torch.utils.flop_counter, fp32 on the CPU): the
+    generator's forward and backward, LPIPS's, the discriminator's on a real and a fake, encoding."""
+    step = build_step(cfg, 256, torch.device("cpu"), None, perceptual_weights=str(lpips_file))
+    x = torch.rand(1, 3, 256, 256) * 2 - 1
+
+    def counted(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e12
+
+    generator = counted(lambda: step.model(x).reconstruction.sum().backward())
+    lpips = counted(lambda: step.lpips(x.clone().requires_grad_(), x).sum().backward())
+    disc = counted(lambda: step.disc(torch.cat([x, x])).sum().backward())
+    step.model.eval()
+    with torch.no_grad():
+        encode = counted(lambda: step.model.encode_indices(x))
+    return (
+        f"\nTFLOP per image: generator forward + backward {generator:.2f}, LPIPS {lpips:.2f}, "
+        f"discriminator {disc:.2f}; encoding {encode:.2f}"
+    )
 
 
 def _llamagen_row(cfg, lpips_file: Path, precision: str, images, device, encode_batch: int, repeats: int) -> str:
