@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 # Past this many codes a dense count vector (and its all-reduce) costs more than it tells:
@@ -96,6 +97,35 @@ def projections(dim: int, code_dim: int) -> tuple[nn.Module, nn.Module]:
     if dim == code_dim:
         return nn.Identity(), nn.Identity()
     return nn.Linear(dim, code_dim), nn.Linear(code_dim, dim)
+
+
+def rotation_to(h: torch.Tensor, codes: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024, eq. 4.2) as a function of the inputs h (n, d):
+    each row rotated onto the direction of its code and rescaled to its norm, the rotation R and
+    the scale |q| / |h| held constant. Its value is (up to rounding) `codes`; its gradient to h is
+    (|q| / |h|) R^T times the gradient at the code, where R = I - 2 w w^T + 2 q^ h^T (h^ = h / |h|,
+    q^ = q / |q|, w = (h^ + q^) / |h^ + q^|) is the rotation that takes h^ to q^ in their plane.
+
+    The straight-through estimator copies the code's gradient to h unchanged; rotated, it keeps
+    the angle between the gradient and the code and scales with how far h is from it, so inputs
+    in one Voronoi cell get different gradients, which pushes codes apart and keeps more in use."""
+    with torch.no_grad():
+        h_norm = h.norm(dim=1, keepdim=True)
+        q_norm = codes.norm(dim=1, keepdim=True)
+        u = h / h_norm.clamp(min=eps)
+        q = codes / q_norm.clamp(min=eps)
+        w = F.normalize(u + q, dim=1, eps=eps)
+        scale = q_norm / h_norm.clamp(min=eps)
+    rotated = h - 2.0 * (h * w).sum(1, keepdim=True) * w + 2.0 * (h * u).sum(1, keepdim=True) * q
+    return scale * rotated
+
+
+def straight_through(h: torch.Tensor, codes: torch.Tensor, rotate: bool = False) -> torch.Tensor:
+    """(n, d) quantized vectors: exactly the codes forward; backward the identity to h
+    (straight-through), or with `rotate` the rotation trick (`rotation_to`). Written so the
+    forward value is the code itself, not h + (code - h), nor the rotation's rounding of it."""
+    moved = rotation_to(h, codes) if rotate else h
+    return codes.detach() + (moved - moved.detach())
 
 
 def check_finite(z: torch.Tensor, what: str = "encoder output") -> None:

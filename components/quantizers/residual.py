@@ -27,6 +27,7 @@ from components.quantizers.base import (
     code_counts,
     mean_stats,
     projections,
+    straight_through,
     usage_stats,
 )
 from components.quantizers.registry import register
@@ -107,8 +108,10 @@ class ResidualQuantizer(nn.Module):
             for s, (f, r) in enumerate(zip(found, rows, strict=True))
         ]
         stats = self._learn(found, rows) if self.training else self._eval_stats(found)
-        # Forward: the sum of the kept codes; backward: the identity to the encoder.
-        quantized = self.project_out(total + (h - h.detach())).view_as(z).to(z.dtype)
+        # Forward: the sum of the kept codes; backward: the identity to the encoder (or the
+        # rotation trick onto that sum).
+        quantized = self.project_out(straight_through(h, total, self.book(0).rotation_trick))
+        quantized = quantized.view_as(z).to(z.dtype)
         indices = torch.stack([f.indices for f in found], dim=-1).view(*z.shape[:-1], self.stages)
         return QuantizerOutput(quantized, indices, torch.stack(losses).mean(), stats)
 

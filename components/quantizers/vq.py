@@ -30,6 +30,7 @@ from components.quantizers.base import (
     code_counts,
     distributed,
     projections,
+    straight_through,
     usage_stats,
 )
 from components.quantizers.registry import QuantizerConfig, register
@@ -60,18 +61,37 @@ class VQOptions(QuantizerConfig):
     kmeans_init_batches: int = Field(1, ge=1)
     # Codes unused for this many training steps are re-seeded from encoder outputs (0: never).
     restart_after_steps: int = Field(100, ge=0)
+    # EMA codebooks: codes whose EMA count (expected uses per step) falls below this are re-seeded
+    # from distinct encoder outputs of the step, at once (0: never). Acts long before a code has
+    # gone wholly unused, and keeps every code earning its place.
+    dead_code_threshold: float = Field(0.0, ge=0)
+    # Gradients through the quantizer by the rotation trick (Fifty et al. 2024) instead of the
+    # straight-through copy.
+    rotation_trick: bool = False
+    # SimVQ (Zhu et al. 2024): the codes are a frozen random basis times one learned linear map,
+    # trained by the codebook loss (needs ema: false).
+    simvq: bool = False
+    # LlamaGen's entropy loss: low entropy of each row's soft assignment (confident codes), high
+    # entropy of the batch's mean assignment (all codes used); weight and softmax temperature.
+    entropy_loss_weight: float = Field(0.0, ge=0)
+    entropy_temperature: float = Field(0.01, gt=0)
     # Rows per chunk of the nearest-code search: bounds memory at chunk x codebook_size floats.
     search_chunk_size: int = Field(8192, ge=1)
 
     def latent_problems(self, latent_dim: int) -> list[tuple[str, str]]:
+        problems = []
         if self.codebook_dim is not None and self.codebook_dim > latent_dim:
-            return [
+            problems.append(
                 (
                     "codebook_dim",
                     f"{self.codebook_dim} is larger than the latent it quantizes (latent_dim={latent_dim})",
                 )
-            ]
-        return []
+            )
+        if self.dead_code_threshold > 0 and not self.ema:
+            problems.append(("dead_code_threshold", "counts codes by their EMA statistics: needs ema: true"))
+        if self.simvq and self.ema:
+            problems.append(("simvq", "learns its linear map by the codebook loss: needs ema: false"))
+        return problems
 
     def build_codebook(self, dim: int) -> VectorQuantizer:
         """One nearest-code codebook over vectors of width `dim` with these options."""
@@ -173,14 +193,25 @@ class VectorQuantizer(nn.Module):
         self.kmeans_iters = options.kmeans_iters
         self.kmeans_init_batches = options.kmeans_init_batches
         self.restart_after_steps = options.restart_after_steps
+        self.dead_code_threshold = options.dead_code_threshold
+        self.rotation_trick = options.rotation_trick
+        self.entropy_loss_weight = options.entropy_loss_weight
+        self.entropy_temperature = options.entropy_temperature
         self.search_chunk_size = options.search_chunk_size
         self.code_dim = options.codebook_dim or dim
         self.project_in, self.project_out = projections(dim, self.code_dim)
         init = torch.randn(codebook_size, self.code_dim) / self.code_dim**0.5
+        self.code_map = None
         if ema:
             self.register_buffer("codebook", init)
             self.register_buffer("cluster_size", torch.zeros(codebook_size))
             self.register_buffer("embed_sum", torch.zeros(codebook_size, self.code_dim))
+        elif options.simvq:
+            # The frozen basis; the codes are code_map(codebook). The map starts as the identity,
+            # so k-means and restarts seed the basis with encoder outputs as they are.
+            self.register_buffer("codebook", init)
+            self.code_map = nn.Linear(self.code_dim, self.code_dim, bias=False)
+            nn.init.eye_(self.code_map.weight)
         else:
             self.codebook = nn.Parameter(init)
         # Steps since each code was last chosen, for dead-code restart.
@@ -194,7 +225,8 @@ class VectorQuantizer(nn.Module):
 
     def code_vectors(self) -> torch.Tensor:
         """(k, c) the codes as searched: unit vectors in cosine mode."""
-        return F.normalize(self.codebook, dim=1) if self.cosine else self.codebook
+        codes = self.codebook if self.code_map is None else self.code_map(self.codebook)
+        return F.normalize(codes, dim=1) if self.cosine else codes
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(...,) int -> (..., d) code vectors in the input space."""
@@ -221,8 +253,9 @@ class VectorQuantizer(nn.Module):
             h = F.normalize(h, dim=1)
         if self.training and not bool(self.initialized):
             self._initialise(h.detach())
-        indices = nearest_codes(h, self.code_vectors(), self.search_chunk_size)
-        return Lookup(h, indices, F.embedding(indices, self.code_vectors()))
+        vectors = self.code_vectors()
+        indices = nearest_codes(h, vectors, self.search_chunk_size)
+        return Lookup(h, indices, F.embedding(indices, vectors))
 
     def loss(self, found: Lookup, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Commitment (beta), plus the codebook term when codes learn by gradient; over the
@@ -231,14 +264,29 @@ class VectorQuantizer(nn.Module):
         if h.numel() == 0:
             return found.h.sum() * 0.0
         commitment = F.mse_loss(h, codes.detach())
-        if self.ema:
-            return self.beta * commitment
-        return F.mse_loss(codes, h.detach()) + self.beta * commitment
+        loss = self.beta * commitment
+        if not self.ema:
+            loss = loss + F.mse_loss(codes, h.detach())
+        if self.entropy_loss_weight > 0 and self.training:
+            loss = loss + self.entropy_loss_weight * self.entropy_loss(h)
+        return loss
+
+    def entropy_loss(self, h: torch.Tensor) -> torch.Tensor:
+        """LlamaGen's entropy penalty: the mean entropy of each row's softmax over negative
+        squared distances (at `entropy_temperature`) minus the entropy of their mean. Needs the
+        rows x codes affinities with their gradient: memory grows with both."""
+        vectors = self.code_vectors()
+        affinity = 2.0 * h @ vectors.t() - (vectors * vectors).sum(1)  # -|h - c|^2 up to a per-row constant
+        log_probs = torch.log_softmax(affinity / self.entropy_temperature, dim=1)
+        probs = log_probs.exp()
+        per_row = -(probs * log_probs).sum(1).mean()
+        mean = probs.mean(0)
+        return per_row + (mean * torch.log(mean.clamp(min=1e-12))).sum()
 
     def output(self, found: Lookup) -> torch.Tensor:
-        """(n, d) quantized vectors: exactly the codes forward, the identity backward (straight-
-        through), written so the forward value is the code itself, not h + (code - h)."""
-        return self.project_out(found.codes.detach() + (found.h - found.h.detach()))
+        """(n, d) quantized vectors: exactly the codes forward; backward the identity
+        (straight-through) or the rotation trick (`base.straight_through`)."""
+        return self.project_out(straight_through(found.h, found.codes, self.rotation_trick))
 
     @torch.no_grad()
     def learn(self, hs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
@@ -273,6 +321,7 @@ class VectorQuantizer(nn.Module):
         if self.ema:
             self._ema_update(h, idx, counts)
         self._restart_dead_codes(h, counts)
+        self._replace_rare_codes(h)
         return counts
 
     @torch.no_grad()
@@ -300,10 +349,32 @@ class VectorQuantizer(nn.Module):
             self._set_codes(dead, vectors, torch.ones(dead.numel(), device=h.device))
 
     @torch.no_grad()
+    def _replace_rare_codes(self, h: torch.Tensor) -> None:
+        """Codes whose EMA count is below `dead_code_threshold` take distinct rows of this step
+        (as many as there are rows; the rest wait for later steps), each as a cluster of the
+        threshold's size."""
+        if self.dead_code_threshold <= 0:
+            return
+        rare = (self.cluster_size < self.dead_code_threshold).nonzero().squeeze(1)
+        if not rare.numel():
+            return
+        if rare.numel() > h.shape[0]:
+            rare = rare[torch.randperm(rare.numel(), device=h.device)[: h.shape[0]]]
+            if distributed():
+                dist.broadcast(rare, src=0)
+        vectors = h[torch.randperm(h.shape[0], device=h.device)[: rare.numel()]].contiguous()
+        if distributed():
+            dist.broadcast(vectors, src=0)
+        self._set_codes(rare, vectors, torch.full((rare.numel(),), self.dead_code_threshold, device=h.device))
+
+    @torch.no_grad()
     def _set_codes(self, which: torch.Tensor, vectors: torch.Tensor, sizes: torch.Tensor) -> None:
         """Put `vectors` at codes `which`, their EMA statistics with them: each becomes a
         cluster of `sizes` at its new vector. Resetting only the vector would let the old EMA
         sums drag it straight back on the next update."""
+        if self.code_map is not None:
+            # The basis row whose image under the map is the vector.
+            vectors = vectors @ torch.linalg.pinv(self.code_map.weight.detach().float()).t()
         self.codebook.data[which] = vectors
         if self.ema:
             self.cluster_size[which] = sizes
