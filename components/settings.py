@@ -437,6 +437,15 @@ class EvaluateConfig(_Section):
     # safetensors or a state dict; never downloaded). Null: the tokenizer's own encoder,
     # labelled as such (not comparable with published FIDs).
     inception_weights: str | None = None
+    # Reconstruction FID (rFID) over the whole validation split is always computed: with the
+    # Inception weights above when given, else in a seeded, randomly initialised Inception-v3
+    # (labelled; comparable between vqpipe runs only). LPIPS of the reconstructions needs a local
+    # LPIPS-VGG16 weights file (components/tokenizers/lpips.py); null: not computed.
+    perceptual_weights: str | None = None
+    # Also write eval/reconstructions.npz, eval/references.npz (the validation images) and, with
+    # num_samples, eval/samples.npz: uint8 NHWC `arr_0`, what the reference evaluation suites
+    # (ADM's evaluator) read.
+    write_npz: bool = False
     # k of the k-NN balls of precision/recall.
     pr_k: int = Field(3, ge=1)
     # Steps of the small classifier (trained on the validation images) that judges whether a
@@ -448,9 +457,10 @@ class EvaluateConfig(_Section):
     seed: int = 0
     device: Device = runtime("auto")
 
-    @field_validator("inception_weights")
+    @field_validator("inception_weights", "perceptual_weights")
     @classmethod
-    def _weights_exist(cls, value: str | None) -> str | None:
+    def _weights_exist(cls, value: str | None, info) -> str | None:
+        what = "Inception" if info.field_name == "inception_weights" else "LPIPS"
         if value is not None and not Path(value).is_file():
-            raise ValueError(f"Inception weights file {value!r} not found (a local file; nothing is downloaded)")
+            raise ValueError(f"{what} weights file {value!r} not found (a local file; nothing is downloaded)")
         return value

@@ -2,17 +2,22 @@
 
     dvc repro evaluate          # or: python -m pipelines.evaluate
 
-Writes metrics/evaluate.json: PSNR, SSIM, codebook usage % and perplexity of the validation
-tokens, their unigram entropy against the prior's bits per token; for `num_samples` images drawn
+Writes metrics/evaluate.json: reconstruction PSNR and SSIM (on the uint8-rounded images a user
+gets back), rFID (the Fréchet distance between the validation images' and their reconstructions'
+features, whole split: Inception-v3 when `inception_weights` is given, else a seeded random
+Inception-v3, named by `rfid_feature_space`) and, with `perceptual_weights`, LPIPS; codebook
+usage % and perplexity of the validation tokens, their unigram entropy against the prior's bits
+per token; for `num_samples` images drawn
 from the prior, FID and precision/recall against the validation images (in Inception space
 when `inception_weights` is given, else in the tokenizer encoder's, named by
 `feature_space`) and, for a labelled dataset, class consistency: the share of samples a small
 classifier trained on the validation images assigns to the class they were drawn for. Also
-eval/reconstructions.png (originals above their reconstructions) and plots/codebook_usage.csv;
-logs all to MLflow.
+eval/reconstructions.png (originals above their reconstructions), with `write_npz` the images
+as ADM-style .npz files (eval/references.npz, eval/reconstructions.npz, eval/samples.npz), and
+plots/codebook_usage.csv; logs all to MLflow.
 
 Everything streams: tokens a record batch at a time, images a batch at a time, samples a batch
-at a time. Metrics are sums over batches; FID comes from running feature moments; the features
+at a time. Metrics are sums over batches; FID and rFID come from running feature moments; the features
 precision/recall compares are kept in memory up to `feature_memory_mb`, then spilled to a
 memory-mapped file, and compared in blocks. The judge trains from a shuffled stream of the
 validation shards. Memory is bounded by a batch, whatever the split's size; the whole split is
@@ -45,9 +50,18 @@ from components.metrics.generation import (
     precision_recall,
     tokenizer_features,
 )
-from components.metrics.inception import inception_features, load_inception
+from components.metrics.inception import (
+    feature_space_name,
+    inception_features,
+    load_inception,
+    random_inception,
+    random_inception_size,
+)
+from components.metrics.npz import NpzWriter
+from components.metrics.reconstruction import as_uint8_images
 from components.priors import Sampler, image_batches, load_prior
 from components.tokenizers import Tokenizer
+from components.tokenizers.lpips import LPIPS
 from pipelines.runtime import Paths, resolve_device, stage_main
 from pipelines.tracking import stage_run
 
@@ -71,12 +85,28 @@ class RealImages:
     count: int = 0
     psnr_sum: float = 0.0
     ssim_sum: float = 0.0
+    lpips_sum: float = 0.0
     labelled: int = 0
     largest_label: int = -1
     originals: list[torch.Tensor] = field(default_factory=list)  # the grid's first 2 x GRID_COLUMNS
     reconstructions: list[torch.Tensor] = field(default_factory=list)
     moments: FeatureMoments = field(default_factory=FeatureMoments)
     features: FeatureStore | None = None
+    # rFID: the validation images' and their reconstructions' features in the rFID space.
+    rfid_real: FeatureMoments = field(default_factory=FeatureMoments)
+    rfid_recon: FeatureMoments = field(default_factory=FeatureMoments)
+
+    def metrics(self, spaces: Spaces) -> dict:
+        out = {
+            "val_images": self.count,
+            "psnr": self.psnr_sum / self.count,
+            "ssim": self.ssim_sum / self.count,
+            "rfid": frechet_from_moments(self.rfid_real, self.rfid_recon),
+            "rfid_feature_space": spaces.rfid.name,
+        }
+        if spaces.lpips is not None:
+            out["lpips"] = self.lpips_sum / self.count
+        return out
 
 
 def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
@@ -90,13 +120,11 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         import mlflow
 
         metrics = _token_metrics(cfg, tokenizer, prior, (val_parts, layout), paths.plots / "codebook_usage.csv")
-        features = _feature_space(cfg, tokenizer, device) if cfg.num_samples else None
-        real = _real_images(cfg, tokenizer, paths.shards, features, Path(scratch))
-        metrics.update(
-            {"val_images": real.count, "psnr": real.psnr_sum / real.count, "ssim": real.ssim_sum / real.count}
-        )
+        spaces = _spaces(cfg, tokenizer, device)
+        real = _real_images(cfg, tokenizer, paths, spaces, Path(scratch))
+        metrics.update(real.metrics(spaces))
         if cfg.num_samples:
-            metrics.update(_generation_metrics(cfg, tokenizer, prior, real, features, paths.shards, Path(scratch)))
+            metrics.update(_generation_metrics(cfg, tokenizer, prior, real, spaces.fid, paths, Path(scratch)))
         metrics_path = paths.metrics / "evaluate.json"
         write_json(metrics_path, metrics)
         grid = _reconstruction_grid(real)
@@ -105,6 +133,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
 
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.set_tag("vqpipe.feature_space", metrics.get("feature_space", "none"))
+        mlflow.set_tag("vqpipe.rfid_feature_space", metrics["rfid_feature_space"])
         mlflow.log_image(grid, key="reconstructions")
         mlflow.log_artifact(str(metrics_path))
         _log_summary(metrics, active.info.run_id)
@@ -139,25 +168,64 @@ class FeatureSpace:
     features: Callable[[torch.Tensor], np.ndarray]  # (b, 3, H, W) in [0, 1] -> (b, d)
 
 
-def _feature_space(cfg: EvaluateConfig, tokenizer: Tokenizer, device) -> FeatureSpace:
+@dataclass
+class Spaces:
+    """Where evaluate compares images: `fid` the samples' space (None without samples), `rfid`
+    the reconstructions', `lpips` the LPIPS network (None without its weights)."""
+
+    fid: FeatureSpace | None
+    rfid: FeatureSpace
+    lpips: LPIPS | None
+
+
+def _spaces(cfg: EvaluateConfig, tokenizer: Tokenizer, device) -> Spaces:
+    """Inception-v3 from `inception_weights` for both FIDs when given. Without it, samples are
+    compared in the tokenizer encoder's space (as before 0.5) and reconstructions in a seeded
+    random Inception-v3's: an rFID in the evaluated tokenizer's own space would be blind to what
+    it fails to encode."""
+    lpips = LPIPS.load(cfg.perceptual_weights).to(device) if cfg.perceptual_weights else None
     if cfg.inception_weights:
         net = load_inception(cfg.inception_weights, device)
-        return FeatureSpace("inception", lambda images: inception_features(net, images))
-    return FeatureSpace("tokenizer_encoder", lambda images: tokenizer_features(tokenizer, images, cfg.batch_size))
+        inception = FeatureSpace("inception", lambda images: inception_features(net, images))
+        return Spaces(inception if cfg.num_samples else None, inception, lpips)
+    size = random_inception_size(tokenizer.image_size)
+    random_net = random_inception(size, device=device)
+    rfid = FeatureSpace(feature_space_name(size), lambda images: inception_features(random_net, images))
+    fid = None
+    if cfg.num_samples:
+        fid = FeatureSpace("tokenizer_encoder", lambda images: tokenizer_features(tokenizer, images, cfg.batch_size))
+    return Spaces(fid, rfid, lpips)
 
 
-def _real_images(cfg: EvaluateConfig, tokenizer: Tokenizer, shards: Path, space, scratch: Path) -> RealImages:
-    """One pass over the validation images (up to max_images): reconstruction metrics, the
-    grid's images and, when samples are to be compared, their features."""
+def _npz_writers(cfg: EvaluateConfig, paths: Paths, scratch: Path, *names: str) -> list[NpzWriter | None]:
+    return [NpzWriter(paths.eval / f"{name}.npz", scratch) if cfg.write_npz else None for name in names]
+
+
+def _real_images(cfg: EvaluateConfig, tokenizer: Tokenizer, paths: Paths, spaces: Spaces, scratch: Path) -> RealImages:
+    """One pass over the validation images (up to max_images): reconstruction metrics (on the
+    uint8-rounded reconstructions), rFID moments, the grid's images and, when samples are to be
+    compared, the images' features; with `write_npz` both sets as .npz."""
     real = RealImages()
+    space = spaces.fid
     if space is not None:
         real.features = FeatureStore(cfg.feature_memory_mb << 20, scratch)
-    for raw, labels, _ in split_batches(shards, "val", cfg.batch_size, limit=cfg.max_images):
+    references, reconstructions = _npz_writers(cfg, paths, scratch, "references", "reconstructions")
+    for raw, labels, _ in split_batches(paths.shards, "val", cfg.batch_size, limit=cfg.max_images):
         images = to_float(raw)
-        recon = tokenizer.reconstruct(images).cpu()
+        recon = as_uint8_images(tokenizer.reconstruct(images).cpu())
         real.count += len(images)
         real.psnr_sum += psnr(recon, images).sum().item()
         real.ssim_sum += ssim(recon, images).sum().item()
+        real.rfid_real.add(spaces.rfid.features(images))
+        real.rfid_recon.add(spaces.rfid.features(recon))
+        if spaces.lpips is not None:
+            with torch.no_grad():
+                device = tokenizer.device
+                pair = (images.to(device) * 2 - 1, recon.to(device) * 2 - 1)
+                real.lpips_sum += spaces.lpips(*pair).sum().item()
+        if references is not None:
+            references.add(raw)
+            reconstructions.add(recon)
         real.labelled += int((labels >= 0).sum())
         real.largest_label = max(real.largest_label, int(labels.max()))
         room = 2 * GRID_COLUMNS - sum(len(t) for t in real.originals)
@@ -169,7 +237,10 @@ def _real_images(cfg: EvaluateConfig, tokenizer: Tokenizer, shards: Path, space,
             real.moments.add(features)
             real.features.add(features)
     if not real.count:
-        raise ValueError(f"no validation images in {shards}")
+        raise ValueError(f"no validation images in {paths.shards}")
+    if references is not None:
+        references.close()
+        reconstructions.close()
     return real
 
 
@@ -182,9 +253,12 @@ def _reconstruction_grid(real: RealImages):
 
 
 def _log_summary(metrics: dict, run_id: str) -> None:
+    lpips = f"  LPIPS {metrics['lpips']:.4f}" if "lpips" in metrics else ""
     log.info(
-        "PSNR %.2f dB  SSIM %.3f  codebook usage %.1f%%  perplexity %.1f  prior %.3f vs unigram %.3f bits/token",
-        *(metrics["psnr"], metrics["ssim"], metrics["codebook_usage"], metrics["perplexity"]),
+        "PSNR %.2f dB  SSIM %.3f  rFID %.4f (%s)%s  codebook usage %.1f%%  perplexity %.1f"
+        "  prior %.3f vs unigram %.3f bits/token",
+        *(metrics["psnr"], metrics["ssim"], metrics["rfid"], metrics["rfid_feature_space"], lpips),
+        *(metrics["codebook_usage"], metrics["perplexity"]),
         *(metrics["prior_bits_per_token"], metrics["unigram_bits_per_token"]),
     )
     if "fid" in metrics:
@@ -200,10 +274,13 @@ def _log_summary(metrics: dict, run_id: str) -> None:
 
 
 def _generation_metrics(
-    cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: RealImages, space: FeatureSpace, shards, scratch
+    cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: RealImages, space: FeatureSpace, paths: Paths, scratch
 ) -> dict:
     """FID, precision/recall and class consistency of `cfg.num_samples` samples, drawn and
-    judged a batch at a time, against the validation images' features."""
+    judged a batch at a time, against the validation images' features; with `write_npz` the
+    samples as eval/samples.npz."""
+    shards = paths.shards
+    (samples,) = _npz_writers(cfg, paths, scratch, "samples")
     generator = torch.Generator(tokenizer.device).manual_seed(cfg.seed)
     labels = torch.arange(cfg.num_samples) % prior.num_classes if prior.num_classes else None
     judge, accuracy = None, float("nan")
@@ -218,12 +295,16 @@ def _generation_metrics(
         features = space.features(images)
         moments.add(features)
         store.add(features)
+        if samples is not None:
+            samples.add(images)
         if judge is not None:
             with torch.no_grad():
                 hits += int((judge(images).argmax(1) == batch_labels).sum())
         drawn += len(images)
         seconds += spent
     log.info("%d samples drawn in %.1f s", drawn, seconds)
+    if samples is not None:
+        samples.close()
     precision, recall = precision_recall(real.features.array(), store.array(), k=cfg.pr_k)
     out = {
         "feature_space": space.name,

@@ -40,7 +40,7 @@ TINY = {
         "log_every": 2,
     },
     "sample": {"num_per_class": 2, "batch_size": 8},
-    "evaluate": {"batch_size": 64, "num_samples": 48, "classifier_steps": 40},
+    "evaluate": {"batch_size": 64, "num_samples": 48, "classifier_steps": 40, "write_npz": True},
 }
 
 

@@ -6,6 +6,11 @@ weights `pt_inception-2015-12-05-*.pth`): torchvision's layer names (`Conv2d_1a_
 in the last block's pool branch. Images are resized to 299x299 (bilinear) and scaled to
 [-1, 1]; the feature is the 2048-d global average pool. Weights load from safetensors or with
 `torch.load(weights_only=True)`; the classifier (`fc.*`) is not needed.
+
+Without weights, `random_inception(seed)` gives the same network with seeded random weights: a
+fixed feature space that does not depend on the tokenizer being evaluated (its own encoder would
+be blind to exactly what it fails to encode). Its distances compare vqpipe runs with one another,
+never with published FIDs, and the metrics name it (`feature_space_name`).
 """
 
 from __future__ import annotations
@@ -149,11 +154,22 @@ class InceptionE(nn.Module):
         )
 
 
-class FIDInceptionV3(nn.Module):
-    """(n, 3, H, W) in [0, 1] -> (n, 2048) pool features."""
+# The smallest input Inception-v3's stride-2 stages take.
+MIN_INPUT = 75
+FID_INPUT = 299
+# The random network's seed (fixed: one feature space for every run).
+RANDOM_SEED = 0
 
-    def __init__(self):
+
+class FIDInceptionV3(nn.Module):
+    """(n, 3, H, W) in [0, 1] -> (n, 2048) pool features; images are resized (bilinear) to
+    `input_size` square (299, the FID network's, unless told)."""
+
+    def __init__(self, input_size: int = FID_INPUT):
         super().__init__()
+        if input_size < MIN_INPUT:
+            raise ValueError(f"Inception-v3 needs inputs of at least {MIN_INPUT} px, got {input_size}")
+        self.input_size = input_size
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -172,7 +188,8 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, max_pool=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) * 2.0 - 1.0
+        size = (self.input_size, self.input_size)
+        x = F.interpolate(images, size=size, mode="bilinear", align_corners=False) * 2.0 - 1.0
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
@@ -193,6 +210,35 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDI
             f"{path} is not an Inception-v3 state dict: missing {len(missing)} weights, e.g. {missing[:3]}"
         )
     return model.to(device).eval()
+
+
+def random_inception_size(image_size: int) -> int:
+    """The random network's input side for `image_size` images: their own size, within
+    [MIN_INPUT, FID_INPUT] (small images are not blown up to 299 px for a random network: 16x the
+    work for no gain in what it can see)."""
+    return max(MIN_INPUT, min(FID_INPUT, image_size))
+
+
+@torch.no_grad()
+def random_inception(
+    input_size: int = FID_INPUT, seed: int = RANDOM_SEED, device: str | torch.device = "cpu"
+) -> FIDInceptionV3:
+    """Inception-v3 with seeded random weights: convolutions He-normal (fan in, for the ReLUs),
+    batch norms the identity, so activations keep their scale through the 94 layers (PyTorch's
+    default init shrinks them ~1e-8-fold by the pool). The same seed gives the same network on
+    every machine (drawn on the CPU)."""
+    model = FIDInceptionV3(input_size)
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
+    return model.to(device).eval()
+
+
+def feature_space_name(input_size: int, seed: int = RANDOM_SEED) -> str:
+    """How metrics name the random network's space."""
+    return f"inception_v3_random_init(seed={seed},input={input_size}px)"
 
 
 @torch.no_grad()

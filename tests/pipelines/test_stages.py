@@ -2,6 +2,7 @@
 fixture); each test reads back what its stage wrote and logged."""
 
 import json
+import shutil
 
 import mlflow
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from components.data import tokens as token_io
-from components.data.shards import load_split, read_manifest
+from components.data.shards import load_split, read_manifest, split_batches
 from components.priors import load_prior
 from components.tokenizers import Tokenizer
 
@@ -125,6 +126,24 @@ def test_evaluate(tiny_project):
     counts = (paths.plots / "codebook_usage.csv").read_text().splitlines()
     assert len(counts) == 17 and sum(int(line.split(",")[1]) for line in counts[1:]) == metrics["val_images"] * 16
     assert (paths.eval / "reconstructions.png").exists()
+    # rFID over the whole split, in the seeded random Inception-v3 (no weights given), named.
+    assert metrics["rfid"] > 0 and metrics["rfid_feature_space"] == "inception_v3_random_init(seed=0,input=75px)"
+    assert "lpips" not in metrics  # no LPIPS weights given
+    # ADM-style .npz files: uint8 NHWC arr_0; the references are the validation images as stored.
+    val_images = metrics["val_images"]
+    with np.load(paths.eval / "references.npz") as refs, np.load(paths.eval / "reconstructions.npz") as recs:
+        assert refs["arr_0"].shape == recs["arr_0"].shape == (val_images, 16, 16, 3)
+        assert refs["arr_0"].dtype == recs["arr_0"].dtype == np.uint8
+        stored = np.concatenate(
+            [raw.permute(0, 2, 3, 1).numpy() for raw, _, _ in split_batches(paths.shards, "val", 64)]
+        )
+        assert np.array_equal(refs["arr_0"], stored)
+        # PSNR is measured on exactly these uint8 reconstructions.
+        mse = ((recs["arr_0"].astype(np.float64) - stored) / 255.0) ** 2
+        per_image = 10 * np.log10(1.0 / (mse.reshape(val_images, -1).mean(1) + 1e-10))
+        assert per_image.mean() == pytest.approx(metrics["psnr"], abs=1e-3)
+    with np.load(paths.eval / "samples.npz") as samples:
+        assert samples["arr_0"].shape == (48, 16, 16, 3) and samples["arr_0"].dtype == np.uint8
     # Generation metrics of 48 samples, in the tokenizer encoder's space (no Inception given).
     assert metrics["feature_space"] == "tokenizer_encoder" and metrics["generated_images"] == 48
     assert metrics["fid"] >= 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
@@ -136,3 +155,38 @@ def test_evaluate(tiny_project):
         logged["metrics.fid"] == pytest.approx(metrics["fid"])
         and logged["tags.vqpipe.feature_space"] == "tokenizer_encoder"
     )
+    assert logged["metrics.rfid"] == pytest.approx(metrics["rfid"])
+    assert logged["tags.vqpipe.rfid_feature_space"] == metrics["rfid_feature_space"]
+
+
+def test_evaluate_with_inception_and_lpips_weights(tiny_project, tiny_params, tmp_path):
+    """Given weights files (random ones here), rFID is computed in Inception space and LPIPS
+    of the reconstructions is reported."""
+    from safetensors.torch import save_file
+
+    from components.metrics.inception import FIDInceptionV3
+    from pipelines import evaluate
+    from pipelines.runtime import Paths
+    from tests.components.test_architectures import _lpips_file
+
+    built, _ = tiny_project
+    paths = Paths(tmp_path / "project")
+    for name in ("data", "models"):
+        shutil.copytree(built.root / name, paths.root / name)
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in FIDInceptionV3().state_dict().items()}
+    save_file(state, str(tmp_path / "inception.safetensors"))
+    _lpips_file(tmp_path / "lpips.safetensors", "lpips")
+    cfg = tiny_params.evaluate.model_copy(
+        update={
+            "inception_weights": str(tmp_path / "inception.safetensors"),
+            "perceptual_weights": str(tmp_path / "lpips.safetensors"),
+            "max_images": 8,
+            "num_samples": 0,
+            "write_npz": False,
+        }
+    )
+    metrics = evaluate.run(cfg, paths).metrics
+    assert metrics["val_images"] == 8 and metrics["rfid_feature_space"] == "inception"
+    assert metrics["rfid"] >= 0 and metrics["lpips"] > 0
+    assert not list(paths.eval.glob("*.npz"))
