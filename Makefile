@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch first and pinned exactly: a looser spec resolved by other packages pulls a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test lint format install status clean
+.PHONY: run test lint format install bench-deps status clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(BIN)/.installed
+
+# What benchmarks/codebook_*.py need besides the project (never runtime dependencies).
+bench-deps: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
 
 run: $(BIN)/.installed
 	$(BIN)/vqpipe run
