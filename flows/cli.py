@@ -36,6 +36,10 @@ from pipelines.tracking import MLFLOW_SCHEMES
 
 # Prefect's server tries to send telemetry at start; there is no network to send it to.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The ephemeral Prefect API gets 20 s to start by default; its first start after an install
+# (byte-compiling the server, migrating its database) took longer on a 2-core machine and failed
+# `make run`. A user's own setting wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _check_params(repo: Path, profile: str | None = None) -> int:
