@@ -97,13 +97,10 @@ class RealImages:
     rfid_recon: FeatureMoments = field(default_factory=FeatureMoments)
 
     def metrics(self, spaces: Spaces) -> dict:
-        out = {
-            "val_images": self.count,
-            "psnr": self.psnr_sum / self.count,
-            "ssim": self.ssim_sum / self.count,
-            "rfid": frechet_from_moments(self.rfid_real, self.rfid_recon),
-            "rfid_feature_space": spaces.rfid.name,
-        }
+        out = {"val_images": self.count, "psnr": self.psnr_sum / self.count, "ssim": self.ssim_sum / self.count}
+        if self.count >= 2:  # a covariance needs two images
+            out["rfid"] = frechet_from_moments(self.rfid_real, self.rfid_recon)
+            out["rfid_feature_space"] = spaces.rfid.name
         if spaces.lpips is not None:
             out["lpips"] = self.lpips_sum / self.count
         return out
@@ -123,6 +120,8 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         spaces = _spaces(cfg, tokenizer, device)
         real = _real_images(cfg, tokenizer, paths, spaces, Path(scratch))
         metrics.update(real.metrics(spaces))
+        if not cfg.num_samples:
+            (paths.eval / "samples.npz").unlink(missing_ok=True)  # an earlier evaluation's
         if cfg.num_samples:
             metrics.update(_generation_metrics(cfg, tokenizer, prior, real, spaces.fid, paths, Path(scratch)))
         metrics_path = paths.metrics / "evaluate.json"
@@ -133,7 +132,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
 
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.set_tag("vqpipe.feature_space", metrics.get("feature_space", "none"))
-        mlflow.set_tag("vqpipe.rfid_feature_space", metrics["rfid_feature_space"])
+        mlflow.set_tag("vqpipe.rfid_feature_space", metrics.get("rfid_feature_space", "none"))
         mlflow.log_image(grid, key="reconstructions")
         mlflow.log_artifact(str(metrics_path))
         _log_summary(metrics, active.info.run_id)
@@ -198,7 +197,13 @@ def _spaces(cfg: EvaluateConfig, tokenizer: Tokenizer, device) -> Spaces:
 
 
 def _npz_writers(cfg: EvaluateConfig, paths: Paths, scratch: Path, *names: str) -> list[NpzWriter | None]:
-    return [NpzWriter(paths.eval / f"{name}.npz", scratch) if cfg.write_npz else None for name in names]
+    """With `write_npz`, a writer per name (eval/NAME.npz); without, None each, and an earlier
+    run's file of that name is removed, so eval/ never holds images of another evaluation."""
+    if not cfg.write_npz:
+        for name in names:
+            (paths.eval / f"{name}.npz").unlink(missing_ok=True)
+        return [None] * len(names)
+    return [NpzWriter(paths.eval / f"{name}.npz", scratch) for name in names]
 
 
 def _real_images(cfg: EvaluateConfig, tokenizer: Tokenizer, paths: Paths, spaces: Spaces, scratch: Path) -> RealImages:
@@ -253,11 +258,11 @@ def _reconstruction_grid(real: RealImages):
 
 
 def _log_summary(metrics: dict, run_id: str) -> None:
+    rfid = f"  rFID {metrics['rfid']:.4f} ({metrics['rfid_feature_space']})" if "rfid" in metrics else ""
     lpips = f"  LPIPS {metrics['lpips']:.4f}" if "lpips" in metrics else ""
     log.info(
-        "PSNR %.2f dB  SSIM %.3f  rFID %.4f (%s)%s  codebook usage %.1f%%  perplexity %.1f"
-        "  prior %.3f vs unigram %.3f bits/token",
-        *(metrics["psnr"], metrics["ssim"], metrics["rfid"], metrics["rfid_feature_space"], lpips),
+        "PSNR %.2f dB  SSIM %.3f%s%s  codebook usage %.1f%%  perplexity %.1f  prior %.3f vs unigram %.3f bits/token",
+        *(metrics["psnr"], metrics["ssim"], rfid, lpips),
         *(metrics["codebook_usage"], metrics["perplexity"]),
         *(metrics["prior_bits_per_token"], metrics["unigram_bits_per_token"]),
     )

@@ -12,6 +12,8 @@ CONFIGS = [
     {"type": "vq", "codebook_size": 32, "restart_after_steps": 2, "kmeans_init_batches": 2},
     {"type": "residual", "codebook_size": 16, "stages": 2, "shared_codebook": True, "restart_after_steps": 2},
     {"type": "product", "codebook_size": 16, "groups": 2, "restart_after_steps": 2},
+    # More rare codes than rows: which codes are re-seeded is rank 0's choice too.
+    {"type": "vq", "codebook_size": 64, "dead_code_threshold": 1.0, "restart_after_steps": 0},
 ]
 
 
