@@ -38,6 +38,7 @@ ROWS = {
     "default": ("ours: default", {}),
     "rotation": ("ours + rotation trick", {"rotation_trick": True}),
     "threshold": ("ours + EMA-count threshold 2", {"dead_code_threshold": 2.0}),
+    "threshold0.1": ("ours + EMA-count threshold 0.1", {"dead_code_threshold": 0.1}),
     "rotation+threshold": ("ours + rotation trick + threshold 2", {"rotation_trick": True, "dead_code_threshold": 2.0}),
     "entropy": ("ours + entropy loss 0.01", {"entropy_loss_weight": 0.01}),
     "simvq": ("ours, SimVQ (frozen codes, learned map)", {"ema": False, "simvq": True}),
