@@ -46,7 +46,7 @@ class CheckpointFile:
         if self.upgrade is not None:
             saved = self.upgrade(saved)
         # A setting the checkpoint does not know was added since it was written: it cannot differ.
-        saved = {**{k: v for k, v in self.settings.items() if k not in saved}, **saved}
+        saved = _with_added(saved, self.settings)
         diffs = compare_settings(saved, self.settings)
         if state["complete"] and (diffs or state["step"] >= steps):
             if lead:
@@ -64,6 +64,18 @@ class CheckpointFile:
 
     def save(self, state: dict[str, Any], step: int, complete: bool) -> None:
         save_checkpoint(self.directory, {**state, "step": step, "complete": complete, "settings": self.settings})
+
+
+def _with_added(saved: dict, current: dict) -> dict:
+    """`saved` with the settings it lacks taken from `current`, within nested sections too (a
+    quantizer option added in 0.5 is missing from a 0.4 checkpoint's `quantizer`)."""
+    out = dict(saved)
+    for key, value in current.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _with_added(out[key], value)
+    return out
 
 
 def _current_names(stage: str, settings: dict) -> dict:
