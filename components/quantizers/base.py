@@ -53,6 +53,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value on every replica, in place (a no-op outside torch.distributed): random
+    choices that move a codebook (k-means seeds, restarted codes) are made once for all."""
+    if distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def code_counts(indices: torch.Tensor, codebook_size: int, reduce: bool) -> torch.Tensor:
     """(k,) count of each code in `indices`; summed over replicas when `reduce` (training:
     every replica then logs and acts on the same numbers)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
@@ -28,7 +27,7 @@ from components.quantizers.base import (
     check_finite,
     check_last_dim,
     code_counts,
-    distributed,
+    from_rank0,
     projections,
     straight_through,
     usage_stats,
@@ -147,9 +146,7 @@ def kmeans(
     data = data.float()
     n = data.shape[0]
     pick = torch.randperm(n, device=data.device)[:k] if n >= k else torch.randint(0, n, (k,), device=data.device)
-    centroids = data[pick].clone()
-    if distributed():
-        dist.broadcast(centroids, src=0)
+    centroids = from_rank0(data[pick].clone())
     counts = torch.zeros(k, device=data.device)
     for _ in range(iters):
         assign = nearest_codes(data, centroids, chunk_size)
@@ -342,10 +339,8 @@ class VectorQuantizer(nn.Module):
         dead = (self.steps_unused >= self.restart_after_steps).nonzero().squeeze(1)
         if dead.numel():
             pick = torch.randint(0, h.shape[0], (dead.numel(),), device=h.device)
-            vectors = h[pick].contiguous()
-            if distributed():
-                # Every replica takes rank 0's choice, so the codebooks stay identical.
-                dist.broadcast(vectors, src=0)
+            # Every replica takes rank 0's choice, so the codebooks stay identical.
+            vectors = from_rank0(h[pick].contiguous())
             self._set_codes(dead, vectors, torch.ones(dead.numel(), device=h.device))
 
     @torch.no_grad()
@@ -359,12 +354,8 @@ class VectorQuantizer(nn.Module):
         if not rare.numel():
             return
         if rare.numel() > h.shape[0]:
-            rare = rare[torch.randperm(rare.numel(), device=h.device)[: h.shape[0]]]
-            if distributed():
-                dist.broadcast(rare, src=0)
-        vectors = h[torch.randperm(h.shape[0], device=h.device)[: rare.numel()]].contiguous()
-        if distributed():
-            dist.broadcast(vectors, src=0)
+            rare = from_rank0(rare[torch.randperm(rare.numel(), device=h.device)[: h.shape[0]]])
+        vectors = from_rank0(h[torch.randperm(h.shape[0], device=h.device)[: rare.numel()]].contiguous())
         self._set_codes(rare, vectors, torch.full((rare.numel(),), self.dead_code_threshold, device=h.device))
 
     @torch.no_grad()
@@ -388,9 +379,7 @@ class VectorQuantizer(nn.Module):
         everything = torch.arange(self.codebook_size, device=h.device)
         if not self._init_pool:
             pick = torch.randint(0, h.shape[0], (self.codebook_size,), device=h.device)
-            vectors = h[pick].contiguous()
-            if distributed():
-                dist.broadcast(vectors, src=0)
+            vectors = from_rank0(h[pick].contiguous())
             self._set_codes(everything, vectors, torch.ones(self.codebook_size, device=h.device))
         if self.kmeans_iters == 0:
             self.initialized.fill_(True)
