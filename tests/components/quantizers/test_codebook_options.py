@@ -95,10 +95,14 @@ def test_rare_codes_are_replaced_by_ema_count_threshold():
 def test_threshold_with_more_rare_codes_than_rows_replaces_as_many_as_rows():
     torch.manual_seed(0)
     vq = VQConfig(codebook_size=64, kmeans_iters=0, restart_after_steps=0, dead_code_threshold=1.0).build(2).train()
+    vq(torch.randn(1, 10, 2))  # the first batch seeds the codes (from its own rows)
     z = torch.randn(1, 10, 2)
     vq(z)
+    # 64 codes expect under one row each: all are rare, and each of the step's 10 rows seeds one.
     rows = {tuple(r.tolist()) for r in z.view(-1, 2)}
-    assert sum(tuple(c.tolist()) in rows for c in vq.codebook) >= 10
+    seeded = [tuple(c.tolist()) in rows for c in vq.codebook]
+    assert sum(seeded) == 10
+    assert torch.equal(vq.cluster_size[torch.tensor(seeded)], torch.ones(10))
 
 
 def test_simvq_learns_only_the_map_and_its_codes_follow():
