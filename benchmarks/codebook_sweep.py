@@ -62,10 +62,10 @@ def main() -> None:
     for key in args.methods.split(","):
         name, quantizer = METHODS[key]
         for bits in args.sizes:
-            raw = {"train_tokenizer": {"steps": args.steps, "precision": "fp32", "quantizer": quantizer(bits)}}
+            options = quantizer(bits)
+            raw = {"train_tokenizer": {"steps": args.steps, "precision": "fp32", "quantizer": options}}
             cfg = parse_params(raw).train_tokenizer
             result = train_on_photos(cfg, photos, args.seed, device=device)
-            options = quantizer(bits)
             codes = str(options["levels"]) if "levels" in options else f"2^{bits}"
             print(
                 f"| {name} | {codes} | {result.psnr:.2f} | {result.usage:.1f}% | {result.perplexity:.0f} "

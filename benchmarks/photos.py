@@ -23,7 +23,8 @@ from PIL import Image
 
 from components.config import TrainTokenizerConfig
 from components.metrics import psnr
-from components.metrics.reconstruction import to_uint8
+from components.metrics.reconstruction import as_uint8_images
+from components.quantizers.base import usage_stats
 from components.tokenizers.tokenizer import build_model, export_config
 from components.tokenizers.training import TokenizerStep
 
@@ -54,10 +55,13 @@ class Photos:
     train: list[np.ndarray]  # whole photos (H, W, 3) uint8, cropped at random
     val: torch.Tensor  # (n, 3, PATCH, PATCH) uint8: every non-overlapping patch of the held-out photos
 
+    def __post_init__(self):
+        areas = np.array([p.shape[0] * p.shape[1] for p in self.train], dtype=np.float64)
+        self.weights = areas / areas.sum()  # photos are drawn by area
+
     def batch(self, size: int, generator: np.random.Generator) -> torch.Tensor:
         """`size` random training patches (b, 3, PATCH, PATCH) uint8, photos drawn by area."""
-        areas = np.array([p.shape[0] * p.shape[1] for p in self.train], dtype=np.float64)
-        which = generator.choice(len(self.train), size=size, p=areas / areas.sum())
+        which = generator.choice(len(self.train), size=size, p=self.weights)
         out = np.empty((size, PATCH, PATCH, 3), dtype=np.uint8)
         for i, w in enumerate(which):
             photo = self.train[w]
@@ -127,10 +131,9 @@ def evaluate(model: torch.nn.Module, val: torch.Tensor, size: int, seconds: floa
     for start in range(0, len(val), 256):
         x = val[start : start + 256].float().div(255.0).to(device)
         out = model(x * 2.0 - 1.0)
-        recon = to_uint8((out.reconstruction.clamp(-1, 1) + 1.0) / 2.0).float() / 255.0
+        recon = as_uint8_images((out.reconstruction + 1.0) / 2.0)
         total += psnr(recon, x).sum().item()
         for indices in out.indices.values():
             counts += torch.bincount(indices.reshape(-1).cpu(), minlength=size)[:size]
-    probs = counts.double() / counts.sum()
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
-    return Result(total / len(val), (counts > 0).double().mean().item() * 100, math.exp(entropy), seconds)
+    stats = usage_stats(counts)
+    return Result(total / len(val), stats["codebook_usage"].item(), stats["perplexity"].item(), seconds)

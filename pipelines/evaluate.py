@@ -221,7 +221,8 @@ def _real_images(cfg: EvaluateConfig, tokenizer: Tokenizer, paths: Paths, spaces
         real.count += len(images)
         real.psnr_sum += psnr(recon, images).sum().item()
         real.ssim_sum += ssim(recon, images).sum().item()
-        real.rfid_real.add(spaces.rfid.features(images))
+        image_features = spaces.rfid.features(images)
+        real.rfid_real.add(image_features)
         real.rfid_recon.add(spaces.rfid.features(recon))
         if spaces.lpips is not None:
             with torch.no_grad():
@@ -238,7 +239,8 @@ def _real_images(cfg: EvaluateConfig, tokenizer: Tokenizer, paths: Paths, spaces
             real.originals.append(images[:room])
             real.reconstructions.append(recon[:room])
         if space is not None:
-            features = space.features(images)
+            # With Inception weights FID and rFID share the network: one forward pass serves both.
+            features = image_features if space is spaces.rfid else space.features(images)
             real.moments.add(features)
             real.features.add(features)
     if not real.count:
