@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
+from components.data.limits import PILLOW_MAX_IMAGE_PIXELS, ReadLimits
 from components.quantizers import QUANTIZERS, QuantizerConfig
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ def _group_norm_friendly(value: int) -> int:
 
 
 PowerOfTwo = Annotated[int, AfterValidator(_power_of_two)]
+# Every seed reaches torch.manual_seed (which takes up to 2**64 - 1) and numpy's generators
+# (which take no negative seed); larger ones passed validation and crashed in training.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 # A convolution width the blocks' GroupNorm (8 groups) divides.
 GroupNormWidth = Annotated[int, AfterValidator(_group_norm_friendly)]
 
@@ -112,6 +116,26 @@ class ParquetOptions(_Section):
     caption_column: str | None = None
 
 
+class ReadLimitsOptions(_Section):
+    """Bounds on reading one input (components/data/limits.py): an input over a size limit is one
+    reject naming the limit, an input over a time limit one unreadable shard, retried."""
+
+    # Images whose header declares more pixels are rejected undecoded (Pillow's default limit).
+    max_image_pixels: int = Field(PILLOW_MAX_IMAGE_PIXELS, ge=1)
+    # A tar member (one field of a sample) or a folder's file over this size is rejected unread.
+    max_member_bytes: int = Field(256 << 20, ge=1)
+    max_file_bytes: int = Field(256 << 20, ge=1)
+    # A pipe: command that writes nothing for this long is killed (seconds; 0: no limit).
+    pipe_idle_timeout: float = runtime(300.0, ge=0)
+    # Reading one input shard may take this long before it is abandoned and retried (0: no limit).
+    shard_timeout: float = runtime(0.0, ge=0)
+    # Run pipe: lines found inside @FILE lists (a list file is data; its pipe: lines are commands).
+    allow_pipe_in_lists: bool = runtime(False)
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(**self.model_dump())
+
+
 class ShardConfig(_Section):
     # builtin:shapes | folder:PATH | webdataset:SPEC (tar shards) | parquet:SPEC (docs/corpora.md)
     source: str = "builtin:shapes"
@@ -125,7 +149,8 @@ class ShardConfig(_Section):
     # Captions longer than this many characters are cut (and counted in the manifest).
     max_caption_chars: int = Field(2048, ge=1)
     parquet: ParquetOptions = ParquetOptions()
-    seed: int = 0
+    limits: ReadLimitsOptions = ReadLimitsOptions()
+    seed: Seed = 0
     # The stage fails when more than this share of the input shards or files cannot be read
     # (each is tried 1 + `retries` times and listed with its error in the manifest).
     max_unreadable: float = runtime(0.01, ge=0, le=1)
@@ -304,7 +329,7 @@ class TrainTokenizerConfig(_Section):
     # Each trained tokenizer becomes a version of this MLflow registered model, so that
     # `vqpipe tokenize --tokenizer models:/NAME@ALIAS` finds it; null registers nothing.
     registered_model: str | None = runtime("vqpipe-tokenizer")
-    seed: int = 0
+    seed: Seed = 0
     device: Device = runtime("auto")
 
     # Outcomes a resumed run may change: how long it trains, its precision, and its worker
@@ -393,7 +418,7 @@ class TrainPriorConfig(_Section):
     val_max_rows: int | None = Field(10000, ge=1)
     val_every: int = runtime(250, ge=1)
     log_every: int = runtime(25, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     device: Device = runtime("auto")
 
     # Outcomes a resumed run may change: how long it trains and its precision.
@@ -421,7 +446,7 @@ class SampleConfig(_Section):
     sampling: SamplingOptions = SamplingOptions()
     # Sequences drawn at once (an outcome: the draws from the seeded generator follow the batches).
     batch_size: int = Field(64, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     device: Device = runtime("auto")
 
 
@@ -454,7 +479,7 @@ class EvaluateConfig(_Section):
     # MiB of features precision/recall keeps in memory per set; past it they are spilled to a
     # memory-mapped temporary file (the same result, bounded memory).
     feature_memory_mb: int = runtime(1024, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     device: Device = runtime("auto")
 
     @field_validator("inception_weights", "perceptual_weights")

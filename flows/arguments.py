@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from components.config import SampleConfig
+from components.data.limits import DEFAULT_LIMITS
 from components.tokenizers.published import DEFAULT_MODEL, FORMATS, MODELS
 from flows.dvc import STAGES
 from pipelines.corpus.job import TOKENIZE
@@ -125,6 +126,35 @@ def _add_tokenize_runtime(tok: argparse.ArgumentParser) -> None:
         "--decode-threads", type=_positive, default=None, help="image decoding threads per actor (default: its CPUs)"
     )
     tok.add_argument("--retries", type=int, default=2, help="further attempts at a shard that fails (default 2)")
+    tok.add_argument(
+        "--allow-pipe",
+        action="store_true",
+        help="run pipe: lines found inside @FILE lists (a list file is data; its pipe: lines are shell commands)",
+    )
+    tok.add_argument(
+        "--max-image-pixels",
+        type=_positive,
+        default=DEFAULT_LIMITS.max_image_pixels,
+        help=f"reject images declaring more pixels, undecoded (default {DEFAULT_LIMITS.max_image_pixels:,})",
+    )
+    tok.add_argument(
+        "--max-member-bytes",
+        type=_positive,
+        default=DEFAULT_LIMITS.max_member_bytes,
+        help=f"reject tar members larger than this, unread (default {DEFAULT_LIMITS.max_member_bytes:,})",
+    )
+    tok.add_argument(
+        "--pipe-idle-timeout",
+        type=_seconds,
+        default=DEFAULT_LIMITS.pipe_idle_timeout,
+        help=f"kill a pipe: command silent this many seconds (default {DEFAULT_LIMITS.pipe_idle_timeout:g}; 0: none)",
+    )
+    tok.add_argument(
+        "--shard-timeout",
+        type=_seconds,
+        default=DEFAULT_LIMITS.shard_timeout,
+        help="give up reading one shard after this many seconds, then retry it (default 0: no limit)",
+    )
     tok.add_argument("--overwrite", action="store_true", help="redo every part, complete or not")
     tok.add_argument("--in-process", action="store_true", help="no Ray: tokenize in this process")
     tok.add_argument(
@@ -179,6 +209,13 @@ def _renamed(parser: argparse.ArgumentParser, renames: dict[str, str]) -> None:
 
     for old in renames:
         parser.add_argument(old, action=Renamed, help=argparse.SUPPRESS)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from components.config import ConfigError, SamplingOptions, load_params
+from components.data.corpus import expand_inputs
 from components.metrics import save_grid
 from components.tokenizers import Tokenizer
 from components.tokenizers.published import MODELS, CheckpointError, convert_checkpoint
@@ -185,6 +186,18 @@ def cmd_tokenize(args) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    limits = {
+        "max_image_pixels": args.max_image_pixels,
+        "max_member_bytes": args.max_member_bytes,
+        "pipe_idle_timeout": args.pipe_idle_timeout,
+        "shard_timeout": args.shard_timeout,
+        "allow_pipe_in_lists": args.allow_pipe,
+    }
+    try:  # a pattern that matches nothing, a list that includes itself: before Prefect and Ray start
+        expand_inputs(args.input, args.allow_pipe)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from flows.tokenize import ShardsFailed, tokenize_flow
 
     setup_logging()  # the plan, retries and failures (vqpipe.tokenize) beside Prefect's lines
@@ -205,6 +218,7 @@ def cmd_tokenize(args) -> int:
             in_process=args.in_process,
             ray_address=args.ray_address,
             progress_bar=sys.stderr.isatty(),
+            limits=limits,
         )
     except ShardsFailed as err:
         _print_tokenize_summary(err.summary)

@@ -20,6 +20,7 @@ from prefect.cache_policies import NONE
 from tqdm import tqdm
 
 from components.data.corpus import expand_inputs
+from components.data.limits import ReadLimits
 from components.data.tokens import MANIFEST
 from pipelines.corpus import CorpusJob, CorpusResult, plan_corpus, tokenize_corpus
 from pipelines.corpus.job import TOKENIZE
@@ -37,8 +38,8 @@ class ShardsFailed(RuntimeError):
 
 
 @task(name="list-input-shards", cache_policy=NONE)
-def list_inputs(specs: list[str]) -> list[str]:
-    urls = expand_inputs(specs)
+def list_inputs(specs: list[str], allow_pipe_in_lists: bool = False) -> list[str]:
+    urls = expand_inputs(specs, allow_pipe_in_lists)
     if not urls:
         raise ValueError(f"no input shards in {specs}")
     get_run_logger().info("%d input shards (first %s)", len(urls), urls[0])
@@ -133,11 +134,14 @@ def tokenize_flow(
     in_process: bool = False,
     ray_address: str | None = None,
     progress_bar: bool = False,
+    limits: dict | None = None,
 ) -> dict:
     """Tokenize the shards `inputs` names (patterns, globs, @files, URLs) into `output`; returns
     the summary (see `summarize`). Raises ShardsFailed, after writing everything else and the
-    manifest, when some shards failed every attempt."""
-    urls = list_inputs(inputs)
+    manifest, when some shards failed every attempt. `limits`: the fields of
+    `components.data.limits.ReadLimits` to change (pixels, bytes, timeouts, `pipe:` in lists)."""
+    read_limits = ReadLimits(**(limits or {}))
+    urls = list_inputs(inputs, read_limits.allow_pipe_in_lists)
     job = CorpusJob(
         inputs=urls,
         output=output,
@@ -152,6 +156,7 @@ def tokenize_flow(
         overwrite=overwrite,
         in_process=in_process,
         ray_address=ray_address,
+        limits=read_limits,
     )
     result = tokenize_shards(job, progress_bar)
     summary = summarize(job, result)

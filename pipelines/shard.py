@@ -60,6 +60,7 @@ def run(cfg: ShardConfig, paths: Paths = Paths()) -> ShardResult:
             image_format=cfg.image_format,
             max_caption_chars=cfg.max_caption_chars,
             classes=tuple(source.classes) if source.classes else None,
+            max_image_pixels=cfg.limits.max_image_pixels,
         )
         out_dir = _fresh_dir(paths.shards)
         inputs = _expected_inputs(units, cfg)

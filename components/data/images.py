@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# Errors that mean "this input is not a usable image" (as opposed to a bug of ours).
-DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+from components.data.limits import PILLOW_MAX_IMAGE_PIXELS
+
+# Pillow warns (DecompressionBombWarning) about images between its limit and twice it; the limit
+# that counts here is `max_image_pixels`, checked in decode_image on every thread alike. Switching
+# warnings to errors per call (warnings.catch_warnings) is not thread-safe, so the warning is
+# silenced once, for the process, instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+# Errors that mean "this input is not a usable image" (as opposed to a bug of ours). Some of
+# Pillow's format plugins raise struct.error or EOFError on a cut header rather than OSError.
+DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    struct.error,
+    EOFError,
+)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -39,17 +57,29 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def decode_image(data: bytes, size: int | None = None) -> Image.Image:
+class TooManyPixels(ValueError):
+    """An image whose header declares more pixels than the limit allows (never decoded)."""
+
+
+def decode_image(data: bytes, size: int | None = None, max_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> Image.Image:
     """Bytes -> fully decoded RGB image (truncated files raise here, not later), optionally resized.
 
-    Raises one of DECODE_ERRORS for anything that is not a whole, readable image."""
+    An image of more than `max_pixels` pixels (from its header, before any decoding) raises
+    TooManyPixels. Raises one of DECODE_ERRORS for anything that is not a whole, readable image."""
     if not data:
         raise ValueError("empty file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            img = to_rgb(img)
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
+        # Pillow refuses above twice its own limit: a user who raised ours is asking for more.
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise TooManyPixels(
+                f"image of {width} x {height} = {width * height:,} pixels is over the limit of "
+                f"{max_pixels:,} (max_image_pixels)"
+            )
+        img.load()
+        img = to_rgb(img)
     return resize_center_crop(img, size) if size else img
 
 
@@ -70,6 +100,8 @@ def to_array(img: Image.Image) -> np.ndarray:
 def describe_error(err: BaseException) -> str:
     if isinstance(err, UnidentifiedImageError):
         return "not an image (unrecognised format)"
+    if isinstance(err, TooManyPixels):
+        return str(err)
     text = str(err) or type(err).__name__
     if "truncated" in text.lower():
         return f"truncated image: {text}"

@@ -23,10 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.data.corpus import ShardUnreadable, expand_inputs, stat_input
+from components.data.files import FileTooLarge, read_regular_file
+from components.data.limits import DEFAULT_LIMITS, ReadLimits, too_large
 from components.data.units import RawSample, SourceError, SourceUnit
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 READ_ROWS = 64  # rows per record batch: memory is bounded by this many images
+# What pyarrow raises for a corrupt file: OSError, ArrowException, and a UnicodeDecodeError (a
+# ValueError) when a corrupt footer's column name is not UTF-8 (found by tests/fuzzing.py).
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -50,10 +54,12 @@ def _image_type_ok(t: pa.DataType) -> bool:
     return "bytes" in fields and _is_bytes(fields["bytes"]) and ("path" not in fields or _is_text(fields["path"]))
 
 
-def _expand(spec: str) -> list[str]:
+def _expand(spec: str, allow_pipe_in_lists: bool = False) -> list[str]:
     """The Parquet files a spec names; a directory stands for every *.parquet below it."""
     files: list[str] = []
-    for url in expand_inputs(spec):
+    for url in expand_inputs(spec, allow_pipe_in_lists):
+        if url.startswith("pipe:"):
+            raise ValueError(f"{url!r}: a Parquet source reads files, not pipe: commands")
         fs, path = fsspec.core.url_to_fs(url)
         if fs.isdir(path):
             found = sorted(fs.glob(path.rstrip("/") + "/**/*.parquet"))
@@ -67,10 +73,11 @@ class ParquetImages:
     """The files a Parquet spec names. `check=False` only lists them (for the source's
     fingerprint): no schema is read, and the source cannot be sampled."""
 
-    def __init__(self, spec: str, options, check: bool = True):
+    def __init__(self, spec: str, options, check: bool = True, limits: ReadLimits = DEFAULT_LIMITS):
         self.options = options
+        self.limits = limits
         try:
-            self.files = _expand(spec)
+            self.files = _expand(spec, limits.allow_pipe_in_lists)
         except (ValueError, OSError) as err:
             raise SourceError(f"shard.source parquet:{spec}: {err}") from None
         if not self.files:
@@ -89,7 +96,7 @@ class ParquetImages:
         try:
             with fsspec.open(name, "rb") as f:
                 return pq.read_schema(f)
-        except (OSError, pa.ArrowException) as err:
+        except (OSError, pa.ArrowException, ValueError) as err:
             raise SourceError(f"shard.source: cannot read the Parquet schema of {name}: {err}") from None
 
     def _check(self, name: str, schema: pa.Schema) -> None:
@@ -121,8 +128,13 @@ class ParquetImages:
             return names, {i: i for i in range(len(names))}
         values: set = set()
         for name in self.files:
-            with fsspec.open(name, "rb") as f:
-                values |= {v for v in pq.read_table(f, columns=[column]).column(0).unique().to_pylist()}
+            try:
+                with fsspec.open(name, "rb") as f:
+                    values |= {v for v in pq.read_table(f, columns=[column]).column(0).unique().to_pylist()}
+            except (OSError, pa.ArrowException, ValueError) as err:  # every file's classes count: none left out
+                raise SourceError(
+                    f"shard.parquet.label_column: cannot read the labels of {name} to number the classes: {err}"
+                ) from None
         ordered = sorted(v for v in values if v is not None)
         return [str(v) for v in ordered], {v: i for i, v in enumerate(ordered)}
 
@@ -142,8 +154,8 @@ class ParquetImages:
                         row += 1
         except FileNotFoundError as err:
             raise ShardUnreadable(unit.name, f"no such file ({err})") from err
-        except (OSError, pa.ArrowException) as err:
-            raise ShardUnreadable(unit.name, f"{type(err).__name__}: {err}") from err
+        except (OSError, pa.ArrowException, ValueError) as err:
+            raise ShardUnreadable(unit.name, f"{type(err).__name__}: {err}") from err  # ValueError: a name not UTF-8
 
     def _sample(self, file: str, key: str, row: int, values: dict) -> RawSample:
         o, where = self.options, f"{file}#{row}"
@@ -169,9 +181,17 @@ class ParquetImages:
             return None, "no image (null bytes and path)"
         if "://" not in path and not path.startswith("/"):
             path = f"{file.rsplit('/', 1)[0]}/{path}" if "/" in file else path
+        limit = self.limits.max_file_bytes
         try:
+            if "://" not in path or path.startswith("file://"):
+                return read_regular_file(Path(path.removeprefix("file://")), limit), None
             with fsspec.open(path, "rb") as f:
-                return f.read(), None
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                raise FileTooLarge(too_large("file", len(data), limit, "max_file_bytes"))
+            return data, None
+        except FileTooLarge as err:
+            return None, f"image file {value['path']!r}: {err}"
         except OSError as err:
             return None, f"image file {value['path']!r} unreadable: {err}"
 

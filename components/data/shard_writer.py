@@ -26,6 +26,7 @@ from PIL import Image
 
 from components.data.corpus import ShardUnreadable
 from components.data.images import DECODE_ERRORS, decode_image, describe_error, encode_png, resize_center_crop
+from components.data.limits import PILLOW_MAX_IMAGE_PIXELS
 from components.data.shards import assign_split, sha256_file
 from components.data.units import RawSample, Reject, SourceItem, SourceUnit
 
@@ -43,6 +44,7 @@ class ShardLayout:
     image_format: str = "png"  # png (lossless) | jpg (quality 95)
     max_caption_chars: int = 2048
     classes: tuple[str, ...] | None = None
+    max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -174,7 +176,7 @@ def _prepare(raw: RawSample, layout: ShardLayout, result: UnitResult) -> dict | 
             if isinstance(raw.image, Image.Image):
                 img = resize_center_crop(raw.image.convert("RGB"), layout.image_size)
             else:
-                img = decode_image(raw.image, layout.image_size)
+                img = decode_image(raw.image, layout.image_size, layout.max_image_pixels)
         except DECODE_ERRORS as err:
             reason = describe_error(err)
     if reason is not None:

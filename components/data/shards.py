@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from components.data.corpus import read_shard
+from components.data.corpus import REJECT, read_shard
 from components.data.images import decode_image, to_array
 from components.data.units import Reject
 from components.io import atomic_write, write_json
@@ -143,7 +143,9 @@ def split_batches(
 def iter_shard(url: str) -> Iterator[dict]:
     """Raw samples of one shard, in order (bytes per field plus `__key__`), read whole wherever
     this runs; raises `ShardUnreadable` for a missing or truncated shard (see `read_shard`)."""
-    yield from read_shard(url)
+    for sample in read_shard(url):
+        if REJECT not in sample:  # the shard stage writes none; a hand-made shard may hold them
+            yield sample
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from components.data.corpus import expand_inputs, read_shard, stat_input
+from components.data.corpus import REJECT, expand_inputs, read_shard, stat_input
+from components.data.limits import DEFAULT_LIMITS, ReadLimits
 from components.data.shards import sample_image_bytes
 from components.data.units import RawSample, SourceError, SourceUnit
 
@@ -25,13 +26,19 @@ def _readable_anywhere(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
+INT32 = 2**31  # labels are int32 columns and embedding indices
+
+
 def _class_id(raw: bytes | None) -> int | None:
+    """The class id of a `cls` field: an integer in [0, 2**31); None for anything else (which
+    then goes into the metadata as text)."""
     if raw is None:
         return None
     try:
-        return int(raw.decode("utf-8").strip())
+        value = int(raw.decode("utf-8").strip())
     except (UnicodeDecodeError, ValueError):
         return None
+    return value if 0 <= value < INT32 else None
 
 
 def _meta(raw: bytes | None) -> dict:
@@ -47,9 +54,10 @@ def _meta(raw: bytes | None) -> dict:
 class TarShards:
     """The shards a WebDataset spec names; no class names (labels are the integer `cls` ids)."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, limits: ReadLimits = DEFAULT_LIMITS):
+        self.limits = limits
         try:
-            self.names = expand_inputs(spec)
+            self.names = expand_inputs(spec, limits.allow_pipe_in_lists)
         except ValueError as err:
             raise SourceError(f"shard.source webdataset:{spec}: {err}") from None
         if not self.names:
@@ -61,14 +69,12 @@ class TarShards:
         return [SourceUnit(i, name, _readable_anywhere(name)) for i, name in enumerate(self.names)], []
 
     def samples(self, unit: SourceUnit) -> Iterator[RawSample]:
-        seen: set[str] = set()  # one shard's keys: a repeated key would merge two samples in a tar
-        for sample in read_shard(unit.ref):
+        for sample in read_shard(unit.ref, self.limits):
             key = sample["__key__"]
             where = f"{unit.name}#{key}"
-            if key in seen:
-                yield RawSample(key, where, None, reject="duplicate key within the shard")
+            if REJECT in sample:  # no sample, or one that cannot be used (a repeated key among them)
+                yield RawSample(key, where, None, reject=sample[REJECT])
                 continue
-            seen.add(key)
             meta = {"source": where, **_meta(sample.get("json"))}
             label = _class_id(sample.get("cls"))
             if label is None and sample.get("cls") is not None:

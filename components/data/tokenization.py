@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from components.data.corpus import read_shard
+from components.data.corpus import REJECT, read_shard
 from components.data.images import DECODE_ERRORS, decode_image, describe_error, to_array
+from components.data.limits import DEFAULT_LIMITS, ReadLimits
 from components.data.shards import sample_image_bytes
 from components.data.tokens import TEXT_COLUMNS, PartLayout, PartRows, list_to_matrix, token_table, write_part_groups
 
@@ -114,17 +115,18 @@ def _text(value: bytes | str | None) -> str | None:
 
 
 def _label(cls: str | None) -> int | None:
-    """An integer class id from `cls`, None when absent or not an integer."""
+    """An integer class id from `cls`, None when absent or not an int32 integer."""
     if cls is None:
         return None
     try:
-        return int(cls.strip())
+        value = int(cls.strip())
     except ValueError:
         return None
+    return value if -(2**31) <= value < 2**31 else None  # the `label` column is int32
 
 
-def _decode(data: bytes, size: int) -> np.ndarray:
-    return to_array(decode_image(data, size))
+def _decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    return to_array(decode_image(data, size, max_pixels))
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class ShardTask:
     out: str
     part: str
     input_name: str | None = None
+    limits: ReadLimits = DEFAULT_LIMITS
 
     @property
     def name(self) -> str:
@@ -151,17 +154,19 @@ class _Decoded(NamedTuple):
     reject: str | None
 
 
-def decoded_samples(url: str, size: int, threads: int, window: int) -> Iterator[_Decoded]:
+def decoded_samples(
+    url: str, size: int, threads: int, window: int, limits: ReadLimits = DEFAULT_LIMITS
+) -> Iterator[_Decoded]:
     """The shard's samples in order, their images decoded and resized to `size` on `threads`
-    threads, at most `window` of them in flight. Raises ShardUnreadable when the shard cannot
-    be read whole."""
-    pending: deque[tuple[dict, Future | None]] = deque()
+    threads, at most `window` of them in flight; what `read_shard` could not make a sample of
+    comes as a reject. Raises ShardUnreadable when the shard cannot be read whole."""
+    pending: deque[tuple[dict, Future | str | None]] = deque()  # a reason: rejected unread
 
     def ready(limit: int) -> Iterator[_Decoded]:
         while len(pending) > limit:
             fields, future = pending.popleft()
-            if future is None:
-                yield _Decoded(fields, None, "no image field")
+            if future is None or isinstance(future, str):
+                yield _Decoded(fields, None, future or "no image field")
                 continue
             try:
                 yield _Decoded(fields, future.result(), None)
@@ -170,15 +175,20 @@ def decoded_samples(url: str, size: int, threads: int, window: int) -> Iterator[
 
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
         try:
-            for sample in read_shard(url):
-                data = sample_image_bytes(sample)
+            for sample in read_shard(url, limits):
                 fields = {k: sample.get(k) for k in ("__key__", "txt", "json", "cls")}
-                pending.append((fields, None if data is None else pool.submit(_decode, data, size)))
+                if REJECT in sample:
+                    pending.append((fields, sample[REJECT]))
+                    yield from ready(window)
+                    continue
+                data = sample_image_bytes(sample)
+                future = None if data is None else pool.submit(_decode, data, size, limits.max_image_pixels)
+                pending.append((fields, future))
                 yield from ready(window)
             yield from ready(0)
         finally:
             for _, future in pending:
-                if future is not None:
+                if isinstance(future, Future):
                     future.cancel()
 
 
@@ -291,7 +301,7 @@ def tokenize_shard(tokenizer, task: ShardTask, batch_size: int, decode_threads: 
     window = max(2 * batch_size, 4 * decode_threads)
     with tempfile.TemporaryDirectory(prefix="vqpipe-part-") as spool_dir:
         part = _PartBuilder(tokenizer, batch_size, model_lock, str(Path(spool_dir) / "rows.parquet"))
-        for sample in decoded_samples(task.url, tokenizer.image_size, decode_threads, window):
+        for sample in decoded_samples(task.url, tokenizer.image_size, decode_threads, window, task.limits):
             samples += 1
             if sample.reject is not None:
                 rejects.append({"key": sample.fields["__key__"], "reason": sample.reject})

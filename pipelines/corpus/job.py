@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from components.data.limits import DEFAULT_LIMITS, ReadLimits
 from components.settings import TokenizeConfig
 
 TOKENIZE = TokenizeConfig()
@@ -28,6 +29,7 @@ class CorpusJob:
     in_process: bool = False  # no Ray: one actor's work in this process
     ray_address: str | None = None
     names: dict[str, str] | None = None  # input URL -> the name recorded for it (default: the URL)
+    limits: ReadLimits = DEFAULT_LIMITS  # pixels, bytes and seconds one input may cost
 
     def check(self) -> None:
         if not self.inputs:

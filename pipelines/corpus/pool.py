@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from components.data.corpus import ShardUnreadable
+from components.data.limits import DEFAULT_LIMITS, ReadLimits
 from components.data.tokenization import ShardTask, ShardTokens, tokenize_shard
 from pipelines.corpus.job import CorpusJob, ShardWork
 from pipelines.corpus.planning import load_tokenizer_files
@@ -42,9 +43,11 @@ class ShardActor:
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
-    def tokenize(self, url: str, out: str, part: str, name: str, batch_size: int) -> tuple[ShardTokens, str]:
+    def tokenize(
+        self, url: str, out: str, part: str, name: str, batch_size: int, limits: ReadLimits = DEFAULT_LIMITS
+    ) -> tuple[ShardTokens, str]:
         """The shard's result and the node that did it."""
-        task = ShardTask(url, out, part, input_name=name)
+        task = ShardTask(url, out, part, input_name=name, limits=limits)
         result = tokenize_shard(self.tokenizer, task, batch_size, self.decode_threads, self.model_lock)
         return result, self.node()
 
@@ -69,7 +72,7 @@ def run_in_process(job: CorpusJob, files: dict, todo: list[ShardWork], out: str,
         while True:
             work.attempts += 1
             try:
-                outcome = worker.tokenize(work.url, out, work.part, work.name, job.batch_size)
+                outcome = worker.tokenize(work.url, out, work.part, work.name, job.batch_size, job.limits)
             except Exception as err:  # noqa: BLE001 - any failure of a shard is retried, then reported
                 if _retry(job, work, err):
                     time.sleep(job.retry_delay * work.attempts)
@@ -107,7 +110,8 @@ def run_on_ray(job: CorpusJob, files: dict, todo: list[ShardWork], out: str, fin
                 while queue and load[i] < SHARDS_AT_ONCE:
                     work = queue.pop()
                     work.attempts += 1
-                    inflight[actor.tokenize.remote(work.url, out, work.part, work.name, job.batch_size)] = (i, work)
+                    ref = actor.tokenize.remote(work.url, out, work.part, work.name, job.batch_size, job.limits)
+                    inflight[ref] = (i, work)
                     load[i] += 1
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:

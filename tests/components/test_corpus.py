@@ -25,7 +25,7 @@ def test_files_of_urls_pipes_and_repeats(tmp_path):
     (tmp_path / "one.tar").write_bytes(b"")
     listing = tmp_path / "urls.txt"
     listing.write_text(f"# shards\n{tmp_path / 'one.tar'}\n\ns3://b/{{0..1}}.tar\npipe:curl -s https://h/2.tar\n")
-    assert expand_inputs([f"@{listing}", "s3://b/1.tar"]) == [
+    assert expand_inputs([f"@{listing}", "s3://b/1.tar"], allow_pipe_in_lists=True) == [
         str(tmp_path / "one.tar"),
         "s3://b/0.tar",
         "s3://b/1.tar",
