@@ -13,6 +13,7 @@ dvc.yaml equal to it. Keys renamed since an earlier version are refused with the
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,22 @@ class Params(BaseModel):
             )
         if tok.network == "taming":
             problems += taming_problems(tok, size)
+        problems += self._checkpoint_dir_problems()
         return problems
+
+    def _checkpoint_dir_problems(self) -> list[tuple[str, str]]:
+        """Both training stages keep their states in files of the same names: one folder each."""
+        tok, prior = Path(self.train_tokenizer.checkpoint_dir), Path(self.train_prior.checkpoint_dir)
+        a, b = Path(os.path.normpath(tok)), Path(os.path.normpath(prior))
+        if a == b or a in b.parents or b in a.parents:
+            return [
+                (
+                    "train_prior.checkpoint_dir",
+                    f"{prior} overlaps train_tokenizer.checkpoint_dir={tok}: the two training stages would "
+                    "overwrite each other's checkpoints (give each a folder of its own)",
+                )
+            ]
+        return []
 
 
 def taming_problems(tok: TrainTokenizerConfig, image_size: int) -> list[tuple[str, str]]:
@@ -305,13 +321,32 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     return params
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last
+    silently, so a params.yaml edited in two places would run with only one of the edits)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"key {key!r} given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's contents; ConfigError when it is missing or not YAML."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([("<file>", f"{path} not found")], str(path))
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError([("<file>", f"not valid YAML: {err}")], str(path)) from None
 
