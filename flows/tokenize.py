@@ -24,6 +24,7 @@ from components.data.limits import ReadLimits
 from components.data.tokens import MANIFEST
 from pipelines.corpus import CorpusJob, CorpusResult, plan_corpus, tokenize_corpus
 from pipelines.corpus.job import TOKENIZE
+from pipelines.corpus.planning import output_lock
 
 
 class ShardsFailed(RuntimeError):
@@ -90,12 +91,13 @@ class _Progress:
 
 @task(name="tokenize-shards", cache_policy=NONE)
 def tokenize_shards(job: CorpusJob, bar: bool) -> CorpusResult:
-    plan = plan_corpus(job)
-    progress = _Progress(len(plan.todo), bar)
-    try:
-        return tokenize_corpus(job, progress=progress, plan=plan)
-    finally:
-        progress.close()
+    with output_lock(job.output):
+        plan = plan_corpus(job)
+        progress = _Progress(len(plan.todo), bar)
+        try:
+            return tokenize_corpus(job, progress=progress, plan=plan)
+        finally:
+            progress.close()
 
 
 def summarize(job: CorpusJob, result: CorpusResult) -> dict:

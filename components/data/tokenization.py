@@ -11,9 +11,10 @@ complete part of the same tokenizer from anything else without any other record.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import tempfile
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -99,12 +100,16 @@ def part_names(inputs: list[str]) -> dict[str, str]:
                 names[url] = n
         pending = [url for url in pending if url not in names]
         depth += 1
-    taken: dict[str, str] = {}
-    for url, n in names.items():  # same path under two schemes: tell them apart by position
-        if n in taken.values():
-            n = n.removesuffix(".parquet") + f"-{len(taken)}.parquet"
-        taken[url] = n
-    return taken
+    # Inputs whose names still collide (one path under two schemes, names that differ only in
+    # characters a file name cannot hold) are told apart by a hash of the whole input: stable
+    # whatever the other inputs, and never equal to another input's name.
+    counts = Counter(names.values())
+    return {
+        url: n
+        if counts[n] == 1
+        else n.removesuffix(".parquet") + f"-{hashlib.sha1(url.encode()).hexdigest()[:10]}.parquet"
+        for url, n in names.items()
+    }
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -4,20 +4,31 @@ into complete parts to keep and shards to tokenize, reading only the existing pa
 A part is kept when it is complete, made by the same tokenizer and from the same input (its
 `vqpipe.source` metadata says so); another tokenizer's part is removed at once, and temporaries
 left by a killed run are removed, so nothing half-written or foreign is ever taken as complete.
+A part whose footer cannot be read for an I/O error is redone but not removed. A run holds the
+output (`output_lock`) from planning to its manifest: a second run on it refuses, naming the
+first, instead of removing its temporaries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import fsspec
 
 from components.data import tokens as token_io
 from components.data.tokenization import ShardTokens, part_names
+from components.io import is_url
 from components.tokenizers import Tokenizer
 from components.tokenizers.tokenizer import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.corpus.job import CorpusJob, ShardWork
@@ -46,22 +57,110 @@ def _filesystem(output: str):
     return fs, root.rstrip("/")
 
 
-def _existing_parts(fs, root: str, listing: set[str], names: list[str]) -> dict[str, token_io.PartInfo | None]:
-    """Part name -> info (None: unreadable) for the parts of `names` already in the output
-    (`listing`); removes leftover temporaries."""
+UNKNOWN = "unknown"  # a part whose footer could not be read for a reason that may pass (I/O)
+FOOTER_ATTEMPTS = 3
+LEFTOVER_AGE = 24 * 3600  # seconds: on object stores, a temporary this old is a killed run's
+
+
+def _existing_parts(fs, root: str, listing: set[str], names: list[str]) -> dict:
+    """Part name -> info for the parts of `names` already in the output (`listing`): its
+    `PartInfo`, None when it is not a readable vqpipe part (corrupt, foreign), or UNKNOWN when
+    reading its footer failed with an I/O error every time (NFS, an object store): such a part
+    is redone, but never removed first. Removes leftover temporaries of killed runs (the caller
+    holds the output's lock; on object stores, only temporaries older than LEFTOVER_AGE)."""
+    local = _is_local(fs)
     for leftover in sorted(n for n in listing if n.startswith(".part-") and n.endswith(".tmp")):
-        fs.rm(f"{root}/{leftover}")  # from a killed run: never taken for a part
+        path = f"{root}/{leftover}"
+        if local or _age(fs, path) > LEFTOVER_AGE:
+            fs.rm(path)  # never taken for a part
     present = [n for n in names if n in listing]
 
     def info(name: str):
-        try:
-            return name, token_io.part_info(f"{root}/{name}", filesystem=fs)
-        except Exception as err:  # not a readable vqpipe part: redo it
-            log.warning("existing %s is not a readable token part (%s): redoing it", name, err)
-            return name, None
+        for attempt in range(1, FOOTER_ATTEMPTS + 1):
+            try:
+                return name, token_io.part_info(f"{root}/{name}", filesystem=fs)
+            except OSError as err:  # pyarrow's ArrowInvalid (a corrupt file) is no OSError
+                if attempt == FOOTER_ATTEMPTS:
+                    log.warning("cannot read the footer of %s (%s): redoing it, leaving it in place", name, err)
+                    return name, UNKNOWN
+                time.sleep(0.5 * attempt)
+            except Exception as err:  # noqa: BLE001 - not a readable vqpipe part: redo it
+                log.warning("existing %s is not a readable token part (%s): redoing it", name, err)
+                return name, None
+        return name, UNKNOWN
 
     with ThreadPoolExecutor(16) as pool:  # footers only; in parallel for object stores
         return dict(pool.map(info, present))
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _age(fs, path: str) -> float:
+    """Seconds since the object was written; 0 when the store does not say."""
+    try:
+        info = fs.info(path)
+    except OSError:
+        return 0.0
+    for key in ("LastModified", "last_modified", "mtime", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, int | float):
+            return time.time() - float(value)
+        if hasattr(value, "timestamp"):
+            return time.time() - value.timestamp()
+        with contextlib.suppress(ValueError):
+            return time.time() - datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    return 0.0
+
+
+class OutputBusy(ValueError):
+    """Another run is writing the same output."""
+
+
+LOCK_FILE = ".vqpipe-tokenize.lock"
+
+
+@contextlib.contextmanager
+def output_lock(output: str) -> Iterator[None]:
+    """Hold the output directory for one run: a second `vqpipe tokenize` (or tokenize stage) on
+    it refuses at once, naming the holder, instead of removing the first one's temporaries.
+    The lock is the kernel's (flock): a run that dies, even by kill -9, lets go of it. Object
+    stores have no locks; there, temporaries are left alone until LEFTOVER_AGE old."""
+    if is_url(output):
+        yield
+        return
+    root = Path(output.removeprefix("file://"))
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputBusy(
+                f"{output} is being written by another run ({holder}); wait for it to end, or give another output"
+            ) from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break  # the lock is on the file that is there (not one its holder just removed)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
+        )
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # before letting go: whoever locks next creates a fresh file
+        os.close(fd)
 
 
 def _listing(fs, root: str) -> list[str]:
@@ -102,6 +201,9 @@ def plan_corpus(job: CorpusJob) -> CorpusPlan:
         name, part = names[url], parts[names[url]]
         if part in existing:
             info = existing[part]
+            if info is UNKNOWN:  # redone and replaced whole when done; kept until then
+                todo.append(ShardWork(url, name, part))
+                continue
             same = info is not None and info.fingerprint == tokenizer.fingerprint
             if same and not job.overwrite and info.source and info.source.get("input_shard") == name:
                 src = info.source

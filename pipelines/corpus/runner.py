@@ -16,7 +16,7 @@ from components.data import tokens as token_io
 from components.data.tokenization import ShardTokens
 from components.tokenizers import Tokenizer
 from pipelines.corpus.job import CorpusJob, CorpusResult, ShardWork
-from pipelines.corpus.planning import CorpusPlan, plan_corpus
+from pipelines.corpus.planning import CorpusPlan, output_lock, plan_corpus
 from pipelines.corpus.pool import run_in_process, run_on_ray
 
 log = logging.getLogger("vqpipe.tokenize")
@@ -30,8 +30,11 @@ def tokenize_corpus(
 ) -> CorpusResult:
     """Tokenize `job.inputs` into `job.output`; see the module doc. `progress` is called once per
     shard tokenized this run (with its result, or with its failure entry); `annotate` may add
-    to the manifest before it is written."""
-    plan = plan or plan_corpus(job)
+    to the manifest before it is written. With a `plan` made beforehand, the caller holds
+    `output_lock(job.output)` over both."""
+    if plan is None:
+        with output_lock(job.output):
+            return tokenize_corpus(job, progress, plan_corpus(job), annotate)
     tokenizer, files, done, todo = plan.tokenizer, plan.files, dict(plan.done), plan.todo
     out = job.output if "://" in job.output else str(Path(job.output).resolve())
     failed: list[dict] = []
