@@ -1,9 +1,12 @@
-"""Atomic file writes: a file that exists under its final name is complete."""
+"""Atomic file writes: a file that exists under its final name is complete, and stays so through
+a crash (synced before and after its rename); a directory is replaced as a unit."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -15,18 +18,79 @@ import torch
 from safetensors.torch import load_file
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's, or a directory's entries', data to the disk (a rename is durable only once
+    its directory is synced). Filesystems that cannot sync a directory are let be."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # EINVAL: this filesystem has no fsync for it
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` for a temporary file beside `path`, then rename it into place."""
+    """Call `write(tmp_path)` for a temporary file beside `path`, then rename it into place:
+    synced to the disk first, and its directory after, so that a crash or power loss leaves the
+    old file or the new one, whole, never an empty or partial one under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
+
+
+def replace_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """Replace the directory `path` as a unit: `fill(staging)` writes the new contents into a
+    staging directory beside it, which is synced and then swapped in (in one step on Linux; by
+    two renames elsewhere, never leaving a mix of old and new files). A reader sees the old
+    contents or the new, never a weights file of one with the config of the other."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-"))
+    try:
+        fill(staging)
+        for file in staging.rglob("*"):
+            fsync_path(file)
+        fsync_path(staging)
+        if path.exists() and _exchange(staging, path):
+            shutil.rmtree(staging)  # now the old contents
+        else:
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+                os.replace(staging, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_path(path.parent)
 
 
 def is_url(path: str | Path) -> bool:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import TrainPriorConfig
-from components.io import write_json
+from components.io import replace_dir, write_json
 from components.tokenizers import Tokenizer
 from pipelines.distributed import train
 from pipelines.recipes.prior import PriorJob, train_worker
@@ -55,9 +55,8 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
             )
             train(train_worker, cfg, job, "train_prior")
             summary = json.loads((Path(staging) / "summary.json").read_text())
-            if paths.prior.exists():
-                shutil.rmtree(paths.prior)
-            shutil.copytree(Path(staging) / "prior", paths.prior)
+            # Replaced as a unit: the old export stays whole until the new one is.
+            replace_dir(paths.prior, lambda d: shutil.copytree(Path(staging) / "prior", d, dirs_exist_ok=True))
             paths.plots.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(staging) / "train_prior.csv", paths.plots / "train_prior.csv")
         write_json(paths.metrics / "train_prior.json", summary)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from components import __version__
-from components.io import atomic_write, write_json
+from components.io import replace_dir, write_json
 from components.quantizers import QUANTIZERS
 from components.tokenizers.blocks import ConvShape
 from components.tokenizers.taming import TamingShape
@@ -302,12 +302,16 @@ class Tokenizer:
 
 
 def save_export(path: str | Path, config: dict, model: torch.nn.Module) -> None:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """The export directory, replaced as a unit: a reader never sees the weights of one export
+    beside the config of another."""
     config = {**config, "vqpipe_version": __version__}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
-    write_json(path / CONFIG_FILE, config)
+
+    def fill(staging: Path) -> None:
+        save_file(state, str(staging / WEIGHTS_FILE))
+        write_json(staging / CONFIG_FILE, config)
+
+    replace_dir(path, fill)
 
 
 def export_config(cfg, image_size: int) -> dict:

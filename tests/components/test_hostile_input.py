@@ -275,3 +275,34 @@ def test_a_reader_stopped_early_leaves_no_command_running(tmp_path):
     next(reader)
     reader.close()
     assert _gone(int(marker.read_text()))
+
+
+def test_atomic_writes_sync_the_file_then_its_folder(tmp_path, monkeypatch):
+    from components.io import atomic_write
+
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    atomic_write(tmp_path / "a.json", lambda tmp: Path(tmp).write_text("{}"))
+    assert len(synced) == 2 and ".a.json." in synced[0] and synced[1] == str(tmp_path)
+
+
+def test_an_export_is_replaced_as_a_unit_or_not_at_all(tmp_path):
+    from components.io import replace_dir
+
+    export = tmp_path / "export"
+    replace_dir(export, lambda d: [(d / n).write_text(f"old {n}") for n in ("config.json", "model.safetensors")])
+
+    def half(d: Path) -> None:
+        (d / "model.safetensors").write_text("new weights")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_dir(export, half)
+    assert {p.name: p.read_text() for p in export.iterdir()} == {
+        "config.json": "old config.json",
+        "model.safetensors": "old model.safetensors",
+    }
+    replace_dir(export, lambda d: [(d / n).write_text(f"new {n}") for n in ("config.json", "model.safetensors")])
+    assert sorted(p.read_text() for p in export.iterdir()) == ["new config.json", "new model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging or old copy left
