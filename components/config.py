@@ -104,10 +104,20 @@ class Params(BaseModel):
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
-    def relation_problems(self) -> list[tuple[str, str]]:
+    def relation_problems(self, root: str | Path = ".") -> list[tuple[str, str]]:
         """Constraints between keys (across sections, or between the quantizer and the latent),
-        reported under the key to change."""
+        reported under the key to change. Relative weight files are looked for in `root`, the
+        project (the folder of its params.yaml), wherever the command runs from."""
         problems = []
+        for key, value in (
+            ("train_tokenizer.perceptual_weights", self.train_tokenizer.perceptual_weights),
+            ("evaluate.perceptual_weights", self.evaluate.perceptual_weights),
+            ("evaluate.inception_weights", self.evaluate.inception_weights),
+        ):
+            if value and not (Path(root) / value).is_file():
+                problems.append(
+                    (key, f"{value} not found in {Path(root).resolve()} (a local file; nothing is downloaded)")
+                )
         size, factor = self.shard.image_size, self.train_tokenizer.downsample
         if size % factor:
             allowed = ", ".join(str(2**i) for i in range(size.bit_length()) if size % 2**i == 0)
@@ -146,8 +156,6 @@ class Params(BaseModel):
                         "(a local path; nothing is downloaded)",
                     )
                 )
-            elif not Path(tok.perceptual_weights).is_file():
-                problems.append(("train_tokenizer.perceptual_weights", f"{tok.perceptual_weights} not found"))
         if tok.batch_size % (tok.ddp_workers * tok.grad_accum_steps):
             problems.append(
                 (
@@ -303,7 +311,7 @@ def _outcome_keys(model: type[BaseModel], prefix: str) -> list[str]:
     return keys
 
 
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+def parse_params(raw: Any, source: str = "params.yaml", root: str | Path = ".") -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -315,7 +323,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         params = Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_problems(err, raw), source) from None
-    problems = params.relation_problems()
+    problems = params.relation_problems(root)
     if problems:
         raise ConfigError(problems, source)
     return params
@@ -385,6 +393,7 @@ def load_params(path: str | Path = "params.yaml", profile: str | Path | None = N
     """Read and validate a params file, with a profile's values over it when one is given;
     raises ConfigError naming every bad key."""
     raw = read_yaml(path)
+    root = Path(path).parent
     if profile is None:
-        return parse_params(raw, str(path))
-    return parse_params(merge_profile(raw or {}, read_profile(profile)), f"{path} with profile {profile}")
+        return parse_params(raw, str(path), root)
+    return parse_params(merge_profile(raw or {}, read_profile(profile)), f"{path} with profile {profile}", root)

@@ -9,7 +9,6 @@ not tracked, so changing it reruns nothing). `components.config` loads and check
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
@@ -481,11 +480,3 @@ class EvaluateConfig(_Section):
     feature_memory_mb: int = runtime(1024, ge=1)
     seed: Seed = 0
     device: Device = runtime("auto")
-
-    @field_validator("inception_weights", "perceptual_weights")
-    @classmethod
-    def _weights_exist(cls, value: str | None, info) -> str | None:
-        what = "Inception" if info.field_name == "inception_weights" else "LPIPS"
-        if value is not None and not Path(value).is_file():
-            raise ValueError(f"{what} weights file {value!r} not found (a local file; nothing is downloaded)")
-        return value

@@ -250,6 +250,7 @@ def cmd_sample(args) -> int:
             in_repo(args.tokenizer) if args.tokenizer else None,
             device=args.device,
             default_tokenizer=str(repo / "models" / "tokenizer"),
+            root=repo,
         )
         drawn = draw(models, request)
     except (ValueError, FileNotFoundError) as err:

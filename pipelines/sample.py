@@ -125,16 +125,19 @@ def load_models(
     tokenizer_spec: str | None = None,
     device: str = "auto",
     default_tokenizer: str = "models/tokenizer",
+    root: str | Path = ".",
 ) -> Models:
     """A prior (an export directory or an MLflow URI such as `models:/vqpipe-prior@champion`)
-    and its tokenizer (default: the one registered with the prior, else `default_tokenizer`)."""
+    and its tokenizer (default: the one registered with the prior, else `default_tokenizer`);
+    MLflow URIs are looked up in the project `root`'s store unless MLFLOW_TRACKING_URI is set."""
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="vqpipe-sample-") as tmp:
-        prior_dir = fetch_export(prior_spec, Path(tmp) / "prior", "prior")
+        prior_dir = fetch_export(prior_spec, Path(tmp) / "prior", "prior", root)
         if tokenizer_spec is None:
             bundled = prior_dir / "tokenizer"
             tokenizer_spec = str(bundled) if (bundled / "config.json").is_file() else default_tokenizer
-        tokenizer = Tokenizer.load(fetch_export(tokenizer_spec, Path(tmp) / "tokenizer", "tokenizer"), device=dev)
+        tokenizer_dir = fetch_export(tokenizer_spec, Path(tmp) / "tokenizer", "tokenizer", root)
+        tokenizer = Tokenizer.load(tokenizer_dir, device=dev)
         prior, meta = load_prior(prior_dir, device=dev, tokenizer=tokenizer)
     return Models(prior, tokenizer, meta.get("class_names"))
 

@@ -47,15 +47,18 @@ def absolute_tracking_uri(uri: str, root: str | Path = ".") -> str:
     return uri
 
 
-def fetch_export(spec: str, dest: str | Path, kind: str) -> Path:
+def fetch_export(spec: str, dest: str | Path, kind: str, root: str | Path = ".") -> Path:
     """The local directory of an export (`config.json` + `model.safetensors`: a tokenizer or a
     prior) that `spec` names: a directory as it is, or an MLflow model or artifact URI
     (`models:/name@alias`, `models:/name/3`, `runs:/id/prior`) downloaded into `dest` from the
-    tracking server MLFLOW_TRACKING_URI points at. ValueError when it is not one."""
+    tracking server MLFLOW_TRACKING_URI points at, else the project's own store (`mlflow.db` in
+    `root`, the project, wherever the command runs from). ValueError when it is not one."""
     if spec.startswith(MLFLOW_SCHEMES):
         import mlflow
 
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+        mlflow.set_tracking_uri(
+            absolute_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI), root)
+        )
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dest)))
         except Exception as err:  # MlflowException and the store's own errors

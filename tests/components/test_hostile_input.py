@@ -306,3 +306,19 @@ def test_an_export_is_replaced_as_a_unit_or_not_at_all(tmp_path):
     replace_dir(export, lambda d: [(d / n).write_text(f"new {n}") for n in ("config.json", "model.safetensors")])
     assert sorted(p.read_text() for p in export.iterdir()) == ["new config.json", "new model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging or old copy left
+
+
+def test_weight_files_are_looked_for_in_the_project_not_the_working_directory(tmp_path, monkeypatch):
+    from components.config import load_params
+
+    repo = tmp_path / "repo"
+    (repo / "weights").mkdir(parents=True)
+    (repo / "weights" / "inception.safetensors").write_bytes(b"")
+    (repo / "params.yaml").write_text("evaluate:\n  inception_weights: weights/inception.safetensors\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere: `vqpipe validate --repo repo`
+    assert load_params(repo / "params.yaml").evaluate.inception_weights == "weights/inception.safetensors"
+    (repo / "params.yaml").write_text("evaluate:\n  perceptual_weights: weights/lpips.safetensors\n")
+    with pytest.raises(
+        ConfigError, match=r"evaluate.perceptual_weights: weights/lpips.safetensors not found in .*repo"
+    ):
+        load_params(repo / "params.yaml")
