@@ -66,3 +66,4 @@ class ShardWork:
     part: str
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
+    isolate: bool = False  # runs alone on an actor (its actor died while it shared one)

@@ -7,6 +7,7 @@ is retried behind the rest of the queue, then reported as failed while the rest 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -93,47 +94,131 @@ def run_in_process(job: CorpusJob, files: dict, todo: list[ShardWork], out: str,
 
 def run_on_ray(job: CorpusJob, files: dict, todo: list[ShardWork], out: str, finished) -> float:
     """Tokenize `todo` on a pool of Ray actors, at most SHARDS_AT_ONCE shards queued per actor
-    (memory stays bounded whatever the corpus); returns when the actors were ready."""
+    (memory stays bounded whatever the corpus); returns when the actors were ready.
+
+    A shard whose actor died under it while another shard was also on it is not charged the
+    attempt (either could have killed it): it goes back to the queue to run alone on an actor,
+    where a death is its own. An actor that died is checked before it gets more work: Ray
+    restarts it (max_restarts), and one dead for good is replaced (REPLACEMENTS per actor at
+    most) or dropped, so the rest of the queue never burns its attempts on a dead actor."""
     ray = init_ray(address=job.ray_address)
-    actors = _start_actors(ray, job, files, len(todo))
+    new_actor, count = _actor_maker(ray, job, files, len(todo))
+    actors: list = [new_actor() for _ in range(count)]
+    ray.get([a.node.remote() for a in actors])
+    replacements = REPLACEMENTS * count
     began = time.perf_counter()
     log.info(
         "tokenizing %d shards on %d Ray actors (%g CPU, %g GPU each)",
         *(len(todo), len(actors), job.cpus_per_actor, job.gpus_per_actor),
     )
-    queue = list(reversed(todo))  # popped from the end: input order
-    inflight: dict = {}  # object ref -> (actor index, work)
+    queue = list(todo)  # taken from the front: input order; retries go to the back
+    inflight: dict = {}  # object ref -> (actor index, work, alone on its actor)
     load = [0] * len(actors)
+    alone_on = [False] * len(actors)  # the actor runs one shard that must be alone
+    suspect: set[int] = set()  # actors that died under a shard: checked before more work
+    shared_death: set[int] = set()  # shards in flight beside another when their actor died
     try:
         while queue or inflight:
+            for i in sorted(suspect):
+                if load[i] == 0:  # its other in-flight task has failed too by now
+                    suspect.discard(i)
+                    actors[i], replacements = _healthy(ray, actors[i], new_actor, replacements)
             for i, actor in enumerate(actors):
-                while queue and load[i] < SHARDS_AT_ONCE:
-                    work = queue.pop()
+                while queue and actor is not None and i not in suspect and not alone_on[i] and load[i] < SHARDS_AT_ONCE:
+                    pick = next((n for n, w in enumerate(queue) if not w.isolate or load[i] == 0), None)
+                    if pick is None:
+                        break
+                    work = queue.pop(pick)
                     work.attempts += 1
                     ref = actor.tokenize.remote(work.url, out, work.part, work.name, job.batch_size, job.limits)
                     inflight[ref] = (i, work)
                     load[i] += 1
+                    alone_on[i] = work.isolate
+            if not inflight:
+                if all(a is None for a in actors):
+                    for work in queue:  # nothing can run them: report, do not hang
+                        work.errors.append("no Ray actor left to run it (every actor died and none could be started)")
+                        finished(work, None)
+                    queue.clear()
+                continue
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
                 i, work = inflight.pop(ref)
+                shared = load[i] > 1  # another shard was on the same actor
                 load[i] -= 1
+                if load[i] == 0:
+                    alone_on[i] = False
                 try:
                     outcome = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - a task error, or the actor died (Ray restarts it)
+                except Exception as err:  # noqa: BLE001 - a task error, or the actor died
+                    if isinstance(err, ray.exceptions.RayActorError):
+                        suspect.add(i)
+                        # Every shard on the actor when it died shares the death, whichever
+                        # of them reports first.
+                        shared = shared or id(work) in shared_death
+                        if shared:
+                            shared_death.update(id(w) for j, w in inflight.values() if j == i)
+                        shared_death.discard(id(work))
+                        if shared and not work.isolate:  # either shard may have killed it
+                            work.attempts -= 1
+                            work.isolate = True
+                            log.warning("the actor of %s died with another shard on it: retrying it alone", work.name)
+                            queue.append(work)
+                            continue
                     if _retry(job, work, err):
-                        queue.insert(0, work)  # behind the rest: time for a transient fault to pass
+                        queue.append(work)  # behind the rest: time for a transient fault to pass
                         continue
                     outcome = None
                 finished(work, outcome)
     finally:
         for actor in actors:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
     return began
 
 
-def _start_actors(ray, job: CorpusJob, files: dict, shards: int) -> list:
-    """As many actors as the job asks for, else as the cluster's CPUs (GPUs) allow, never more
-    than there are shards; started, with the tokenizer loaded."""
+REPLACEMENTS = 2  # actors started in place of dead ones, per actor of the pool
+ACTOR_START_TIMEOUT = 120.0  # seconds for a replacement to start (a cluster may have lost the node)
+
+
+def _healthy(ray, actor, new_actor, replacements: int) -> tuple:
+    """The actor if it answers (Ray restarts a dead actor up to max_restarts times), else a new
+    one while `replacements` last, else None (dropped from the pool); and the replacements left."""
+    deadline = time.monotonic() + ACTOR_START_TIMEOUT
+    while True:
+        try:
+            ray.get(actor.node.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return actor, replacements
+        except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            reason = "not back in time"
+        except Exception as err:  # noqa: BLE001 - dead for good (restarts spent), or not back in time
+            reason = type(err).__name__
+        log.warning("a Ray actor is gone (%s)", reason)
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+        break
+    while replacements > 0:
+        replacements -= 1
+        fresh = new_actor()
+        try:
+            ray.get(fresh.node.remote(), timeout=ACTOR_START_TIMEOUT)
+            log.warning("started a Ray actor in its place (%d more replacements allowed)", replacements)
+            return fresh, replacements
+        except Exception as err:  # noqa: BLE001 - could not start: try another, then give up
+            log.warning("a replacement Ray actor did not start (%s)", type(err).__name__)
+            with contextlib.suppress(Exception):
+                ray.kill(fresh)
+    log.error("a Ray actor died and could not be replaced: the pool goes on without it")
+    return None, replacements
+
+
+def _actor_maker(ray, job: CorpusJob, files: dict, shards: int):
+    """A function starting one actor with the tokenizer loaded, and how many to start: as many
+    as the job asks for, else as the cluster's CPUs (GPUs) allow, never more than there are
+    shards."""
     resources = ray.cluster_resources()
     if job.gpus_per_actor > 0:
         if resources.get("GPU", 0) < job.gpus_per_actor:
@@ -155,9 +240,7 @@ def _start_actors(ray, job: CorpusJob, files: dict, shards: int) -> list:
         max_concurrency=SHARDS_AT_ONCE,
     )
     files_ref = ray.put(files)
-    actors = [actor_cls.remote(files_ref, device, threads, job.decode_threads or threads) for _ in range(count)]
-    ray.get([a.node.remote() for a in actors])
-    return actors
+    return (lambda: actor_cls.remote(files_ref, device, threads, job.decode_threads or threads)), count
 
 
 def _retry(job: CorpusJob, work: ShardWork, err: BaseException) -> bool:

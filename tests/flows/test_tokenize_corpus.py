@@ -223,6 +223,7 @@ def test_killed_midway_then_rerun_gives_the_uninterrupted_output(corpus, tiny_pr
         "--batch-size",
         "4",
         "--in-process",
+        "--allow-pipe",  # the listing holds a pipe: line, which runs only when allowed
     ]
     gate.touch()
     proc = subprocess.Popen(

@@ -4,6 +4,8 @@ cannot be read for a moment, inputs whose part names used to collide."""
 from __future__ import annotations
 
 import io
+import shutil
+import sys
 import tarfile
 
 import numpy as np
@@ -82,3 +84,42 @@ def test_inputs_whose_names_collided_get_parts_of_their_own():
     assert len(set(names.values())) == len(inputs)
     assert part_names(list(reversed(inputs))) == names  # whatever the order
     assert names["/q/d_x-2.tar"] == "part-d_x-2.parquet"  # a name that was unique stays as it was
+
+
+POISON = """
+import os, signal
+pid = os.getppid()
+while pid > 1:  # up to the Ray worker that runs the actor, and kill it
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if b"ShardActor" in f.read() or b"default_worker" in open(f"/proc/{pid}/cmdline", "rb").read():
+            os.kill(pid, signal.SIGKILL)
+            break
+    with open(f"/proc/{pid}/status") as f:
+        pid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+"""
+
+
+def test_a_shard_that_kills_its_worker_fails_alone_and_every_other_shard_completes(shards, tmp_path, ray_cluster):
+    script = tmp_path / "poison.py"
+    script.write_text(POISON)
+    good = shards + [_copy(shards[0], tmp_path / f"more-{n}.tar") for n in range(3)]
+    poison = f"pipe:{sys.executable} {script}"
+    job = CorpusJob(
+        inputs=[good[0], poison, *good[1:]],
+        output=str(tmp_path / "tokens"),
+        tokenizer=TOKENIZER,
+        batch_size=4,
+        actors=1,
+        retries=1,
+        retry_delay=0,
+    )
+    result = tokenize_corpus(job)
+    assert [f["input_shard"] for f in result.failed] == [poison]
+    (failed,) = result.failed
+    assert failed["attempts"] == 2 and "Actor" in failed["error"]  # 1 + retries, each alone on an actor
+    assert result.tokenized == len(good) and result.manifest["rows"] == 3 * len(good)
+
+
+def _copy(src: str, dst) -> str:
+    shutil.copyfile(src, dst)
+    return str(dst)
