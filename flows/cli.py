@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -31,6 +32,7 @@ from flows.arguments import build_parser
 from flows.dvc import STAGES, StageFailed, downstream, missing_params, stage_status
 from flows.profiles import apply_profile
 from pipelines.corpus import resolve_tokenizer
+from pipelines.lifecycle import exit_on_signals
 from pipelines.runtime import setup_logging
 from pipelines.sample import SampleRequest, draw, load_models
 from pipelines.tracking import MLFLOW_SCHEMES
@@ -323,6 +325,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(__doc__).parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        exit_on_signals()  # SIGTERM ends a command as Ctrl-C does: children stopped, temporaries removed
     return COMMANDS[args.command](args)
 
 

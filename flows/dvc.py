@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.lifecycle import guarded, owner_env, stop_group
 from pipelines.source_fingerprint import describe_change
 
 FINGERPRINT_STAGE = "source_fingerprint"
@@ -141,14 +142,27 @@ def repro_stage(
     if force:
         cmd.append("--force")
     lines: list[str] = []
+    # Its own process group, stopped whole when this process is (Ctrl-C, SIGTERM), and a
+    # parent-death signal: `dvc repro` and its stage never outlive `vqpipe run`, even a kill -9.
     with subprocess.Popen(
-        cmd, cwd=repo, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        guarded(cmd),
+        cwd=repo,
+        env=_env({**env, **owner_env()}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            lines.append(line)
-            on_line(line)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                lines.append(line)
+                on_line(line)
+        except BaseException:
+            stop_group(proc)
+            raise
         code = proc.wait()
     if code != 0:
         raise StageFailed(stage, code, lines)

@@ -14,6 +14,7 @@ import torch
 
 from components.config import ConfigError, Params, load_params
 from components.data.units import SourceError
+from pipelines.lifecycle import die_with_parent, exit_on_signals, watch_ancestors
 
 
 class Paths:
@@ -48,6 +49,9 @@ def stage_main(section: str, run: Callable, params_path: str = "params.yaml") ->
     """Entry point of `python -m pipelines.<stage>`: params errors, and a source that cannot be
     used as configured, exit 2 before any work."""
     setup_logging()
+    exit_on_signals()  # SIGTERM unwinds like Ctrl-C: Ray shut down, temporaries removed
+    die_with_parent()  # and it comes when `dvc repro` (or the shell it runs the stage in) dies,
+    watch_ancestors()  # however it dies
     try:
         params: Params = load_params(params_path)
         run(getattr(params, section))

@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -144,6 +145,8 @@ class _Tail:
         self.empty_reads = 0
 
     def read(self, n: int = -1) -> bytes:
+        if STOP.is_set():
+            raise ShardUnreadable(self.url, "the process was asked to stop")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise ShardUnreadable(self.url, "reading the shard took longer than the shard timeout (shard_timeout)")
         data = self.raw.read(n)
@@ -165,6 +168,36 @@ class _Tail:
 
 STDERR_TAIL = 4096  # bytes of a `pipe:` command's stderr kept for its error message
 
+# Set when the process is asked to stop (`stop_reading`): every reader gives up at its next
+# member, and every running `pipe:` command is killed, so threads reading shards end at once.
+STOP = threading.Event()
+_COMMANDS: set = set()  # the `_Command`s running now
+_COMMANDS_LOCK = threading.Lock()
+
+
+def stop_reading() -> None:
+    """Make every shard being read in this process end now (see STOP)."""
+    STOP.set()
+    with _COMMANDS_LOCK:
+        running = list(_COMMANDS)
+    for command in running:
+        command.kill("the process was asked to stop")
+
+
+def _parent_death_wrapper() -> list[str]:
+    """What a `pipe:` command runs under so that it gets SIGTERM when the process reading it dies
+    (even by kill -9): the kernel's parent-death signal, set by a tiny exec wrapper (setting it
+    between fork and exec, preexec_fn, is unsafe in a threaded process)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    return [sys.executable, "-c", PDEATHSIG_EXEC, str(os.getpid())]
+
+
+PDEATHSIG_EXEC = (
+    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(143); os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
 
 class _Command:
     """A `pipe:` command's stdout as a stream. Its stderr is drained on a thread (a command that
@@ -175,8 +208,7 @@ class _Command:
     def __init__(self, url: str, idle: float, deadline: float | None):
         self.url, self.idle, self.deadline = url, idle, deadline
         self.proc = subprocess.Popen(
-            url[len("pipe:") :],
-            shell=True,
+            [*_parent_death_wrapper(), "/bin/sh", "-c", url[len("pipe:") :]],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -191,6 +223,10 @@ class _Command:
         self._drain.start()
         self._watch = threading.Thread(target=self._watchdog, daemon=True, name="pipe-watchdog")
         self._watch.start()
+        with _COMMANDS_LOCK:
+            _COMMANDS.add(self)
+        if STOP.is_set():
+            self.kill("the process was asked to stop")
 
     def read(self, n: int = -1) -> bytes:
         data = self.proc.stdout.read(n if n > 0 else 1 << 20)
@@ -228,6 +264,8 @@ class _Command:
             code = self.proc.wait()
         self.kill()  # whatever it started in the background goes with it
         self.done.set()
+        with _COMMANDS_LOCK:
+            _COMMANDS.discard(self)
         self._drain.join(timeout=5)
         self.proc.stdout.close()
         self.proc.stderr.close()

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from components.data.corpus import ShardUnreadable
+from components.data.corpus import ShardUnreadable, stop_reading
 from components.data.limits import DEFAULT_LIMITS, ReadLimits
 from components.data.tokenization import ShardTask, ShardTokens, tokenize_shard
 from pipelines.corpus.job import CorpusJob, ShardWork
@@ -83,11 +83,17 @@ def run_in_process(job: CorpusJob, files: dict, todo: list[ShardWork], out: str,
                 finished(work, outcome)
             return
 
+    pool = ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="shard")
     try:
-        with ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="shard") as pool:
-            for future in [pool.submit(attempt, work) for work in todo]:
-                future.result()
+        for future in [pool.submit(attempt, work) for work in todo]:
+            future.result()
+    except BaseException as err:
+        if not isinstance(err, Exception):  # Ctrl-C, SIGTERM (ours, or Prefect's TerminationSignal)
+            pool.shutdown(wait=False, cancel_futures=True)  # no shard starts
+            stop_reading()  # and the running ones stop reading
+        raise
     finally:
+        pool.shutdown(wait=True)
         torch.set_num_threads(previous_threads)
     return began
 
@@ -141,7 +147,8 @@ def run_on_ray(job: CorpusJob, files: dict, todo: list[ShardWork], out: str, fin
                         finished(work, None)
                     queue.clear()
                 continue
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            # With a timeout: a signal's handler runs only between Python steps.
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in ready:
                 i, work = inflight.pop(ref)
                 shared = load[i] > 1  # another shard was on the same actor

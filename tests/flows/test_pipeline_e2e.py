@@ -5,8 +5,12 @@ Then one train_prior param changes, and only the last three stages may run again
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -214,3 +218,59 @@ def test_downstream_follows_outputs_through_the_dag():
         "evaluate": ["tokenize"],
     }
     assert downstream(ROOT, {"sample"}) == {}
+
+
+def _running(repo: Path, what: str) -> list[int]:
+    """Pids of the processes whose command line names `what` and whose working folder is `repo`,
+    zombies included."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if what in cmdline and cwd == str(repo):  # a zombie counts: DVC takes it for a lock holder
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_sigterm_and_kill_9_of_vqpipe_run_leave_no_stage_running(tmp_path, prefect_api, mlflow_store):
+    """`vqpipe run` stopped while train_tokenizer runs: by SIGTERM it exits in seconds, stopping
+    `dvc repro` and the stage; by kill -9 its children go too (parent-death signals). Either way
+    DVC's lock is free and the finished stage is kept."""
+    from prefect.settings import PREFECT_API_URL
+
+    repo = _make_repo(tmp_path / "repo", train_tokenizer={"steps": 100000, "checkpoint_every": 50})
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": mlflow_store}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "flows.cli", "--repo", str(repo), "run"]
+    timings = {}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        log = open(tmp_path / f"run-{sig.name}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not _running(repo, "pipelines.train_tokenizer"):
+            assert proc.poll() is None and time.monotonic() < deadline, "train_tokenizer never started"
+            time.sleep(0.2)
+        time.sleep(2)  # training, with its loader and Ray up
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        while _running(repo, "pipelines.train_tokenizer") or _running(repo, " dvc repro"):
+            left = {w: _running(repo, w) for w in ("pipelines.train_tokenizer", " dvc repro")}
+            assert time.monotonic() - sent < 30, f"after {sig.name}, these outlived vqpipe run: {left}"
+            time.sleep(0.1)
+        timings[sig.name] = time.monotonic() - sent
+    print(f"vqpipe run: exit and every child gone {timings}")
+    assert timings["SIGTERM"] < 10 and timings["SIGKILL"] < 10, timings
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", "shard"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert status.returncode == 0 and "didn't change" in status.stdout, status.stdout + status.stderr

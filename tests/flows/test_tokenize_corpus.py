@@ -359,3 +359,47 @@ def io_png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_sigterm_ends_tokenize_within_seconds_with_its_commands_and_temporaries(
+    corpus, tiny_project, prefect_url, tmp_path
+):
+    """A real SIGTERM while a pipe: shard blocks: the command exits in seconds, the pipe's
+    command is gone, nothing temporary stays, the output is free, and the rerun completes."""
+    from tests.test_compatibility import V0_1_0
+
+    root, truths, _ = corpus
+    tokenizer = V0_1_0 / "vqvae" / "tokenizer"  # a real one, no pipeline run needed
+    gate, pid_file = tmp_path / "gate", tmp_path / "pipe.pid"
+    blocked = f"pipe:echo $$ > {pid_file}; while [ -e {gate} ]; do sleep 0.05; done; cat {truths[0].path}"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "flows.cli", "tokenize", "--tokenizer", str(tokenizer), "--input"]
+    cmd += [str(truths[1].path), "--input", blocked, "--output", str(out), "--batch-size", "4", "--in-process"]
+    gate.touch()
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_cli_env(prefect_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    while not (pid_file.exists() and list(out.glob("part-*.parquet"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    took = time.monotonic() - sent
+    print(f"SIGTERM to exit: {took:.2f} s")
+    assert code != 0 and took < 10, (code, took)
+    pipe_pid = int(pid_file.read_text())
+    for _ in range(100):
+        if (
+            not Path(f"/proc/{pipe_pid}").exists()
+            or "Z" in Path(f"/proc/{pipe_pid}/stat").read_text().split(")")[1][:3]
+        ):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the pipe: command outlived vqpipe tokenize")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporaries, no lock
+    gate.unlink()
+    rerun = _run(cmd, tmp_path, _cli_env(prefect_url), timeout=300)
+    assert rerun.returncode == 0 and "1 tokenized, 1 already complete, 0 failed" in rerun.stdout, rerun.stderr[-3000:]
