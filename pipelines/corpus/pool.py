@@ -118,7 +118,7 @@ def run_on_ray(job: CorpusJob, files: dict, todo: list[ShardWork], out: str, fin
         *(len(todo), len(actors), job.cpus_per_actor, job.gpus_per_actor),
     )
     queue = list(todo)  # taken from the front: input order; retries go to the back
-    inflight: dict = {}  # object ref -> (actor index, work, alone on its actor)
+    inflight: dict = {}  # object ref -> (actor index, work)
     load = [0] * len(actors)
     alone_on = [False] * len(actors)  # the actor runs one shard that must be alone
     suspect: set[int] = set()  # actors that died under a shard: checked before more work
