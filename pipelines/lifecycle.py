@@ -73,6 +73,8 @@ def watch_ancestors(levels: int = 2, every: float = 1.0) -> None:
     starts through a shell has the shell for a parent; the parent-death signal of
     `die_with_parent` never fires when `dvc repro` dies and the shell stays: so the stage watches
     two levels up, once a second, from a daemon thread."""
+    if _identity(os.getpid()) is None:  # no /proc (not Linux): nothing to watch with
+        return
     chain, pid = [], os.getpid()
     for _ in range(levels):
         me = _identity(pid)
