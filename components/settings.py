@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from components.data.limits import PILLOW_MAX_IMAGE_PIXELS, ReadLimits
+from components.data.limits import DEFAULT_LIMITS, ReadLimits
 from components.quantizers import QUANTIZERS, QuantizerConfig
 
 if TYPE_CHECKING:
@@ -120,16 +120,16 @@ class ReadLimitsOptions(_Section):
     reject naming the limit, an input over a time limit one unreadable shard, retried."""
 
     # Images whose header declares more pixels are rejected undecoded (Pillow's default limit).
-    max_image_pixels: int = Field(PILLOW_MAX_IMAGE_PIXELS, ge=1)
+    max_image_pixels: int = Field(DEFAULT_LIMITS.max_image_pixels, ge=1)
     # A tar member (one field of a sample) or a folder's file over this size is rejected unread.
-    max_member_bytes: int = Field(256 << 20, ge=1)
-    max_file_bytes: int = Field(256 << 20, ge=1)
+    max_member_bytes: int = Field(DEFAULT_LIMITS.max_member_bytes, ge=1)
+    max_file_bytes: int = Field(DEFAULT_LIMITS.max_file_bytes, ge=1)
     # A pipe: command that writes nothing for this long is killed (seconds; 0: no limit).
-    pipe_idle_timeout: float = runtime(300.0, ge=0)
+    pipe_idle_timeout: float = runtime(DEFAULT_LIMITS.pipe_idle_timeout, ge=0)
     # Reading one input shard may take this long before it is abandoned and retried (0: no limit).
-    shard_timeout: float = runtime(0.0, ge=0)
+    shard_timeout: float = runtime(DEFAULT_LIMITS.shard_timeout, ge=0)
     # Run pipe: lines found inside @FILE lists (a list file is data; its pipe: lines are commands).
-    allow_pipe_in_lists: bool = runtime(False)
+    allow_pipe_in_lists: bool = runtime(DEFAULT_LIMITS.allow_pipe_in_lists)
 
     def read_limits(self) -> ReadLimits:
         return ReadLimits(**self.model_dump())

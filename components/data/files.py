@@ -25,7 +25,12 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
             raise OSError(f"{printable(str(path))} is no longer a regular file")
         if info.st_size > max_bytes:
             raise FileTooLarge(too_large("file", info.st_size, max_bytes, "max_file_bytes"))
-        data = f.read(max_bytes + 1)  # the file may have grown since fstat
+        return read_at_most(f, max_bytes)  # the file may have grown since fstat
+
+
+def read_at_most(f, max_bytes: int) -> bytes:
+    """All of an open binary stream, or FileTooLarge once it holds more than `max_bytes`."""
+    data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise FileTooLarge(too_large("file", len(data), max_bytes, "max_file_bytes"))
     return data

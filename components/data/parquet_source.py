@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.data.corpus import ShardUnreadable, expand_inputs, stat_input
-from components.data.files import FileTooLarge, read_regular_file
-from components.data.limits import DEFAULT_LIMITS, ReadLimits, too_large
+from components.data.files import FileTooLarge, read_at_most, read_regular_file
+from components.data.limits import DEFAULT_LIMITS, ReadLimits
 from components.data.units import RawSample, SourceError, SourceUnit
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -186,10 +186,7 @@ class ParquetImages:
             if "://" not in path or path.startswith("file://"):
                 return read_regular_file(Path(path.removeprefix("file://")), limit), None
             with fsspec.open(path, "rb") as f:
-                data = f.read(limit + 1)
-            if len(data) > limit:
-                raise FileTooLarge(too_large("file", len(data), limit, "max_file_bytes"))
-            return data, None
+                return read_at_most(f, limit), None
         except FileTooLarge as err:
             return None, f"image file {value['path']!r}: {err}"
         except OSError as err:
