@@ -62,13 +62,12 @@ FOOTER_ATTEMPTS = 3
 LEFTOVER_AGE = 24 * 3600  # seconds: on object stores, a temporary this old is a killed run's
 
 
-def _existing_parts(fs, root: str, listing: set[str], names: list[str]) -> dict:
+def _existing_parts(fs, root: str, listing: set[str], names: list[str], local: bool) -> dict:
     """Part name -> info for the parts of `names` already in the output (`listing`): its
     `PartInfo`, None when it is not a readable vqpipe part (corrupt, foreign), or UNKNOWN when
     reading its footer failed with an I/O error every time (NFS, an object store): such a part
     is redone, but never removed first. Removes leftover temporaries of killed runs (the caller
     holds the output's lock; on object stores, only temporaries older than LEFTOVER_AGE)."""
-    local = _is_local(fs)
     for leftover in sorted(n for n in listing if n.startswith(".part-") and n.endswith(".tmp")):
         path = f"{root}/{leftover}"
         if local or _age(fs, path) > LEFTOVER_AGE:
@@ -87,14 +86,9 @@ def _existing_parts(fs, root: str, listing: set[str], names: list[str]) -> dict:
             except Exception as err:  # noqa: BLE001 - not a readable vqpipe part: redo it
                 log.warning("existing %s is not a readable token part (%s): redoing it", name, err)
                 return name, None
-        return name, UNKNOWN
 
     with ThreadPoolExecutor(16) as pool:  # footers only; in parallel for object stores
         return dict(pool.map(info, present))
-
-
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def _age(fs, path: str) -> float:
@@ -193,7 +187,7 @@ def plan_corpus(job: CorpusJob) -> CorpusPlan:
     fs, root = _filesystem(job.output)
     fs.makedirs(root, exist_ok=True)
     listing = set(_listing(fs, root))  # one listing: on object stores every one is a request
-    existing = _existing_parts(fs, root, listing, list(parts.values()))
+    existing = _existing_parts(fs, root, listing, list(parts.values()), local=not is_url(job.output))
     done: dict[str, ShardTokens] = {}
     todo: list[ShardWork] = []
     other_tokenizer = 0
