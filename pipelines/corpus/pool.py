@@ -119,27 +119,32 @@ def run_on_ray(job: CorpusJob, files: dict, todo: list[ShardWork], out: str, fin
     )
     queue = list(todo)  # taken from the front: input order; retries go to the back
     inflight: dict = {}  # object ref -> (actor index, work)
-    load = [0] * len(actors)
-    alone_on = [False] * len(actors)  # the actor runs one shard that must be alone
     suspect: set[int] = set()  # actors that died under a shard: checked before more work
     shared_death: set[int] = set()  # shards in flight beside another when their actor died
+
+    def running_on(i: int) -> list[ShardWork]:
+        return [w for j, w in inflight.values() if j == i]
+
     try:
         while queue or inflight:
             for i in sorted(suspect):
-                if load[i] == 0:  # its other in-flight task has failed too by now
+                if not running_on(i):  # its other in-flight task has failed too by now
                     suspect.discard(i)
                     actors[i], replacements = _healthy(ray, actors[i], new_actor, replacements)
             for i, actor in enumerate(actors):
-                while queue and actor is not None and i not in suspect and not alone_on[i] and load[i] < SHARDS_AT_ONCE:
-                    pick = next((n for n, w in enumerate(queue) if not w.isolate or load[i] == 0), None)
+                if actor is None or i in suspect:
+                    continue
+                running = running_on(i)
+                # A shard that must run alone takes an idle actor and keeps it to itself.
+                while queue and len(running) < SHARDS_AT_ONCE and not any(w.isolate for w in running):
+                    pick = next((n for n, w in enumerate(queue) if not w.isolate or not running), None)
                     if pick is None:
                         break
                     work = queue.pop(pick)
                     work.attempts += 1
                     ref = actor.tokenize.remote(work.url, out, work.part, work.name, job.batch_size, job.limits)
                     inflight[ref] = (i, work)
-                    load[i] += 1
-                    alone_on[i] = work.isolate
+                    running.append(work)
             if not inflight:
                 if all(a is None for a in actors):
                     for work in queue:  # nothing can run them: report, do not hang
@@ -151,10 +156,7 @@ def run_on_ray(job: CorpusJob, files: dict, todo: list[ShardWork], out: str, fin
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in ready:
                 i, work = inflight.pop(ref)
-                shared = load[i] > 1  # another shard was on the same actor
-                load[i] -= 1
-                if load[i] == 0:
-                    alone_on[i] = False
+                peers = running_on(i)  # shards still on the same actor
                 try:
                     outcome = ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - a task error, or the actor died
@@ -162,9 +164,9 @@ def run_on_ray(job: CorpusJob, files: dict, todo: list[ShardWork], out: str, fin
                         suspect.add(i)
                         # Every shard on the actor when it died shares the death, whichever
                         # of them reports first.
-                        shared = shared or id(work) in shared_death
+                        shared = bool(peers) or id(work) in shared_death
                         if shared:
-                            shared_death.update(id(w) for j, w in inflight.values() if j == i)
+                            shared_death.update(id(w) for w in peers)
                         shared_death.discard(id(work))
                         if shared and not work.isolate:  # either shard may have killed it
                             work.attempts -= 1
