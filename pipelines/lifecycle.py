@@ -4,28 +4,26 @@
   128 + signal) in the main thread, as SIGINT raises KeyboardInterrupt, so every `finally` and
   context manager runs: `pipe:` commands are killed, Ray actors and local clusters shut down,
   temporary files removed, locks let go. Python's default for SIGTERM is to die on the spot.
-- `die_with_parent()`: on Linux, this process gets SIGTERM when its parent dies, even by
-  kill -9 (the kernel's parent-death signal), so a stage never outlives the `dvc repro` that
-  started it, nor `dvc repro` the `vqpipe run` that started it.
-- `watch_ancestors()`: the same for a parent or grandparent (a stage runs under DVC's shell).
-- `guarded(cmd)`: the command line that runs `cmd` with `die_with_parent()` set before it
-  starts (`python -m pipelines.lifecycle PARENT_PID CMD...`, which then execs CMD).
+- `die_with_parent()` and `guarded(cmd)` (components.processes): on Linux, a process gets
+  SIGTERM when its parent dies, even by kill -9, so a stage never outlives the `dvc repro`
+  that started it, nor `dvc repro` the `vqpipe run` that started it.
+- `watch_ancestors()`: the same for a parent or grandparent (a stage may run under DVC's
+  shell), and for the `vqpipe run` named in the environment (`owner_env`).
 - `stop_group(proc)`: SIGTERM to a child's process group, SIGKILL after a grace period.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+from components.processes import die_with_parent, guarded
+
 GRACE = 5.0  # seconds a child's process group has after SIGTERM before SIGKILL
-PR_SET_PDEATHSIG = 1
 
 
 class Terminated(SystemExit):
@@ -44,18 +42,6 @@ def exit_on_signals() -> None:
     """SIGTERM and SIGHUP raise Terminated in the main thread (see the module doc)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise)
-
-
-def die_with_parent(parent: int | None = None) -> None:
-    """Get SIGTERM when the parent process dies (Linux; elsewhere nothing). `parent`: the pid it
-    must be; when it is gone already, the signal is sent now."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if parent is not None and os.getppid() != parent:  # died before the line above
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _identity(pid: int) -> tuple[int, str] | None:
@@ -114,11 +100,6 @@ def owner_env() -> dict[str, str]:
     return {OWNER_ENV: f"{os.getpid()}:{ident[1]}"} if ident else {}
 
 
-def guarded(cmd: list[str]) -> list[str]:
-    """`cmd`, run so that it gets SIGTERM when this process dies (see the module doc)."""
-    return [sys.executable, "-m", "pipelines.lifecycle", str(os.getpid()), *cmd]
-
-
 def stop_group(proc: subprocess.Popen, grace: float = GRACE) -> None:
     """End a child started with `start_new_session=True` and everything in its process group:
     SIGTERM, then SIGKILL after `grace` seconds."""
@@ -142,6 +123,4 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-if __name__ == "__main__":  # python -m pipelines.lifecycle PARENT_PID CMD [ARGS...]
-    die_with_parent(int(sys.argv[1]))
-    os.execvp(sys.argv[2], sys.argv[2:])
+__all__ = ["Terminated", "die_with_parent", "exit_on_signals", "guarded", "owner_env", "stop_group", "watch_ancestors"]

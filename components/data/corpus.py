@@ -17,7 +17,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -29,6 +28,7 @@ import fsspec
 from braceexpand import braceexpand
 
 from components.data.limits import DEFAULT_LIMITS, ReadLimits, too_large
+from components.processes import guarded
 
 GLOB_CHARS = "*?["
 
@@ -52,11 +52,13 @@ class ListCycle(ValueError):
     """An `@FILE` list that includes itself, directly or through other lists."""
 
 
-def expand_inputs(spec: str | list[str], allow_pipe_in_lists: bool = False) -> list[str]:
+def expand_inputs(spec: str | list[str], allow_pipe_in_lists: bool = False, list_globs: bool = True) -> list[str]:
     """The shard URLs a spec (or list of specs) names, in order, each once; raises ValueError
     when a glob or `@FILE` matches nothing, when an `@FILE` includes itself (`ListCycle`, naming
     the cycle) or when it holds a `pipe:` line and `allow_pipe_in_lists` is false: a list file
-    is data, often written by someone else, and a `pipe:` line in it is a shell command."""
+    is data, often written by someone else, and a `pipe:` line in it is a shell command.
+    `list_globs=False` checks the specs and their `@FILE`s without listing any filesystem
+    (globs are kept as they are): a quick check before the real expansion."""
     out: list[str] = []
     seen: set[str] = set()
 
@@ -80,7 +82,7 @@ def expand_inputs(spec: str | list[str], allow_pipe_in_lists: bool = False) -> l
                 named += add(item)
             else:
                 for expanded in braceexpand(item):
-                    if not _is_glob(expanded):
+                    if not _is_glob(expanded) or not list_globs:
                         named += add(expanded)
                         continue
                     matches = _glob(expanded)
@@ -134,6 +136,11 @@ class ShardUnreadable(Exception):
         return type(self), (self.url, self.reason)
 
 
+# Why a shard stopped being read (ShardUnreadable reasons, and why a `pipe:` command was killed).
+TIMED_OUT = "reading the shard took longer than the shard timeout (shard_timeout)"
+STOPPED = "the process was asked to stop"
+
+
 class _Tail:
     """A read-only stream that remembers the last 512 bytes read (to check the tar's end) and
     gives up once the shard's deadline has passed."""
@@ -146,9 +153,9 @@ class _Tail:
 
     def read(self, n: int = -1) -> bytes:
         if STOP.is_set():
-            raise ShardUnreadable(self.url, "the process was asked to stop")
+            raise ShardUnreadable(self.url, STOPPED)
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise ShardUnreadable(self.url, "reading the shard took longer than the shard timeout (shard_timeout)")
+            raise ShardUnreadable(self.url, TIMED_OUT)
         data = self.raw.read(n)
         if not data:
             # tarfile skips a member by reading up to its declared size, and goes on reading
@@ -181,22 +188,7 @@ def stop_reading() -> None:
     with _COMMANDS_LOCK:
         running = list(_COMMANDS)
     for command in running:
-        command.kill("the process was asked to stop")
-
-
-def _parent_death_wrapper() -> list[str]:
-    """What a `pipe:` command runs under so that it gets SIGTERM when the process reading it dies
-    (even by kill -9): the kernel's parent-death signal, set by a tiny exec wrapper (setting it
-    between fork and exec, preexec_fn, is unsafe in a threaded process)."""
-    if not sys.platform.startswith("linux"):
-        return []
-    return [sys.executable, "-c", PDEATHSIG_EXEC, str(os.getpid())]
-
-
-PDEATHSIG_EXEC = (
-    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0); "
-    "os.getppid() == int(sys.argv[1]) or sys.exit(143); os.execvp(sys.argv[2], sys.argv[2:])"
-)
+        command.kill(STOPPED)
 
 
 class _Command:
@@ -208,7 +200,7 @@ class _Command:
     def __init__(self, url: str, idle: float, deadline: float | None):
         self.url, self.idle, self.deadline = url, idle, deadline
         self.proc = subprocess.Popen(
-            [*_parent_death_wrapper(), "/bin/sh", "-c", url[len("pipe:") :]],
+            guarded(["/bin/sh", "-c", url[len("pipe:") :]]),  # SIGTERM when this process dies
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -226,7 +218,7 @@ class _Command:
         with _COMMANDS_LOCK:
             _COMMANDS.add(self)
         if STOP.is_set():
-            self.kill("the process was asked to stop")
+            self.kill(STOPPED)
 
     def read(self, n: int = -1) -> bytes:
         data = self.proc.stdout.read(n if n > 0 else 1 << 20)
@@ -245,7 +237,7 @@ class _Command:
             if self.idle and now - self.last_output > self.idle:
                 self.kill(f"the command wrote nothing for {self.idle:g} s (pipe_idle_timeout)")
             elif self.deadline is not None and now > self.deadline:
-                self.kill("reading the shard took longer than the shard timeout (shard_timeout)")
+                self.kill(TIMED_OUT)
 
     def kill(self, reason: str | None = None) -> None:
         if reason and self.killed_because is None and self.proc.poll() is None:
