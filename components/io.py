@@ -77,16 +77,15 @@ def replace_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
         for file in staging.rglob("*"):
             fsync_path(file)
         fsync_path(staging)
-        if path.exists() and _exchange(staging, path):
+        if not path.exists():
+            os.replace(staging, path)
+        elif _exchange(staging, path):
             shutil.rmtree(staging)  # now the old contents
         else:
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-                os.replace(staging, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(staging, path)
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

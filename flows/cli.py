@@ -195,8 +195,10 @@ def cmd_tokenize(args) -> int:
         "shard_timeout": args.shard_timeout,
         "allow_pipe_in_lists": args.allow_pipe,
     }
-    try:  # a pattern that matches nothing, a list that includes itself: before Prefect and Ray start
-        expand_inputs(args.input, args.allow_pipe)
+    # A list that includes itself or holds commands fails here, before Prefect and Ray start;
+    # globs are listed once, by the flow.
+    try:
+        expand_inputs(args.input, args.allow_pipe, list_globs=False)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
