@@ -221,8 +221,8 @@ def test_downstream_follows_outputs_through_the_dag():
 
 
 def _running(repo: Path, what: str) -> list[int]:
-    """Pids of the processes whose command line names `what` and whose working folder is `repo`,
-    zombies included."""
+    """Pids of the live processes whose command line names `what` and whose working folder is
+    `repo` (a zombie has neither: see the wait for DVC's lock below)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -232,7 +232,7 @@ def _running(repo: Path, what: str) -> list[int]:
             cwd = os.readlink(proc / "cwd")
         except OSError:
             continue
-        if what in cmdline and cwd == str(repo):  # a zombie counts: DVC takes it for a lock holder
+        if what in cmdline and cwd == str(repo):
             pids.append(int(proc.name))
     return pids
 
