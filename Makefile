@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch first and pinned exactly: a looser spec resolved by other packages pulls a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test lint format install bench-deps status clean
+.PHONY: run test lint format install bench-deps status clean clean-all
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +39,11 @@ format: $(BIN)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# `make clean`: the pipeline's outputs only (the next `make run` recomputes them, or `vqpipe pull`
+# restores them). The MLflow store (every run, the model registry) and training checkpoints go
+# only with `make clean-all`.
 clean:
-	rm -rf data models samples eval metrics plots checkpoints mlflow.db mlruns dvc.lock
+	rm -rf data models samples eval metrics plots dvc.lock
+
+clean-all: clean
+	rm -rf checkpoints mlflow.db mlruns mlartifacts

@@ -25,6 +25,7 @@ from components.settings import (
     BUILTIN_SOURCES,
     SOURCE_KINDS,
     EvaluateConfig,
+    PipelineConfig,
     SampleConfig,
     SamplingOptions,
     ShardConfig,
@@ -43,10 +44,12 @@ __all__ = [
     "BUILTIN_SOURCES",
     "RENAMED",
     "SECTIONS",
+    "STAGE_SECTIONS",
     "SOURCE_KINDS",
     "ConfigError",
     "EvaluateConfig",
     "Params",
+    "PipelineConfig",
     "SampleConfig",
     "SamplingOptions",
     "ShardConfig",
@@ -93,7 +96,7 @@ class ConfigError(ValueError):
 
 
 class Params(BaseModel):
-    """The whole `params.yaml`: one section per stage."""
+    """The whole `params.yaml`: one section per stage, and `pipeline` for the run around them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -103,6 +106,7 @@ class Params(BaseModel):
     train_prior: TrainPriorConfig = TrainPriorConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    pipeline: PipelineConfig = PipelineConfig()  # the run around the stages, not a stage
 
     def relation_problems(self, root: str | Path = ".") -> list[tuple[str, str]]:
         """Constraints between keys (across sections, or between the quantizer and the latent),
@@ -224,6 +228,7 @@ def taming_problems(tok: TrainTokenizerConfig, image_size: int) -> list[tuple[st
 
 
 SECTIONS = tuple(Params.model_fields)
+STAGE_SECTIONS = tuple(s for s in SECTIONS if s != "pipeline")  # one per DVC stage
 
 
 def _loc_to_key(loc: tuple) -> str:

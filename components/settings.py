@@ -480,3 +480,22 @@ class EvaluateConfig(_Section):
     feature_memory_mb: int = runtime(1024, ge=1)
     seed: Seed = 0
     device: Device = runtime("auto")
+
+
+class PipelineConfig(_Section):
+    """How a pipeline run (`vqpipe run`, a scheduled run) goes around its stages: all runtime,
+    none of it changes what a stage produces."""
+
+    # Push the outputs to the DVC remote after a successful run (the project's default remote,
+    # a folder outside the workspace, unless `.dvc/config` names another): `vqpipe pull`
+    # restores them on another machine or clone.
+    push: bool = runtime(True)
+    # POSTed a JSON message (flow run, failed stage, error) when a run fails; null: nobody is told.
+    notify_url: str | None = runtime(None)
+
+    @field_validator("notify_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value

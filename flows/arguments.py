@@ -31,12 +31,42 @@ def _add_pipeline_commands(sub) -> None:
         "--stage", action="append", choices=STAGES, help="only this stage (repeatable); default: all, in DAG order"
     )
     run.add_argument("--force", action="store_true", help="rerun stages even when DVC finds them up to date")
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when another run holds the project, exit at once with status 3 naming it (default: wait for it)",
+    )
 
     sub.add_parser("status", help="which stages are stale, and why (from DVC)")
 
-    serve = sub.add_parser("serve", help="serve the flow on a cron schedule")
-    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    serve = sub.add_parser(
+        "serve",
+        help="serve the flow on a schedule (one run at a time)",
+        description="Registers the pipeline as a Prefect deployment with the schedule and runs its flow runs "
+        "in this process, one at a time, until stopped. PREFECT_API_URL names the Prefect server (docs/operations.md).",
+    )
+    when = serve.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron expression, e.g. "0 3 * * *"')
+    when.add_argument("--interval", type=_duration, help="every so long: 30s, 15m, 6h, 1d (or seconds)")
     serve.add_argument("--name", default="vqpipe-scheduled", help="deployment name")
+
+    sub.add_parser(
+        "pull", help="restore the outputs dvc.lock records from the DVC remote (instead of recomputing them)"
+    )
+    sub.add_parser("push", help="push the outputs dvc.lock records to the DVC remote (`vqpipe run` does, after a run)")
+    gc = sub.add_parser(
+        "gc",
+        help="drop cached outputs nothing uses any more, and checkpoints of finished training runs",
+        description="Keeps what the workspace, every DVC experiment and --keep use; --dry-run lists what would go.",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    gc.add_argument("--cloud", action="store_true", help="also collect garbage on the DVC remote")
+    gc.add_argument(
+        "--keep",
+        choices=("commits", "branches", "workspace"),
+        default="commits",
+        help="outputs of which git revisions to keep besides the workspace's (default: every commit's)",
+    )
 
     validate = sub.add_parser("validate", help="check params.yaml and exit (status 2 when invalid)")
     validate.add_argument("--profile", default=None, help="check params.yaml with this profile's values over it")
@@ -66,6 +96,19 @@ def _add_pipeline_commands(sub) -> None:
     imp.add_argument("--output", required=True, help="the export directory to write")
     imp.add_argument("--image-size", type=_positive, default=256, help="images it tokenizes (default 256)")
     imp.add_argument("--overwrite", action="store_true", help="replace an export already in --output")
+
+
+def _duration(text: str) -> float:
+    """Seconds from `90`, `30s`, `15m`, `6h` or `1d`."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30s, 15m, 6h, 1d)") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return seconds
 
 
 def _add_tokenize(sub) -> None:

@@ -1,8 +1,9 @@
 """`vqpipe`: run the pipeline, show what is stale, serve it on a schedule, check params.
 
-vqpipe run [--stage train_prior ...] [--force]
+vqpipe run [--stage train_prior ...] [--force] [--no-wait]
 vqpipe status
-vqpipe serve --cron "0 3 * * *"
+vqpipe serve --cron "0 3 * * *"          # or --interval 6h
+vqpipe pull                              # outputs from the DVC remote; vqpipe push, vqpipe gc --dry-run
 vqpipe validate [--profile profiles/gpu-256.yaml]
 vqpipe apply-profile profiles/gpu-256.yaml
 vqpipe import-tokenizer --format llamagen vq_ds16_c2i.pt --output models/llamagen-vq16
@@ -16,8 +17,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -29,8 +32,11 @@ from components.tokenizers import Tokenizer
 from components.tokenizers.published import MODELS, CheckpointError, convert_checkpoint
 from components.tokenizers.tokenizer import CONFIG_FILE
 from flows.arguments import build_parser
+from flows.checkpoints import finished_checkpoints
 from flows.dvc import STAGES, StageFailed, downstream, missing_params, stage_status
+from flows.lock import ProjectBusy, project_lock
 from flows.profiles import apply_profile
+from flows.remote import RemoteError, ensure_remote, gc, pull, push
 from pipelines.corpus import resolve_tokenizer
 from pipelines.lifecycle import exit_on_signals
 from pipelines.runtime import setup_logging
@@ -43,6 +49,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # (byte-compiling the server, migrating its database) took longer on a 2-core machine and failed
 # `make run`. A user's own setting wins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+BUSY = 3  # exit status of `vqpipe run --no-wait` when another run holds the project
 
 
 def _check_params(repo: Path, profile: str | None = None) -> int:
@@ -61,17 +70,76 @@ def cmd_run(args) -> int:
     repo = Path(args.repo).resolve()
     if code := _check_params(repo):
         return code
-    from flows.pipeline import pipeline
+    try:  # before Prefect starts: a run told not to wait learns at once that it cannot go
+        with project_lock(repo, wait=not args.no_wait, command=" ".join(["vqpipe", *sys.argv[1:]]), on_wait=_say):
+            from flows.pipeline import pipeline
 
-    try:
-        result = pipeline(repo=str(repo), stages=args.stage or None, force=args.force)
+            result = pipeline(repo=str(repo), stages=args.stage or None, force=args.force, wait=not args.no_wait)
+    except ProjectBusy as err:
+        print(f"error: {err}\n(`vqpipe run` without --no-wait waits for it)", file=sys.stderr)
+        return BUSY
     except StageFailed as err:
         print(f"\nerror: {err}", file=sys.stderr)
+        return 1
+    except RemoteError as err:
+        print(f"\nerror: the stages ran, but pushing their outputs failed: {err}", file=sys.stderr)
         return 1
     print("\nstage               result")
     for r in result["stages"]:
         print(f"{r['stage']:<19} {'ran' if r['ran'] else 'skipped (unchanged)'}")
+    print(f"\nDVC remote: {result['pushed']}")
     _print_outputs(repo, result["mlflow_run_id"])
+    return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_pull(args) -> int:
+    repo = Path(args.repo).resolve()
+    started = time.perf_counter()
+    try:
+        with project_lock(repo, command="vqpipe pull", on_wait=_say):
+            name, url = ensure_remote(repo)
+            print(f"pulling from DVC remote {name} ({url})")
+            summary = pull(repo, on_line=print)
+    except RemoteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{summary} in {time.perf_counter() - started:.1f} s; `vqpipe status` shows what is up to date")
+    return 0
+
+
+def cmd_push(args) -> int:
+    repo = Path(args.repo).resolve()
+    try:
+        with project_lock(repo, command="vqpipe push", on_wait=_say):
+            name, url = ensure_remote(repo)
+            print(f"pushing to DVC remote {name} ({url})")
+            print(push(repo, on_line=print))
+    except RemoteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_gc(args) -> int:
+    repo = Path(args.repo).resolve()
+    if code := _check_params(repo):
+        return code
+    params = load_params(repo / "params.yaml")
+    try:
+        with project_lock(repo, command="vqpipe gc", on_wait=_say):
+            verb = "would remove" if args.dry_run else "removing"
+            for stage, directory, reason in finished_checkpoints(repo, params):
+                print(f"{verb} checkpoint {directory} ({stage}: {reason})")
+                if not args.dry_run:
+                    shutil.rmtree(directory)
+            gc(repo, args.dry_run, args.cloud, args.keep, on_line=print)
+    except RemoteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -129,8 +197,9 @@ def cmd_serve(args) -> int:
 
     from flows.pipeline import scheduled_deployment
 
-    deployment = scheduled_deployment(str(repo), args.cron, args.name)
-    print(f"serving {args.name!r} on cron {args.cron!r} for {repo}; Ctrl-C stops")
+    deployment = scheduled_deployment(str(repo), cron=args.cron, interval=args.interval, name=args.name)
+    when = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
+    print(f"serving {args.name!r} on {when} for {repo}, one run at a time; Ctrl-C stops", flush=True)
     serve(deployment)
     return 0
 
@@ -322,6 +391,9 @@ COMMANDS = {
     "import-tokenizer": cmd_import_tokenizer,
     "tokenize": cmd_tokenize,
     "sample": cmd_sample,
+    "pull": cmd_pull,
+    "push": cmd_push,
+    "gc": cmd_gc,
 }
 
 

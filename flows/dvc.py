@@ -6,16 +6,29 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
 
+from pipelines import weights_fingerprint as weights_stage
 from pipelines.lifecycle import guarded, owner_env, stop_group
+from pipelines.runtime import Paths
 from pipelines.source_fingerprint import describe_change
 
 FINGERPRINT_STAGE = "source_fingerprint"
-STAGES = (FINGERPRINT_STAGE, "shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate")
+WEIGHTS_STAGE = "weights_fingerprint"
+LISTING_STAGES = (FINGERPRINT_STAGE, WEIGHTS_STAGE)  # always_changed: they list, cheaply, what DVC cannot hash
+STAGES = (*LISTING_STAGES, "shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate")
+
+
+def listing_stages(chosen: Iterable[str]) -> set[str]:
+    """The listing stages that go with `chosen`: without a current listing, DVC cannot tell
+    whether the stages reading it are stale."""
+    chosen = set(chosen)
+    return ({FINGERPRINT_STAGE} if "shard" in chosen else set()) | (
+        {WEIGHTS_STAGE} if chosen & set(weights_stage.WEIGHTS) else set()
+    )
 
 
 def stage_status(repo: str | Path, stage: str | None = None) -> dict[str, list[str]]:
@@ -25,13 +38,13 @@ def stage_status(repo: str | Path, stage: str | None = None) -> dict[str, list[s
     own deps, as `dvc repro --single-item` will judge it."""
     # The CLI rather than dvc.repo.Repo: DVC's API assumes the process's cwd is the repo root.
     cmd = [sys.executable, "-m", "dvc", "status", "--json", *([stage] if stage else [])]
-    proc = subprocess.run(cmd, cwd=repo, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=repo, env=dvc_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"dvc status failed in {repo}:\n{proc.stderr.strip()}")
     raw = json.loads(proc.stdout or "{}")
     stale = {name.removeprefix("dvc.yaml:"): _reasons(entries) for name, entries in raw.items()}
-    if stage == FINGERPRINT_STAGE:  # it runs anyway: no need to list the source twice
-        return {FINGERPRINT_STAGE: ["lists the source on every run"]}
+    if stage in LISTING_STAGES:  # it runs anyway: no need to list twice
+        return {stage: ["lists on every run"]}
     if stale.get(FINGERPRINT_STAGE) == ["always changed"]:
         # DVC says so of every always_changed stage; whether the source changed is ours to say.
         change = source_change(repo)
@@ -41,21 +54,47 @@ def stage_status(repo: str | Path, stage: str | None = None) -> dict[str, list[s
             stale[FINGERPRINT_STAGE] = [f"the source changed: {change}"]
             if stage is None:
                 stale.setdefault("shard", []).append(f"its source changed since the last run ({change})")
+    if stale.get(WEIGHTS_STAGE) == ["always changed"]:
+        changes = weights_change(repo)
+        if not changes:
+            del stale[WEIGHTS_STAGE]
+        else:
+            stale[WEIGHTS_STAGE] = [f"weights files changed: {'; '.join(changes.values())}"]
+            if stage is None:
+                for reader, what in changes.items():
+                    stale.setdefault(reader, []).append(f"its weights files changed since the last run ({what})")
     return stale
+
+
+def _listing(repo: str | Path, module: str) -> tuple[dict | None, str | None]:
+    """(the listing `python -m module --print` makes now, None) or (None, why it could not)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--print"], cwd=repo, env=dvc_env(), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return None, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), None
 
 
 def source_change(repo: str | Path) -> str | None:
     """How the shard stage's source differs from what data/source.json recorded at the last
     run, in words; None when it does not (a listing, not a read: see pipelines/source_fingerprint.py)."""
     recorded = Path(repo) / "data" / "source.json"
-    cmd = [sys.executable, "-m", "pipelines.source_fingerprint", "--print"]
-    proc = subprocess.run(cmd, cwd=repo, env=_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        return f"cannot list it: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+    new, error = _listing(repo, "pipelines.source_fingerprint")
+    if new is None:
+        return f"cannot list it: {error}"
     if not recorded.is_file():
         return "never listed before"
-    old, new = json.loads(recorded.read_text()), json.loads(proc.stdout.strip().splitlines()[-1])
+    old = json.loads(recorded.read_text())
     return None if old == new else describe_change(old, new)
+
+
+def weights_change(repo: str | Path) -> dict[str, str]:
+    """{stage: how its weights files differ from what data/weights recorded}; empty: they do not."""
+    new, error = _listing(repo, "pipelines.weights_fingerprint")
+    if new is None:
+        return {stage: f"cannot hash them: {error}" for stage in weights_stage.WEIGHTS}
+    return weights_stage.describe_change(weights_stage.recorded(Paths(repo)), new)
 
 
 def missing_params(repo: str | Path) -> list[tuple[str, str]]:
@@ -88,7 +127,7 @@ def missing_params(repo: str | Path) -> list[tuple[str, str]]:
     return problems
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The stages' `python` must be this interpreter (the project's venv), wherever PATH points."""
     env = {**os.environ, **(extra or {}), "PYTHONUNBUFFERED": "1"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -147,7 +186,7 @@ def repro_stage(
     with subprocess.Popen(
         guarded(cmd),
         cwd=repo,
-        env=_env({**env, **owner_env()}),
+        env=dvc_env({**env, **owner_env()}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

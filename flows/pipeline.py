@@ -1,24 +1,44 @@
 """The pipeline flow: one Prefect task per DVC stage, in DAG order.
 
 Each task has DVC reproduce exactly its stage (`dvc repro --single-item`), so a fresh stage is
-skipped by DVC, never by Prefect. One MLflow parent run per flow run, tagged with the Prefect
-flow-run id; every stage that runs logs a nested run under it.
+skipped by DVC, never by Prefect. One run at a time per project (`flows.lock`): the flow holds
+the project lock from before its first stage to after its push. One MLflow parent run per flow
+run, tagged with the Prefect flow-run id, carrying the project's params and the headline metrics
+of `metrics/*.json` (whether their stages ran this time or not), so the experiment's runs table
+compares pipeline runs directly; every stage that runs logs a nested run under it. After a
+successful run the outputs are pushed to the DVC remote (`pipeline.push`), the run leaves a
+Prefect markdown artifact with its results, and a failed run is reported to
+`pipeline.notify_url` when one is set.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Param
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from components.config import load_params
-from flows.dvc import FINGERPRINT_STAGE, STAGES, repro_stage, stage_status
-from pipelines.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, PARENT_RUN_ENV, absolute_tracking_uri
+from components.config import Params, load_params
+from flows.dvc import STAGES, StageFailed, listing_stages, repro_stage, stage_status
+from flows.lock import note_flow_run, project_lock
+from flows.notify import notify_failure
+from flows.remote import push
+from pipelines.tracking import (
+    DEFAULT_TRACKING_URI,
+    PARENT_RUN_ENV,
+    absolute_tracking_uri,
+    flatten,
+    use_experiment,
+)
 
 RESUMABLE_STAGES = ("train_tokenizer", "train_prior")
+METRIC_FILES = ("train_tokenizer", "train_prior", "evaluate")  # metrics/<stage>.json, as dvc.yaml lists them
 
 
 def tracking_uri(repo: Path) -> str:
@@ -37,44 +57,138 @@ def reproduce(stage: str, repo: str, env: dict[str, str], force: bool = False) -
     return {"stage": stage, "ran": ran, "reasons": reasons}
 
 
-@flow(name="vqpipe-pipeline", log_prints=True)
-def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = False) -> dict:
-    """Run the pipeline's stages (all by default) in DAG order through DVC.
+@task(retries=2, retry_delay_seconds=10)  # a remote is I/O: it may fail and then work
+def push_outputs(repo: str) -> str:
+    logger = get_run_logger()
+    summary = push(repo, on_line=lambda line: logger.info("[dvc push] %s", line))
+    logger.info("outputs pushed to the DVC remote: %s", summary)
+    return summary
 
-    Returns {"mlflow_run_id", "flow_run_id", "stages": [{"stage", "ran", "reasons"}, ...]}."""
+
+@flow(name="vqpipe-pipeline", log_prints=True)
+def pipeline(repo: str = ".", stages: list[str] | None = None, force: bool = False, wait: bool = True) -> dict:
+    """Run the pipeline's stages (all by default) in DAG order through DVC, holding the project
+    lock (`wait=False`: fail at once with ProjectBusy when another run holds it).
+
+    Returns {"mlflow_run_id", "flow_run_id", "stages": [{"stage", "ran", "reasons"}, ...], "pushed"}."""
     root = Path(repo).resolve()
-    load_params(root / "params.yaml")  # invalid params fail here, before any stage runs
+    params = load_params(root / "params.yaml")  # invalid params fail here, before any stage runs
     unknown = set(stages or []) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)} (allowed: {', '.join(STAGES)})")
-    # The source listing goes with `shard`: without a current one, DVC cannot tell whether it is stale.
-    wanted = set(stages or STAGES) | ({FINGERPRINT_STAGE} if "shard" in (stages or STAGES) else set())
+    wanted = set(stages or STAGES) | listing_stages(stages or STAGES)
     chosen = [s for s in STAGES if s in wanted]
-
-    uri = tracking_uri(root)
-    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    logger = get_run_logger()
     flow_run_id = str(flow_run.id) if flow_run.id else ""
+    with project_lock(root, wait=wait, command="vqpipe-pipeline flow", on_wait=logger.info):
+        note_flow_run(root, flow_run_id, str(flow_run.name or ""))
+        try:
+            return _run_stages(root, params, chosen, force, flow_run_id)
+        except BaseException as err:
+            if params.pipeline.notify_url and not isinstance(err, KeyboardInterrupt):
+                notify_failure(params.pipeline.notify_url, root, flow_run_id, str(flow_run.name or ""), err)
+            raise
+
+
+def _run_stages(root: Path, params: Params, chosen: list[str], force: bool, flow_run_id: str) -> dict:
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    experiment = use_experiment()
     tags = {
         "prefect.flow_run_id": flow_run_id,
         "prefect.flow_run_name": str(flow_run.name or ""),
         "vqpipe.stage": "pipeline",
+        **experiment_tags(),
     }
     with mlflow.start_run(run_name=f"pipeline-{flow_run.name or 'local'}", tags=tags) as parent:
-        env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, PARENT_RUN_ENV: parent.info.run_id}
+        _log_params(params)
+        env = {
+            "MLFLOW_TRACKING_URI": uri,
+            "MLFLOW_EXPERIMENT_NAME": experiment.name,
+            PARENT_RUN_ENV: parent.info.run_id,
+        }
         results = []
-        for stage in chosen:
-            # A stage that resumes from its checkpoint gets retried: a lost worker or a killed
-            # process costs the steps since the last checkpoint, not the run.
-            task_ = (
-                reproduce.with_options(retries=1, retry_delay_seconds=10) if stage in RESUMABLE_STAGES else reproduce
-            )
-            results.append(task_(stage, str(root), env, force))
-        mlflow.set_tag("vqpipe.stages_ran", ",".join(r["stage"] for r in results if r["ran"]) or "none")
-    return {"mlflow_run_id": parent.info.run_id, "flow_run_id": flow_run_id, "stages": results}
+        try:
+            for stage in chosen:
+                # A stage that resumes from its checkpoint gets retried: a lost worker or a killed
+                # process costs the steps since the last checkpoint, not the run.
+                task_ = (
+                    reproduce.with_options(retries=1, retry_delay_seconds=10)
+                    if stage in RESUMABLE_STAGES
+                    else reproduce
+                )
+                results.append(task_(stage, str(root), env, force))
+        finally:
+            mlflow.set_tag("vqpipe.stages_ran", ",".join(r["stage"] for r in results if r["ran"]) or "none")
+            metrics = headline_metrics(root)
+            if metrics:
+                mlflow.log_metrics(metrics)
+        pushed = push_outputs(str(root)) if params.pipeline.push else "not pushed (pipeline.push: false)"
+        mlflow.set_tag("vqpipe.pushed", pushed)
+    _artifact(root, results, metrics, parent.info.run_id, uri, pushed)
+    return {"mlflow_run_id": parent.info.run_id, "flow_run_id": flow_run_id, "stages": results, "pushed": pushed}
 
 
-def scheduled_deployment(repo: str, cron: str, name: str = "vqpipe-scheduled"):
-    """The pipeline as a Prefect deployment on a cron schedule (served by `vqpipe serve`)."""
-    return pipeline.to_deployment(name=name, cron=cron, parameters={"repo": str(Path(repo).resolve())})
+def experiment_tags() -> dict[str, str]:
+    """Tags naming the DVC experiment this run is part of, when DVC runs it as one."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {"vqpipe.dvc_exp": name} if name else {}
+
+
+def headline_metrics(root: Path) -> dict[str, float]:
+    """{"evaluate.psnr": 23.9, ...}: the numbers of metrics/<stage>.json as the workspace has
+    them now (a stage DVC skipped keeps its last run's), keyed `stage.key`."""
+    metrics = {}
+    for stage in METRIC_FILES:
+        path = root / "metrics" / f"{stage}.json"
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for key, value in flatten(stage, values).items():
+            try:
+                metrics[key] = float(value)
+            except ValueError:
+                continue  # labels (the feature space FID was measured in, say), lists
+    return metrics
+
+
+def _log_params(params: Params) -> None:
+    """Every setting of the run, `section.key`, so the runs table has a column for each."""
+    client = mlflow.tracking.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    values = [Param(k, v[:6000]) for k, v in flatten("", params).items()]
+    for start in range(0, len(values), 100):  # MLflow takes 100 params per request
+        client.log_batch(run_id, params=values[start : start + 100])
+
+
+def _artifact(root: Path, results: list[dict], metrics: dict[str, float], run_id: str, uri: str, pushed: str) -> None:
+    """A markdown artifact on the flow run: what ran, the evaluate metrics, where the MLflow run is."""
+    lines = [f"# vqpipe pipeline: {root}", "", "| stage | result |", "|---|---|"]
+    lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'skipped (unchanged)'} |" for r in results]
+    evaluate = {k.removeprefix("evaluate."): v for k, v in metrics.items() if k.startswith("evaluate.")}
+    if evaluate:
+        lines += ["", "## evaluate", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(evaluate.items())]
+    lines += ["", f"MLflow run `{run_id}` in `{uri}`", "", f"DVC remote: {pushed}"]
+    try:
+        create_markdown_artifact(markdown="\n".join(lines), key="vqpipe-pipeline", description="stage results")
+    except Exception as err:  # the run's work is done; an artifact the API refused is not worth failing it
+        logging.getLogger("vqpipe").warning("Prefect artifact not written: %s", err)
+
+
+def scheduled_deployment(
+    repo: str, cron: str | None = None, interval: float | None = None, name: str = "vqpipe-scheduled"
+):
+    """The pipeline as a Prefect deployment on a cron or interval schedule (served by `vqpipe
+    serve`), one flow run at a time: a run due while the last still runs waits for it."""
+    return pipeline.to_deployment(
+        name=name,
+        cron=cron,
+        interval=interval,
+        concurrency_limit=1,
+        parameters={"repo": str(Path(repo).resolve())},
+    )
+
+
+__all__ = ["StageFailed", "pipeline", "scheduled_deployment", "tracking_uri"]

@@ -63,7 +63,7 @@ from components.priors import Sampler, image_batches, load_prior
 from components.tokenizers import Tokenizer
 from components.tokenizers.lpips import LPIPS
 from pipelines.runtime import Paths, resolve_device, stage_main
-from pipelines.tracking import stage_run
+from pipelines.tracking import shards_input, stage_run, tokens_input
 
 log = logging.getLogger("vqpipe.evaluate")
 GRID_COLUMNS = 16
@@ -113,7 +113,8 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
     val_parts = token_io.split_parts(paths.tokens, "val")
     layout = token_io.check_parts(val_parts, tokenizer.fingerprint)[0]  # before any work, and once
 
-    with stage_run("evaluate", cfg) as active, tempfile.TemporaryDirectory(prefix="vqpipe-eval-") as scratch:
+    inputs = [shards_input(paths.shards, "evaluation"), tokens_input(paths.tokens, "evaluation")]
+    with stage_run("evaluate", cfg, inputs) as active, tempfile.TemporaryDirectory(prefix="vqpipe-eval-") as scratch:
         import mlflow
 
         metrics = _token_metrics(cfg, tokenizer, prior, (val_parts, layout), paths.plots / "codebook_usage.csv")

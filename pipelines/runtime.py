@@ -25,6 +25,7 @@ class Paths:
         self.root = root
         self.shards = root / "data" / "shards"
         self.source_fingerprint = root / "data" / "source.json"
+        self.weights = root / "data" / "weights"  # the weights files params name, by content
         self.tokens = root / "data" / "tokens"
         self.tokenizer = root / "models" / "tokenizer"
         self.prior = root / "models" / "prior"
@@ -45,16 +46,17 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def stage_main(section: str, run: Callable, params_path: str = "params.yaml") -> None:
-    """Entry point of `python -m pipelines.<stage>`: params errors, and a source that cannot be
-    used as configured, exit 2 before any work."""
+def stage_main(section: str | None, run: Callable, params_path: str = "params.yaml") -> None:
+    """Entry point of `python -m pipelines.<stage>`: `run` gets the params' `section` (None: all
+    of them); params errors, and a source that cannot be used as configured, exit 2 before any
+    work."""
     setup_logging()
     exit_on_signals()  # SIGTERM unwinds like Ctrl-C: Ray shut down, temporaries removed
     die_with_parent()  # and it comes when `dvc repro` (or the shell it runs the stage in) dies,
     watch_ancestors()  # however it dies
     try:
         params: Params = load_params(params_path)
-        run(getattr(params, section))
+        run(getattr(params, section) if section else params)
     except (ConfigError, SourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,6 +15,8 @@ that cannot be read is retried, then listed; the stage fails when more than
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -29,7 +31,7 @@ from components.data.sources import open_source
 from components.data.units import SourceUnit
 from pipelines.distributed import init_ray
 from pipelines.runtime import Paths, stage_main
-from pipelines.tracking import stage_run
+from pipelines.tracking import DatasetInput, file_digest, stage_run
 
 log = logging.getLogger("vqpipe.shard")
 
@@ -46,7 +48,7 @@ class TooManyUnreadable(RuntimeError):
 
 def run(cfg: ShardConfig, paths: Paths = Paths()) -> ShardResult:
     source = open_source(cfg)  # a missing column, a pattern that matches nothing: before any work
-    with stage_run("shard", cfg) as active:
+    with stage_run("shard", cfg, [_source_input(source.description, paths)]) as active:
         import mlflow
 
         units, early_rejects = source.units(
@@ -100,6 +102,17 @@ def run(cfg: ShardConfig, paths: Paths = Paths()) -> ShardResult:
                 f"{cfg.max_unreadable:g}); they are listed in {out_dir / 'manifest.json'}:\n  {listed}"
             )
         return ShardResult(out_dir, manifest)
+
+
+def _source_input(description: str, paths: Paths) -> DatasetInput:
+    """The source, named by the listing `source_fingerprint` made of it (by its description
+    when the stage runs alone, without one)."""
+    listing = paths.source_fingerprint
+    if listing.is_file():
+        digest = json.loads(listing.read_text()).get("digest") or file_digest(listing)
+    else:
+        digest = hashlib.sha256(description.encode()).hexdigest()
+    return DatasetInput("source", description, digest, "sharding")
 
 
 def _expected_inputs(units: list[SourceUnit], cfg: ShardConfig) -> int:

@@ -19,7 +19,7 @@ from components.config import TokenizeConfig
 from components.data import shards as shard_io
 from pipelines.corpus import CorpusJob, tokenize_corpus
 from pipelines.runtime import Paths, stage_main
-from pipelines.tracking import stage_run
+from pipelines.tracking import shards_input, stage_run
 
 log = logging.getLogger("vqpipe.tokenize")
 
@@ -31,7 +31,7 @@ class TokenizeResult:
 
 
 def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
-    with stage_run("tokenize", cfg) as active:
+    with stage_run("tokenize", cfg, [shards_input(paths.shards, "tokenization")]) as active:
         import mlflow
 
         shard_manifest = shard_io.read_manifest(paths.shards)

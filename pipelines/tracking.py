@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel
 
@@ -24,6 +26,8 @@ MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 EXPORT_FILES = ("config.json", "model.safetensors")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "vqpipe"
+# The experiment is one of model training: MLflow's UI opens it on its runs table, not on GenAI traces.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 
 
 def flatten(prefix: str, obj) -> dict[str, str]:
@@ -94,18 +98,70 @@ def register_export(name: str, run_id: str, artifact_path: str, fingerprint: str
     return version.version
 
 
+def use_experiment(name: str | None = None):
+    """Set (creating when needed) the run's experiment, marked as one of model training."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    key, value = EXPERIMENT_KIND_TAG
+    if experiment.tags.get(key) != value:
+        mlflow.set_experiment_tag(key, value)
+    return experiment
+
+
+class DatasetInput(NamedTuple):
+    """What a stage read, as an MLflow dataset: `source` says where (a path or URL, or the
+    source's description), `digest` what (a manifest's or listing's hash), `context` its role."""
+
+    name: str
+    source: str
+    digest: str
+    context: str = "training"
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def shards_input(shards: Path, context: str = "training") -> DatasetInput:
+    """The shard stage's output, named by its manifest's digest."""
+    manifest = Path(shards) / "manifest.json"
+    source = json.loads(manifest.read_text()).get("source", "")
+    return DatasetInput("shards", f"{Path(shards).resolve()} (from {source})", file_digest(manifest), context)
+
+
+def tokens_input(tokens: Path, context: str = "training") -> DatasetInput:
+    """The tokenize stage's output, named by its manifest's digest."""
+    return DatasetInput("tokens", str(Path(tokens).resolve()), file_digest(Path(tokens) / "_manifest.json"), context)
+
+
+def _log_inputs(inputs: Sequence[DatasetInput]) -> None:
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for item in inputs:
+        # MLflow keeps 36 characters of a digest; the source is described, never read back.
+        dataset = MetaDataset(CodeDatasetSource({"source": item.source}), name=item.name, digest=item.digest[:32])
+        mlflow.log_input(dataset, context=item.context)
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: BaseModel | None = None) -> Iterator[mlflow.ActiveRun]:  # noqa: F821
-    """An MLflow run for a stage, nested under the pipeline's run when there is one."""
+def stage_run(
+    stage: str, cfg: BaseModel | None = None, inputs: Sequence[DatasetInput] = ()
+) -> Iterator[mlflow.ActiveRun]:  # noqa: F821
+    """An MLflow run for a stage, nested under the pipeline's run when there is one, with the
+    datasets it reads (`inputs`) logged as its MLflow inputs."""
     import mlflow
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    use_experiment()
     parent = os.environ.get(PARENT_RUN_ENV) or None
     tags = {"vqpipe.stage": stage}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as active:
         if cfg is not None:
             mlflow.log_params(flatten(stage, cfg))
+        _log_inputs(inputs)
         yield active
 
 

@@ -28,7 +28,7 @@ from components.tokenizers import Tokenizer
 from pipelines.distributed import train
 from pipelines.recipes.prior import PriorJob, train_worker
 from pipelines.runtime import Paths, stage_main
-from pipelines.tracking import absolute_tracking_uri, register_export, stage_run
+from pipelines.tracking import absolute_tracking_uri, register_export, stage_run, tokens_input
 
 log = logging.getLogger("vqpipe.train_prior")
 
@@ -42,7 +42,7 @@ class TrainPriorResult:
 
 def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
     tokenizer = Tokenizer.load(paths.tokenizer)
-    with stage_run("train_prior", cfg) as active:
+    with stage_run("train_prior", cfg, [tokens_input(paths.tokens)]) as active:
         import mlflow
 
         with tempfile.TemporaryDirectory(prefix="vqpipe-prior-") as staging:

@@ -32,7 +32,7 @@ from components.tokenizers import Tokenizer
 from pipelines.distributed import train
 from pipelines.recipes.tokenizer import Job, train_worker
 from pipelines.runtime import Paths, resolve_device, stage_main
-from pipelines.tracking import absolute_tracking_uri, register_export, stage_run
+from pipelines.tracking import absolute_tracking_uri, register_export, shards_input, stage_run
 
 log = logging.getLogger("vqpipe.train_tokenizer")
 
@@ -56,7 +56,11 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         resolve_device(cfg.device)  # fail before the run starts, not in it
     train_sums = sorted(s["sha256"] for s in manifest["shards"] if s["split"] == "train")
 
-    with stage_run("train_tokenizer", cfg) as active, tempfile.TemporaryDirectory(prefix="vqpipe-train-") as staging:
+    inputs = [shards_input(paths.shards)]
+    with (
+        stage_run("train_tokenizer", cfg, inputs) as active,
+        tempfile.TemporaryDirectory(prefix="vqpipe-train-") as staging,
+    ):
         import mlflow
 
         job = Job(

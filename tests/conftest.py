@@ -45,6 +45,21 @@ TINY = {
 
 
 @pytest.fixture(scope="session", autouse=True)
+def dvc_remotes(tmp_path_factory):
+    """The projects' default DVC remotes go to a temporary folder, never the user's cache."""
+    from flows.remote import REMOTE_ROOT_ENV
+
+    path = tmp_path_factory.mktemp("dvc-remotes")
+    old = os.environ.get(REMOTE_ROOT_ENV)
+    os.environ[REMOTE_ROOT_ENV] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop(REMOTE_ROOT_ENV, None)
+    else:
+        os.environ[REMOTE_ROOT_ENV] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def mlflow_store(tmp_path_factory):
     """Every MLflow call of the session goes to one temporary sqlite store."""
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
