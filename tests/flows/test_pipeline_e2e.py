@@ -18,6 +18,7 @@ import mlflow
 import pytest
 import yaml
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from components.config import SECTIONS, is_runtime, parse_params
 from tests.conftest import TINY
@@ -63,7 +64,11 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     from flows.dvc import LISTING_STAGES, STAGES, downstream, stage_status
     from flows.pipeline import pipeline
 
-    repo = _make_repo(tmp_path / "repo")
+    from tests.components.test_architectures import _lpips_file
+
+    weights = tmp_path / "lpips.safetensors"  # named in params by path: DVC tracks its content
+    _lpips_file(weights, "lpips")
+    repo = _make_repo(tmp_path / "repo", evaluate={"perceptual_weights": str(weights)})
     mlflow.set_tracking_uri(mlflow_store)
 
     first = pipeline(repo=str(repo))
@@ -116,6 +121,77 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     assert again.params["train_prior.lr"] == "0.001"
     assert (repo / "models/tokenizer/model.safetensors").stat().st_mtime_ns == tokenizer_mtime
     assert stage_status(repo) == {}
+
+    clone = _a_clone_pulls_what_the_first_pushed(repo, tmp_path / "clone", capsys)
+    _served_on_an_interval_a_scheduled_run_fires_and_completes(clone, tmp_path)
+
+    # The weights file replaced by one of other content, under the same path: evaluate is stale.
+    state = load_file(str(weights))
+    save_file({k: v * 1.5 for k, v in state.items()}, str(weights))
+    stale = stage_status(repo)
+    assert set(stale) == {"weights_fingerprint", "evaluate"}, stale
+    assert "perceptual_weights" in stale["evaluate"][0] and "other content" in stale["evaluate"][0]
+
+
+def _a_clone_pulls_what_the_first_pushed(repo: Path, clone: Path, capsys) -> Path:
+    """A fresh clone of the first repo's commit of its dvc.lock: `vqpipe pull` restores every output, the
+    clone is up to date, and a run there runs nothing but the listings."""
+    from flows.cli import main
+    from flows.dvc import LISTING_STAGES, STAGES, stage_status
+    from flows.pipeline import pipeline
+
+    git = lambda *args: subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git("add", "params.yaml", "dvc.lock")  # as a team shares a run: its params and its lock file
+    git("-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-q", "-m", "run")
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert main(["--repo", str(clone), "pull"]) == 0
+    pulled = time.perf_counter() - started
+    for out in ("models/prior/model.safetensors", "data/tokens/_manifest.json", "metrics/evaluate.json"):
+        assert (clone / out).read_bytes() == (repo / out).read_bytes(), out
+    assert stage_status(clone) == {}
+    capsys.readouterr()
+    assert main(["--repo", str(clone), "status"]) == 0
+    status = capsys.readouterr().out.strip().splitlines()
+    assert len(status) == len(STAGES) and all(line.endswith("up to date") for line in status), status
+    again = pipeline(repo=str(clone))
+    assert [s["stage"] for s in again["stages"] if s["ran"]] == list(LISTING_STAGES)
+    print(f"vqpipe pull restored the tiny project in {pulled:.1f} s")
+    return clone
+
+
+def _served_on_an_interval_a_scheduled_run_fires_and_completes(repo: Path, tmp_path: Path) -> None:
+    """`vqpipe serve --interval 30s` against the session's Prefect server (a real one on
+    loopback, with a temporary database): a scheduled flow run fires and completes."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "flows.cli", "--repo", str(repo), "serve", "--interval", "30s", "--name", "e2e"]
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (closed below, after the process)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished = {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}  # not the many still scheduled
+    body = {"deployments": {"name": {"any_": ["e2e"]}}, "flow_runs": {"state": finished}, "limit": 20, "offset": 0}
+    states: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "COMPLETED" not in states:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(3)
+            with get_client(sync_client=True) as client:
+                runs = client.request("POST", "/flow_runs/filter", json=body).json()
+            states = [r["state_type"] for r in runs]
+            assert "FAILED" not in states and "CRASHED" not in states, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+    assert "COMPLETED" in states, (tmp_path / "serve.log").read_text()[-3000:]
+    with get_client(sync_client=True) as client:
+        deployment = client.request("GET", "/deployments/name/vqpipe-pipeline/e2e").json()
+    assert deployment["concurrency_limit"] == 1 or deployment.get("global_concurrency_limit", {}).get("limit") == 1
 
 
 def _parent_run_compares_at_a_glance(repo: Path, parent, children: dict[str, str]) -> None:
