@@ -133,7 +133,8 @@ def prefect_api(tmp_path_factory):
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                raise RuntimeError(f"the Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+                tail = (home / "server.log").read_text()[-3000:]
+                raise RuntimeError(f"the Prefect server did not start:\n{tail}") from None
             time.sleep(0.5)
     old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
     os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))

@@ -63,7 +63,6 @@ def _children(parent_run_id: str) -> dict[str, str]:
 def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_cluster, mlflow_store, capsys):
     from flows.dvc import LISTING_STAGES, STAGES, downstream, stage_status
     from flows.pipeline import pipeline
-
     from tests.components.test_architectures import _lpips_file
 
     weights = tmp_path / "lpips.safetensors"  # named in params by path: DVC tracks its content
