@@ -197,7 +197,8 @@ def test_dvc_yaml_tracks_exactly_the_outcome_settings():
     """dvc.yaml and the typed config cannot drift: each stage tracks every setting of its section
     that changes what it produces, and no runtime one."""
     tracked = _dvc_params()
-    assert tracked.pop("source_fingerprint") == []  # it runs every time: params would change nothing
+    for listing in ("source_fingerprint", "weights_fingerprint"):
+        assert tracked.pop(listing) == []  # it runs every time: params would change nothing
     assert set(tracked) == set(STAGE_SECTIONS)
     for section in SECTIONS:
         assert tracked.get(section, []) == outcome_params(section), section

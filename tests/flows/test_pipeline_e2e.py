@@ -4,7 +4,9 @@ Then one train_prior param changes, and only the last three stages may run again
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -60,7 +62,7 @@ def _children(parent_run_id: str) -> dict[str, str]:
     return dict(zip(runs["tags.vqpipe.stage"], runs["run_id"], strict=True))
 
 
-def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_cluster, mlflow_store, capsys):
+def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_cluster, mlflow_store):
     from flows.dvc import LISTING_STAGES, STAGES, downstream, stage_status
     from flows.pipeline import pipeline
     from tests.components.test_architectures import _lpips_file
@@ -99,7 +101,7 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     _flow_run_has_its_artifact(first)
     assert "pushed" in first["pushed"] or "up to date" in first["pushed"], first["pushed"]
     assert stage_status(repo) == {}
-    _runtime_settings_leave_every_stage_up_to_date(repo, capsys)
+    _runtime_settings_leave_every_stage_up_to_date(repo)
 
     tokenizer_mtime = (repo / "models/tokenizer/model.safetensors").stat().st_mtime_ns
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -121,7 +123,7 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     assert (repo / "models/tokenizer/model.safetensors").stat().st_mtime_ns == tokenizer_mtime
     assert stage_status(repo) == {}
 
-    clone = _a_clone_pulls_what_the_first_pushed(repo, tmp_path / "clone", capsys)
+    clone = _a_clone_pulls_what_the_first_pushed(repo, tmp_path / "clone")
     _served_on_an_interval_a_scheduled_run_fires_and_completes(clone, tmp_path)
 
     # The weights file replaced by one of other content, under the same path: evaluate is stale.
@@ -132,10 +134,20 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
     assert "perceptual_weights" in stale["evaluate"][0] and "other content" in stale["evaluate"][0]
 
 
-def _a_clone_pulls_what_the_first_pushed(repo: Path, clone: Path, capsys) -> Path:
+def _cli(*args: str) -> tuple[int, str]:
+    """`vqpipe ARGS` in this process: (exit status, what it printed). Not capsys: flows run in
+    this test, and Prefect's console handler must not be left writing to a capture that closes."""
+    from flows.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(args))
+    return code, out.getvalue()
+
+
+def _a_clone_pulls_what_the_first_pushed(repo: Path, clone: Path) -> Path:
     """A fresh clone of the first repo's commit of its dvc.lock: `vqpipe pull` restores every output, the
     clone is up to date, and a run there runs nothing but the listings."""
-    from flows.cli import main
     from flows.dvc import LISTING_STAGES, STAGES, stage_status
     from flows.pipeline import pipeline
 
@@ -143,16 +155,15 @@ def _a_clone_pulls_what_the_first_pushed(repo: Path, clone: Path, capsys) -> Pat
     git("add", "params.yaml", "dvc.lock")  # as a team shares a run: its params and its lock file
     git("-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-q", "-m", "run")
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
-    capsys.readouterr()
     started = time.perf_counter()
-    assert main(["--repo", str(clone), "pull"]) == 0
+    assert _cli("--repo", str(clone), "pull")[0] == 0
     pulled = time.perf_counter() - started
     for out in ("models/prior/model.safetensors", "data/tokens/_manifest.json", "metrics/evaluate.json"):
         assert (clone / out).read_bytes() == (repo / out).read_bytes(), out
     assert stage_status(clone) == {}
-    capsys.readouterr()
-    assert main(["--repo", str(clone), "status"]) == 0
-    status = capsys.readouterr().out.strip().splitlines()
+    code, out = _cli("--repo", str(clone), "status")
+    status = out.strip().splitlines()
+    assert code == 0
     assert len(status) == len(STAGES) and all(line.endswith("up to date") for line in status), status
     again = pipeline(repo=str(clone))
     assert [s["stage"] for s in again["stages"] if s["ran"]] == list(LISTING_STAGES)
@@ -249,9 +260,8 @@ def _other_value(key: str, value):
     return f"{value}-elsewhere" if value else "elsewhere"
 
 
-def _runtime_settings_leave_every_stage_up_to_date(repo: Path, capsys) -> None:
+def _runtime_settings_leave_every_stage_up_to_date(repo: Path) -> None:
     """Every runtime setting changed at once: DVC finds nothing stale, and `vqpipe status` agrees."""
-    from flows.cli import main
     from flows.dvc import stage_status
 
     text = (repo / "params.yaml").read_text()
@@ -268,9 +278,8 @@ def _runtime_settings_leave_every_stage_up_to_date(repo: Path, capsys) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         assert stage_status(repo) == {}, changed
-        capsys.readouterr()
-        assert main(["--repo", str(repo), "status"]) == 0
-        assert "stale" not in capsys.readouterr().out
+        code, out = _cli("--repo", str(repo), "status")
+        assert code == 0 and "stale" not in out
     finally:
         (repo / "params.yaml").write_text(text)
 
@@ -310,10 +319,12 @@ def test_a_changed_source_makes_shard_stale_and_an_unchanged_one_does_not(tmp_pa
 def test_scheduled_deployment_carries_the_cron(tmp_path):
     from flows.pipeline import scheduled_deployment
 
-    deployment = scheduled_deployment(str(tmp_path), "0 3 * * *", "nightly")
+    deployment = scheduled_deployment(str(tmp_path), cron="0 3 * * *", name="nightly")
     assert deployment.name == "nightly"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.parameters == {"repo": str(tmp_path.resolve())}
+    every = scheduled_deployment(str(tmp_path), interval=6 * 3600.0)
+    assert [s.schedule.interval.total_seconds() for s in every.schedules] == [6 * 3600.0]
 
 
 def test_status_lists_every_stage(tmp_path, capsys):

@@ -153,3 +153,15 @@ def test_the_default_remote_is_outside_the_workspace_and_shared_by_clones(tmp_pa
     assert "vqpipe-local" in (a / ".dvc/config.local").read_text()
     assert ensure_remote(tmp_path / "b") == (name, url)  # the same project: the same remote
     assert subprocess.run(["git", "status", "--porcelain"], cwd=a, capture_output=True, text=True).stdout == ""
+
+
+def test_serve_takes_a_cron_or_an_interval():
+    from flows.arguments import build_parser
+
+    parser = build_parser("vqpipe")
+    assert parser.parse_args(["serve", "--interval", "15m"]).interval == 900.0
+    assert parser.parse_args(["serve", "--interval", "45"]).interval == 45.0
+    assert parser.parse_args(["serve", "--cron", "0 3 * * *"]).interval is None
+    for bad in (["serve", "--interval", "soon"], ["serve", "--interval", "0s"], ["serve"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
