@@ -25,7 +25,7 @@ log = logging.getLogger("vqpipe.lock")
 
 LOCK_FILE = Path(".dvc") / "tmp" / "vqpipe-run.lock"
 POLL_SECONDS = 0.5
-_held: dict[Path, list] = {}  # path -> [fd, depth]: the lock is reentrant within this process
+_held: dict[Path, list] = {}  # path -> [fd, depth, holder]: the lock is reentrant within this process
 
 
 class ProjectBusy(RuntimeError):
