@@ -13,8 +13,7 @@ import torch
 
 from components.checkpoint import CHECKPOINT_FILE
 from components.config import Params
-
-TRAINING_STAGES = ("train_tokenizer", "train_prior")
+from flows.dvc import TRAINING_STAGES
 
 
 def finished_checkpoints(repo: Path, params: Params) -> list[tuple[str, Path, str]]:

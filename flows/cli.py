@@ -36,7 +36,7 @@ from flows.checkpoints import finished_checkpoints
 from flows.dvc import STAGES, StageFailed, downstream, missing_params, stage_status
 from flows.lock import ProjectBusy, project_lock
 from flows.profiles import apply_profile
-from flows.remote import RemoteError, ensure_remote, gc, pull, push
+from flows.remote import RemoteError, gc, pull, push
 from pipelines.corpus import resolve_tokenizer
 from pipelines.lifecycle import exit_on_signals
 from pipelines.runtime import setup_logging
@@ -97,30 +97,24 @@ def _say(message: str) -> None:
 
 
 def cmd_pull(args) -> int:
-    repo = Path(args.repo).resolve()
-    started = time.perf_counter()
-    try:
-        with project_lock(repo, command="vqpipe pull", on_wait=_say):
-            name, url = ensure_remote(repo)
-            print(f"pulling from DVC remote {name} ({url})")
-            summary = pull(repo, on_line=print)
-    except RemoteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"{summary} in {time.perf_counter() - started:.1f} s; `vqpipe status` shows what is up to date")
-    return 0
+    return _transfer(args, pull, "`vqpipe status` shows what is up to date")
 
 
 def cmd_push(args) -> int:
+    return _transfer(args, push, "`vqpipe pull` restores them elsewhere")
+
+
+def _transfer(args, move, after: str) -> int:
+    """`vqpipe pull` / `vqpipe push`: under the project lock, DVC's lines as they come."""
     repo = Path(args.repo).resolve()
+    started = time.perf_counter()
     try:
-        with project_lock(repo, command="vqpipe push", on_wait=_say):
-            name, url = ensure_remote(repo)
-            print(f"pushing to DVC remote {name} ({url})")
-            print(push(repo, on_line=print))
+        with project_lock(repo, command=f"vqpipe {args.command}", on_wait=_say):
+            summary = move(repo, on_line=print)
     except RemoteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    print(f"{summary} in {time.perf_counter() - started:.1f} s; {after}")
     return 0
 
 

@@ -20,6 +20,7 @@ FINGERPRINT_STAGE = "source_fingerprint"
 WEIGHTS_STAGE = "weights_fingerprint"
 LISTING_STAGES = (FINGERPRINT_STAGE, WEIGHTS_STAGE)  # always_changed: they list, cheaply, what DVC cannot hash
 STAGES = (*LISTING_STAGES, "shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate")
+TRAINING_STAGES = ("train_tokenizer", "train_prior")  # they checkpoint: retried, resumed, their checkpoints gc'd
 
 
 def listing_stages(chosen: Iterable[str]) -> set[str]:
@@ -132,6 +133,16 @@ def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **(extra or {}), "PYTHONUNBUFFERED": "1"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+def metric_files(repo: str | Path) -> dict[str, Path]:
+    """{stage: its metrics file} as dvc.yaml lists them (one JSON file per stage)."""
+    stages = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
+    return {
+        name: Path(repo) / (next(iter(entry)) if isinstance(entry, dict) else entry)
+        for name, stage in stages.items()
+        for entry in stage.get("metrics", [])[:1]
+    }
 
 
 def downstream(repo: str | Path, stale: set[str]) -> dict[str, list[str]]:

@@ -22,11 +22,10 @@ TIMEOUT_SECONDS = 10
 
 
 def failure_message(repo: Path, flow_run_id: str, flow_run_name: str, err: BaseException) -> dict:
-    stage = err.stage if isinstance(err, StageFailed) else None
     if isinstance(err, StageFailed):
-        summary, tail = f"stage {stage!r} failed (exit {err.code})", "\n".join(err.lines[-10:])
+        stage, summary, tail = err.stage, f"stage {err.stage!r} failed (exit {err.code})", "\n".join(err.lines[-10:])
     else:
-        summary, tail = f"{type(err).__name__}: {err}", ""
+        stage, summary, tail = None, f"{type(err).__name__}: {err}", ""
     run = flow_run_name or flow_run_id or "(local)"
     text = f"vqpipe pipeline run {run} failed in {repo} on {socket.gethostname()}: {summary}"
     return {

@@ -19,13 +19,12 @@ import os
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Param
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from components.config import Params, load_params
-from flows.dvc import STAGES, StageFailed, listing_stages, repro_stage, stage_status
+from flows.dvc import STAGES, TRAINING_STAGES, listing_stages, metric_files, repro_stage, stage_status
 from flows.lock import note_flow_run, project_lock
 from flows.notify import notify_failure
 from flows.remote import push
@@ -34,11 +33,9 @@ from pipelines.tracking import (
     PARENT_RUN_ENV,
     absolute_tracking_uri,
     flatten,
+    log_run_params,
     use_experiment,
 )
-
-RESUMABLE_STAGES = ("train_tokenizer", "train_prior")
-METRIC_FILES = ("train_tokenizer", "train_prior", "evaluate")  # metrics/<stage>.json, as dvc.yaml lists them
 
 
 def tracking_uri(repo: Path) -> str:
@@ -101,7 +98,8 @@ def _run_stages(root: Path, params: Params, chosen: list[str], force: bool, flow
         **experiment_tags(),
     }
     with mlflow.start_run(run_name=f"pipeline-{flow_run.name or 'local'}", tags=tags) as parent:
-        _log_params(params)
+        # Every setting, `section.key`: the runs table gets a column for each.
+        log_run_params(mlflow.tracking.MlflowClient(), parent.info.run_id, flatten("", params))
         env = {
             "MLFLOW_TRACKING_URI": uri,
             "MLFLOW_EXPERIMENT_NAME": experiment.name,
@@ -113,9 +111,7 @@ def _run_stages(root: Path, params: Params, chosen: list[str], force: bool, flow
                 # A stage that resumes from its checkpoint gets retried: a lost worker or a killed
                 # process costs the steps since the last checkpoint, not the run.
                 task_ = (
-                    reproduce.with_options(retries=1, retry_delay_seconds=10)
-                    if stage in RESUMABLE_STAGES
-                    else reproduce
+                    reproduce.with_options(retries=1, retry_delay_seconds=10) if stage in TRAINING_STAGES else reproduce
                 )
                 results.append(task_(stage, str(root), env, force))
         finally:
@@ -136,11 +132,10 @@ def experiment_tags() -> dict[str, str]:
 
 
 def headline_metrics(root: Path) -> dict[str, float]:
-    """{"evaluate.psnr": 23.9, ...}: the numbers of metrics/<stage>.json as the workspace has
-    them now (a stage DVC skipped keeps its last run's), keyed `stage.key`."""
+    """{"evaluate.psnr": 23.9, ...}: the numbers of the metrics files dvc.yaml lists, as the
+    workspace has them now (a stage DVC skipped keeps its last run's), keyed `stage.key`."""
     metrics = {}
-    for stage in METRIC_FILES:
-        path = root / "metrics" / f"{stage}.json"
+    for stage, path in metric_files(root).items():
         try:
             values = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -151,15 +146,6 @@ def headline_metrics(root: Path) -> dict[str, float]:
             except ValueError:
                 continue  # labels (the feature space FID was measured in, say), lists
     return metrics
-
-
-def _log_params(params: Params) -> None:
-    """Every setting of the run, `section.key`, so the runs table has a column for each."""
-    client = mlflow.tracking.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
-    values = [Param(k, v[:6000]) for k, v in flatten("", params).items()]
-    for start in range(0, len(values), 100):  # MLflow takes 100 params per request
-        client.log_batch(run_id, params=values[start : start + 100])
 
 
 def _artifact(root: Path, results: list[dict], metrics: dict[str, float], run_id: str, uri: str, pushed: str) -> None:
@@ -189,6 +175,3 @@ def scheduled_deployment(
         concurrency_limit=1,
         parameters={"repo": str(Path(repo).resolve())},
     )
-
-
-__all__ = ["StageFailed", "pipeline", "scheduled_deployment", "tracking_uri"]

@@ -85,17 +85,21 @@ def ensure_remote(repo: str | Path) -> tuple[str, str]:
 
 def push(repo: str | Path, on_line: Callable[[str], None] | None = None) -> str:
     """Push every output `dvc.lock` records to the default remote; returns DVC's summary line."""
-    name, _ = ensure_remote(repo)
-    out = _dvc(Path(repo), "push", "--remote", name, on_line=on_line)
-    return out.strip().splitlines()[-1] if out.strip() else "pushed"
+    return _transfer(repo, "push", on_line)
 
 
 def pull(repo: str | Path, on_line: Callable[[str], None] | None = None) -> str:
     """Check out every output `dvc.lock` records, fetched from the default remote; returns DVC's
     summary line."""
-    name, _ = ensure_remote(repo)
-    out = _dvc(Path(repo), "pull", "--remote", name, on_line=on_line)
-    return out.strip().splitlines()[-1] if out.strip() else "pulled"
+    return _transfer(repo, "pull", on_line)
+
+
+def _transfer(repo: str | Path, verb: str, on_line: Callable[[str], None] | None) -> str:
+    name, url = ensure_remote(repo)
+    if on_line:
+        on_line(f"{verb} {'to' if verb == 'push' else 'from'} DVC remote {name} ({url})")
+    out = _dvc(Path(repo), verb, "--remote", name, on_line=on_line)
+    return out.strip().splitlines()[-1] if out.strip() else f"{verb}ed"
 
 
 def gc(repo: str | Path, dry_run: bool, cloud: bool, keep: str, on_line: Callable[[str], None]) -> None:

@@ -256,10 +256,13 @@ class MetricLogger:
 
 
 def log_run_params(client, run_id: str, values: dict) -> None:
-    """Params of a run that come from the work, not the config (parameter counts, devices)."""
+    """Params of a run beyond a stage's own section: what comes from the work (parameter
+    counts, devices), or a pipeline run's every setting. In requests of 100, MLflow's limit."""
     from mlflow.entities import Param
 
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
+    params = [Param(k, str(v)[:6000]) for k, v in values.items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start : start + 100])
 
 
 def system_metrics(run_id: str, tracking_uri: str):
