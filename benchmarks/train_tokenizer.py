@@ -31,7 +31,7 @@ import torch
 from benchmarks.common import shapes_project, sibling
 from components.config import parse_params
 from components.data.shards import load_split
-from components.data.stream import StreamLayout
+from components.data.stream import StreamLayout, assembled
 from components.tokenizers.training import build_step, compile_convolutions
 from pipelines import train_tokenizer
 from pipelines.distributed import init_ray
@@ -92,8 +92,9 @@ def _loader_table(paths, cfg, args) -> None:
     print(f"| in-memory tensor, compile: true | {compiled:.2f} | {compiled / reference:.2f} |", flush=True)
     for workers in (0, 1, 2):
         loader_cfg = cfg.model_copy(update={"loader_workers": workers})
-        layout = StreamLayout(loader_cfg.batch_size, loader_workers=workers)
-        loader = (batch for batch, _labels in build_loader(loader_cfg, paths.shards, layout))
+        layout = StreamLayout(loader_cfg.batch_size, loader_cfg.lanes, loader_workers=workers)
+        pieces = build_loader(loader_cfg, paths.shards, layout)
+        loader = (batch for batch, _labels in assembled(iter(pieces), pieces.dataset.pieces_per_batch))
         rate = _steps_per_second(loader, loader_cfg, args.steps, args.warmup)
         print(f"| shard loader, loader_workers={workers} | {rate:.2f} | {rate / reference:.2f} |", flush=True)
 

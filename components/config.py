@@ -168,6 +168,10 @@ class Params(BaseModel):
                     f"x grad_accum_steps={tok.grad_accum_steps}",
                 )
             )
+        if tok.lanes > tok.batch_size:
+            problems.append(
+                ("train_tokenizer.lanes", f"{tok.lanes} lanes for batches of {tok.batch_size}: at most one per sample")
+            )
         if tok.network == "taming":
             problems += taming_problems(tok, size)
         problems += self._checkpoint_dir_problems()

@@ -307,14 +307,19 @@ class TrainTokenizerConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Compile the model with torch.compile (minutes of compilation, then faster steps).
     compile: bool = runtime(False)
+    # Samples held for shuffling, shared by the lanes (memory does not grow with them).
     shuffle_buffer: int = Field(1000, ge=0)
+    # The training data's fixed partition (components/data/lanes.py): the batches and their
+    # order depend on it, never on the worker counts below. Up to lanes processes (DDP
+    # workers x loader workers) each read their own lanes; more share lanes, reading more.
+    lanes: int = Field(8, ge=1)
     # DataLoader processes decoding shards, per DDP worker; 0 decodes in the training
     # process: best where training already uses every core (a CPU-only laptop); on a GPU
-    # machine give it several. An outcome for now: the data order depends on it.
-    loader_workers: int = Field(0, ge=0)
+    # machine give it several.
+    loader_workers: int = runtime(0, ge=0)
     # DDP workers: 1 trains in the stage's process; N > 1 on N Ray Train workers, each taking
-    # batch_size / N images per step. An outcome for now: the data order depends on it.
-    ddp_workers: int = Field(1, ge=1)
+    # batch_size / N images per step.
+    ddp_workers: int = runtime(1, ge=1)
     # DDP workers on GPUs: auto when the Ray cluster has `ddp_workers` GPUs.
     use_gpu: bool | Literal["auto"] = runtime("auto")
     val_every: int = runtime(200, ge=1)
@@ -331,16 +336,9 @@ class TrainTokenizerConfig(_Section):
     seed: Seed = 0
     device: Device = runtime("auto")
 
-    # Outcomes a resumed run may change: how long it trains, its precision, and its worker
-    # counts (the run then continues on fresh samples rather than the exact data position).
-    # grad_accum_steps too: the batches and their order do not depend on it.
-    RESUMABLE: ClassVar[tuple[str, ...]] = (
-        "steps",
-        "precision",
-        "loader_workers",
-        "ddp_workers",
-        "grad_accum_steps",
-    )
+    # Outcomes a resumed run may change: how long it trains and its precision. grad_accum_steps
+    # too: the batches and their order do not depend on it.
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "precision", "grad_accum_steps")
 
     @field_validator("quantizer", mode="before")
     @classmethod
@@ -400,15 +398,18 @@ class TrainPriorConfig(_Section):
     checkpoint_every: int = runtime(250, ge=1)
     checkpoint_dir: str = runtime("checkpoints/train_prior")
     resume: bool = runtime(True)
-    # DDP workers: 1 trains in the stage's process; N > 1 on N Ray Train workers, each drawing
-    # batch_size / N sequences per step from its own sampler.
-    ddp_workers: int = Field(1, ge=1)
+    # DDP workers: 1 trains in the stage's process; N > 1 on N Ray Train workers, each taking
+    # batch_size / N sequences of every step's batch.
+    ddp_workers: int = runtime(1, ge=1)
     use_gpu: bool | Literal["auto"] = runtime("auto")
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
-    # Token rows shuffled through a buffer this large as they stream from the parts (memory:
-    # this many rows, never the corpus).
+    # Token rows shuffled through buffers this large in all as they stream from the parts
+    # (memory: this many rows, never the corpus).
     shuffle_buffer: int = Field(10000, ge=0)
+    # The token rows' fixed partition: the batches and their order depend on it, never on
+    # ddp_workers (components/data/lanes.py).
+    lanes: int = Field(8, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)
@@ -433,6 +434,8 @@ class TrainPriorConfig(_Section):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.batch_size % self.ddp_workers:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by ddp_workers ({self.ddp_workers})")
+        if self.lanes > self.batch_size:
+            raise ValueError(f"lanes ({self.lanes}) must not exceed batch_size ({self.batch_size})")
         return self
 
 

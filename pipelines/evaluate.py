@@ -350,7 +350,7 @@ def _train_judge(cfg: EvaluateConfig, shards: Path, num_classes: int):
         keep=lambda key: not held_out(key),
     )
     judge = fit_classifier(
-        ((to_float(x), y) for x, y in stream), num_classes, steps=cfg.classifier_steps, seed=cfg.seed
+        ((to_float(x), y) for x, y in stream.batches()), num_classes, steps=cfg.classifier_steps, seed=cfg.seed
     )
 
     def tested() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,15 +1,17 @@
 """The prior's training stream: endless, shuffled, deterministic batches of token rows read
 from Parquet token parts, split over DDP ranks, and resumable at a batch.
 
-Per epoch the parts' row groups are shuffled from (seed, epoch), the same order on every rank;
-rank r of W reads the row groups r, r+W, ... of that order, or, when there are fewer row
-groups than ranks, every row group keeping the rows r, r+W, ... Rows pass a shuffle buffer
-seeded from (seed, rank). Memory holds one row group and the buffer, whatever the corpus's
-size: nothing is read before it is needed.
+The order is set by the lanes (components/data/lanes.py), never by the number of ranks: per
+epoch the parts' row groups are shuffled from (seed, epoch); lane l reads the row groups
+l, l + L, ... of that order, or, when there are fewer row groups than lanes, every row group
+keeping the rows l, l + L, ...; its rows pass a shuffle buffer seeded from (seed, l). A rank's
+batch is its pieces of the global batch, so the global batch k is the same rows in the same
+order for any number of ranks. Memory holds a row group and a buffer per lane read, whatever
+the corpus's size: nothing is read before it is needed.
 
-Resuming at batch B: the rank replays its stream and drops the first B batches' rows, so the
-batches from B on are the uninterrupted run's, exactly (for the same ranks and batch size).
-Replaying costs reading token rows, which is cheap next to a training step.
+Resuming at batch B: each lane skips the rows of the batches before B, so the batches from B on
+are the uninterrupted run's, exactly (same lanes and batch size). Skipping costs reading token
+rows, which is cheap next to a training step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from components.data.lanes import LaneCursor, lane_buffer, pieces
 from components.data.stream import buffer_shuffled
 from components.data.tokens import row_labels, sequences
 
@@ -43,7 +46,8 @@ def row_groups(paths: list) -> list[RowGroup]:
 
 
 class TokenStream:
-    """Yields (int64 (b, L) token rows, int64 (b,) labels, -1 where unlabelled) forever.
+    """Yields this rank's batches, (int64 (b, L) token rows, int64 (b,) labels, -1 where
+    unlabelled), forever: its batch_size / world_size positions of each global batch.
 
     tiers: the parts' token columns per tier (`PartInfo.tiers`): rows are flattened as
     `read_tokens` flattens them."""
@@ -54,6 +58,7 @@ class TokenStream:
         tiers: list[list[str]],
         batch_size: int,
         *,
+        lanes: int = 1,
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer: int = 0,
@@ -63,59 +68,56 @@ class TokenStream:
         self.groups = row_groups(paths)
         if not self.groups:
             raise ValueError("no token rows to train on")
-        self.tiers, self.batch_size = tiers, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.seed, self.start_batch = shuffle_buffer, seed, start_batch
+        self.tiers, self.lanes = tiers, lanes
+        self.pieces = pieces(batch_size, lanes, rank, world_size)
+        self.buffer = lane_buffer(shuffle_buffer, lanes)
+        self.seed, self.start_batch = seed, start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        skip = self.start_batch * self.batch_size
-        rows: list[np.ndarray] = []
-        labels: list[int] = []
-        for i, (row, label) in enumerate(self._shuffled()):
-            if i < skip:
-                continue
-            rows.append(row)
-            labels.append(label)
-            if len(rows) == self.batch_size:
-                yield torch.from_numpy(np.stack(rows)), torch.tensor(labels, dtype=torch.long)
-                rows, labels = [], []
+        cursors = {p.lane: LaneCursor(self._lane(p.lane)) for p in self.pieces}
+        batch = self.start_batch
+        while True:
+            rows = [row for p in self.pieces for row in cursors[p.lane].take(*p.span(batch))]
+            tokens = np.stack([tokens for tokens, _ in rows])
+            yield torch.from_numpy(tokens), torch.tensor([label for _, label in rows], dtype=torch.long)
+            batch += 1
 
     def _read(self, group: RowGroup) -> tuple[np.ndarray, np.ndarray]:
         # One thread: a row group is small, and pyarrow's pool would compete with training for cores.
         table = pq.ParquetFile(group.path).read_row_group(group.index, use_threads=False)
         return sequences(table, self.tiers), row_labels(table)
 
-    def epoch(self, n: int) -> Iterator[tuple[np.ndarray, int]]:
-        """This rank's rows of epoch `n`, before the shuffle buffer: over all ranks, every row
+    def epoch(self, n: int, lane: int) -> Iterator[tuple[np.ndarray, int]]:
+        """Lane `lane`'s rows of epoch `n`, before its shuffle buffer: over all lanes, every row
         of the parts exactly once."""
-        roles, role = self.world_size, self.rank
         order = list(range(len(self.groups)))
         random.Random(f"{self.seed}:epoch:{n}").shuffle(order)
-        by_group = len(order) >= roles
+        by_group = len(order) >= self.lanes
         seen = 0
         for i, g in enumerate(order):
-            if by_group and i % roles != role:
+            if by_group and i % self.lanes != lane:
                 continue
             tokens, labels = self._read(self.groups[g])
             for r in range(len(tokens)):
                 seen += 1
-                if not by_group and (seen - 1) % roles != role:
+                if not by_group and (seen - 1) % self.lanes != lane:
                     continue
                 # A copy: a view would keep the whole row group alive in the buffer.
                 yield tokens[r].copy(), int(labels[r])
 
-    def _epochs(self) -> Iterator[tuple[np.ndarray, int]]:
+    def _epochs(self, lane: int) -> Iterator[tuple[np.ndarray, int]]:
         n = 0
         while True:
             got = 0
-            for item in self.epoch(n):
+            for item in self.epoch(n, lane):
                 got += 1
                 yield item
             if not got:
                 raise ValueError(
-                    f"rank {self.rank} of {self.world_size} got no token rows from {len(self.groups)} row groups"
+                    f"token lane {lane} of {self.lanes} got no rows from {len(self.groups)} row groups: "
+                    "fewer lanes (train_prior.lanes) or more data"
                 )
             n += 1
 
-    def _shuffled(self) -> Iterator[tuple[np.ndarray, int]]:
-        return buffer_shuffled(self._epochs(), self.shuffle_buffer, f"{self.seed}:buffer:{self.rank}")
+    def _lane(self, lane: int) -> Iterator[tuple[np.ndarray, int]]:
+        return buffer_shuffled(self._epochs(lane), self.buffer, f"{self.seed}:buffer:{lane}")

@@ -61,6 +61,17 @@ def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def replica_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every replica's `rows`, in rank order, on each (itself outside torch.distributed). Ranks
+    hold consecutive positions of the global batch with equal row counts, so this is the rows
+    one process would have had: a random choice among them does not depend on the replicas."""
+    if not distributed():
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
+
+
 def code_counts(indices: torch.Tensor, codebook_size: int, reduce: bool) -> torch.Tensor:
     """(k,) count of each code in `indices`; summed over replicas when `reduce` (training:
     every replica then logs and acts on the same numbers)."""

@@ -8,8 +8,9 @@ restart that resets a code's EMA statistics along with its vector.
 Nearest-code search runs without autograd in row chunks, so the full N x K distance matrix
 never exists; quantized vectors are gathered by index (no one-hot matmul); k-means and the
 restart use the same search. Under torch.distributed every statistic that moves the codebook
-(code counts, EMA sums, k-means sums, restart vectors) is all-reduced or broadcast, so replicas
-keep identical codebooks.
+(code counts, EMA sums) is all-reduced, and the random choices among a batch's vectors (the
+first codes, the k-means sample, restarted codes) are made by rank 0 among every replica's
+rows: the replicas keep identical codebooks, the same as one process would have trained.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from components.quantizers.base import (
     code_counts,
     from_rank0,
     projections,
+    replica_rows,
     straight_through,
     usage_stats,
 )
@@ -139,24 +141,24 @@ def kmeans(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means: (n, d) -> centroids (k, d), counts (k,) of the final assignment.
 
-    Assignments use the chunked search. Under torch.distributed the initial centroids come from
-    rank 0 and every iteration's sums and counts are all-reduced: the result is the k-means of
-    all replicas' data, identical on each. A cluster that empties keeps its previous centroid
-    (dead-code restart takes care of it later)."""
+    Assignments use the chunked search. Under torch.distributed `data` is the same on every
+    replica (`replica_rows`): the initial centroids are rank 0's choice and the result rank 0's,
+    identical on each. A cluster that empties keeps its previous centroid (dead-code restart
+    takes care of it later)."""
     data = data.float()
     n = data.shape[0]
     pick = torch.randperm(n, device=data.device)[:k] if n >= k else torch.randint(0, n, (k,), device=data.device)
-    centroids = from_rank0(data[pick].clone())
+    centroids = data[from_rank0(pick)].clone()
     counts = torch.zeros(k, device=data.device)
     for _ in range(iters):
         assign = nearest_codes(data, centroids, chunk_size)
-        counts = all_reduce_sum(torch.bincount(assign, minlength=k).float())
-        sums = all_reduce_sum(torch.zeros_like(centroids).index_add_(0, assign, data))
+        counts = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(centroids).index_add_(0, assign, data)
         means = sums / counts.clamp(min=1).unsqueeze(1)
         if cosine:
             means = F.normalize(means, dim=1)
         centroids = torch.where((counts > 0).unsqueeze(1), means, centroids)
-    return centroids, counts
+    return from_rank0(centroids), from_rank0(counts)
 
 
 class Lookup(NamedTuple):
@@ -313,12 +315,11 @@ class VectorQuantizer(nn.Module):
             self._learn(hs, indices, torch.stack([c for _, _, c in pending]).sum(0))
 
     def _learn(self, hs: list[torch.Tensor], indices: list[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([x.detach().float() for x in hs])
-        idx = torch.cat(indices)
+        hs = [x.detach().float() for x in hs]
         if self.ema:
-            self._ema_update(h, idx, counts)
-        self._restart_dead_codes(h, counts)
-        self._replace_rare_codes(h)
+            self._ema_update(torch.cat(hs), torch.cat(indices), counts)
+        self._restart_dead_codes(hs, counts)
+        self._replace_rare_codes(hs)
         return counts
 
     @torch.no_grad()
@@ -332,19 +333,19 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
 
     @torch.no_grad()
-    def _restart_dead_codes(self, h: torch.Tensor, counts: torch.Tensor) -> None:
+    def _restart_dead_codes(self, hs: list[torch.Tensor], counts: torch.Tensor) -> None:
         if self.restart_after_steps <= 0:
             return
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         dead = (self.steps_unused >= self.restart_after_steps).nonzero().squeeze(1)
         if dead.numel():
-            pick = torch.randint(0, h.shape[0], (dead.numel(),), device=h.device)
+            h = _batch_rows(hs)
             # Every replica takes rank 0's choice, so the codebooks stay identical.
-            vectors = from_rank0(h[pick].contiguous())
-            self._set_codes(dead, vectors, torch.ones(dead.numel(), device=h.device))
+            pick = from_rank0(torch.randint(0, h.shape[0], (dead.numel(),), device=h.device))
+            self._set_codes(dead, h[pick], torch.ones(dead.numel(), device=h.device))
 
     @torch.no_grad()
-    def _replace_rare_codes(self, h: torch.Tensor) -> None:
+    def _replace_rare_codes(self, hs: list[torch.Tensor]) -> None:
         """Codes whose EMA count is below `dead_code_threshold` take distinct rows of this step
         (as many as there are rows; the rest wait for later steps), each as a cluster of the
         threshold's size."""
@@ -353,9 +354,10 @@ class VectorQuantizer(nn.Module):
         rare = (self.cluster_size < self.dead_code_threshold).nonzero().squeeze(1)
         if not rare.numel():
             return
+        h = _batch_rows(hs)
         if rare.numel() > h.shape[0]:
             rare = from_rank0(rare[torch.randperm(rare.numel(), device=h.device)[: h.shape[0]]])
-        vectors = from_rank0(h[torch.randperm(h.shape[0], device=h.device)[: rare.numel()]].contiguous())
+        vectors = h[from_rank0(torch.randperm(h.shape[0], device=h.device)[: rare.numel()])]
         self._set_codes(rare, vectors, torch.full((rare.numel(),), self.dead_code_threshold, device=h.device))
 
     @torch.no_grad()
@@ -376,16 +378,16 @@ class VectorQuantizer(nn.Module):
     def _initialise(self, h: torch.Tensor) -> None:
         """Random encoder outputs at once (so the first steps quantize sensibly), then k-means
         over the pooled outputs of the first `kmeans_init_batches` batches."""
+        h = replica_rows(h)  # rank 0 chooses among every replica's rows
         everything = torch.arange(self.codebook_size, device=h.device)
         if not self._init_pool:
-            pick = torch.randint(0, h.shape[0], (self.codebook_size,), device=h.device)
-            vectors = from_rank0(h[pick].contiguous())
-            self._set_codes(everything, vectors, torch.ones(self.codebook_size, device=h.device))
+            pick = from_rank0(torch.randint(0, h.shape[0], (self.codebook_size,), device=h.device))
+            self._set_codes(everything, h[pick], torch.ones(self.codebook_size, device=h.device))
         if self.kmeans_iters == 0:
             self.initialized.fill_(True)
             return
         per_batch = max(1, KMEANS_MAX_ROWS // self.kmeans_init_batches)
-        self._init_pool.append(h[torch.randperm(h.shape[0], device=h.device)[:per_batch]])
+        self._init_pool.append(h[from_rank0(torch.randperm(h.shape[0], device=h.device)[:per_batch])])
         if len(self._init_pool) < self.kmeans_init_batches:
             return
         centroids, counts = kmeans(
@@ -395,3 +397,8 @@ class VectorQuantizer(nn.Module):
         self._set_codes(everything, centroids, (counts / len(self._init_pool)).clamp(min=1))
         self._init_pool = []
         self.initialized.fill_(True)
+
+
+def _batch_rows(hs: list[torch.Tensor]) -> torch.Tensor:
+    """This step's rows over every replica, stage by stage as one process would hold them."""
+    return torch.cat([replica_rows(h) for h in hs])

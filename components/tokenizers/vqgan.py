@@ -88,11 +88,13 @@ def adaptive_weight(
 ) -> torch.Tensor:
     """||d rec / d W_last|| / (||d adv / d W_last|| + 1e-4), clamped to [0, max_weight] and
     detached; W_last is the decoder's last layer. Balances the two terms where they meet the
-    image. Under torch.distributed the replicas' weights are averaged so all use one value."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    adv_grad = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
-    weight = rec_grad.float().norm() / (adv_grad.float().norm() + 1e-4)
-    return _mean_over_replicas(weight.clamp(0.0, max_weight).detach())
+    image. Under torch.distributed the gradients are the replicas' mean (the gradients of the
+    whole batch's losses, as one process would have them) before their norms are taken, so
+    every replica uses the value one process would."""
+    rec_grad = _mean_over_replicas(torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0].float())
+    adv_grad = _mean_over_replicas(torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0].float())
+    weight = rec_grad.norm() / (adv_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
 
 
 class LeCAM(nn.Module):

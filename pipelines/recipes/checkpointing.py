@@ -4,7 +4,8 @@ state gathered for it, and the end-of-training check that the replicas agree.
 Resume rules: an unfinished checkpoint of the same training settings is resumed; one of other
 settings is refused, naming them (`key: old -> new`); a finished one is extended when only
 `steps` grew, else the run starts over (its result is the stage's output, and in DVC's cache).
-A setting added after a checkpoint was written does not stand in its way.
+A setting added after a checkpoint was written, or one that has stopped being a training
+setting, does not stand in its way.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class CheckpointFile:
         if self.upgrade is not None:
             saved = self.upgrade(saved)
         # A setting the checkpoint does not know was added since it was written: it cannot differ.
-        saved = _with_added(saved, self.settings)
+        # Nor can one that is no longer a training setting (ddp_workers, runtime since 0.8).
+        saved = {k: v for k, v in _with_added(saved, self.settings).items() if k in self.settings}
         diffs = compare_settings(saved, self.settings)
         if state["complete"] and (diffs or state["step"] >= steps):
             if lead:

@@ -6,10 +6,12 @@ in its own process), its state on `self`.
     recipe.train()       # steps, validation and checkpoints until cfg.steps
     recipe.export()      # rank 0: the prior, summary.json and the plot CSV into job.staging
 
-Every rank reads its own batch_size / world_size rows a step from its share of the token
-parts (components/data/token_stream.py: row groups split by rank, a seeded shuffle buffer, an
-exact resume position), so memory is bounded by a row group and the buffer, never by the
-corpus; DDP averages the gradients; rank 0 logs, validates, checkpoints and exports.
+Every rank reads its own batch_size / world_size rows of each step's batch from the token
+parts (components/data/token_stream.py: lanes that fix the order whatever the ranks, seeded
+shuffle buffers, an exact resume position), so memory is bounded by row groups and buffers,
+never by the corpus; which classes are dropped is drawn for the whole batch from (seed, step),
+so it does not depend on the ranks either. DDP averages the gradients; rank 0 logs, validates,
+checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from pipelines.tracking import MetricLogger, log_run_params
 
 log = logging.getLogger("vqpipe.train_prior")
 VAL_BATCH = 256
-RANK_SEED = 1_000_003  # rank r's label dropout is seeded with seed + r * this
+REPLICA_SEED = 1_000_003  # rank r's noise (dropout) is seeded with seed + r * this
+DROPOUT_STRIDE = 1_000_003  # step t's label dropout is drawn from seed * this + t
 HISTORY = "history.jsonl"  # the metric history, beside the checkpoint
 
 
@@ -72,7 +75,6 @@ class PriorRecipe:
         self.cfg, self.job, self.device = cfg, job, device
         self.rank, self.world_size, self.lead = rank, world_size, rank == 0
         seed_everything(cfg.seed)  # the same initial weights on every rank
-        self.sampler = torch.Generator().manual_seed(cfg.seed if world_size == 1 else cfg.seed + RANK_SEED * rank)
         paths = Paths(job.root)
         self.tokenizer = Tokenizer.load(paths.tokenizer)
         self._open_tokens(paths)
@@ -132,9 +134,8 @@ class PriorRecipe:
 
     def restore(self) -> None:
         """Continue from the stage's checkpoint when the resume rules allow (checkpointing.py):
-        model, optimizer, schedule, every rank's label-dropout sampler and RNG states, the data
-        position, the metric history. Unlike the tokenizer's, a run of other DDP workers is
-        refused (its streams and sampler states differ)."""
+        model, optimizer, schedule, every rank's RNG state, the data position, the metric history.
+        Any number of DDP workers resumes it: the batches do not depend on them."""
         cfg = self.cfg
         state = self.checkpoints.restorable(cfg.steps, self.device, self.lead) if cfg.resume else None
         rows, legacy = 0, None
@@ -142,13 +143,16 @@ class PriorRecipe:
             self.model.load_state_dict(upgrade_state(state["model"]))
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
-            self.sampler.set_state(state["sampler"][self.rank])
-            set_rng_state(state["rng"][self.rank])
-            rows, legacy = state.get("history_rows", 0), state.get("history")
+            rngs = state["rng"]
             self.start = self.step = state["step"]
-            if "batches" in state:
+            if len(rngs) == self.world_size:
+                set_rng_state(rngs[self.rank])
+            else:
+                torch.manual_seed(cfg.seed + REPLICA_SEED * self.rank + self.start)
+            rows, legacy = state.get("history_rows", 0), state.get("history")
+            if "lanes" in state:
                 self.stream_seed, self.data_start = state["stream_seed"], state["batches"]
-            else:  # vqpipe <= 0.2 drew rows at random from tokens in memory: a fresh stream goes on
+            else:  # vqpipe <= 0.7 read other batches (<= 0.2: rows at random): a fresh stream goes on
                 self.stream_seed, self.data_start = cfg.seed + self.start, 0
         if self.lead:
             self.metrics.resume(rows, legacy)
@@ -165,10 +169,13 @@ class PriorRecipe:
             ids = [self.device.index] if self.device.type == "cuda" else None
             loss_fn = DistributedDataParallel(loss_fn, device_ids=ids)
         amp = autocast_dtype(cfg.precision, self.device) if self.device.type == "cuda" else None
+        if self.rank > 0 and not self.start:
+            torch.manual_seed(cfg.seed + REPLICA_SEED * self.rank)
         stream = TokenStream(
             self.train_parts,
             self.tiers,
-            cfg.batch_size // self.world_size,
+            cfg.batch_size,
+            lanes=cfg.lanes,
             rank=self.rank,
             world_size=self.world_size,
             shuffle_buffer=cfg.shuffle_buffer,
@@ -199,11 +206,14 @@ class PriorRecipe:
 
     def _batch(self, batches) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's next batch from its stream, classes dropped to the null token with
-        probability label_dropout."""
+        probability label_dropout: drawn for the whole batch from (seed, step), this rank's
+        positions taken, so the same rows lose their class whatever the ranks."""
         tokens, labels = next(batches)
         if not self.num_classes:
             return tokens.to(self.device), None
-        dropped = torch.rand(len(labels), generator=self.sampler) < self.cfg.label_dropout
+        draws = torch.Generator().manual_seed(self.cfg.seed * DROPOUT_STRIDE + self.step)
+        first = self.rank * len(labels)
+        dropped = torch.rand(self.cfg.batch_size, generator=draws)[first : first + len(labels)] < self.cfg.label_dropout
         labels = torch.where(dropped, torch.full_like(labels, -1), labels)
         return tokens.to(self.device), labels.to(self.device)
 
@@ -232,8 +242,8 @@ class PriorRecipe:
         )
 
     def checkpoint(self) -> None:
-        """Every rank's sampler and RNG states gathered; rank 0 writes the whole training state."""
-        states = gather({"sampler": self.sampler.get_state(), "rng": rng_state()}, self.world_size)
+        """Every rank's RNG state gathered; rank 0 writes the whole training state."""
+        rngs = gather(rng_state(), self.world_size)
         if not self.lead:
             return
         self.metrics.flush()  # the history file holds every row the checkpoint counts
@@ -241,10 +251,10 @@ class PriorRecipe:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "sampler": [s["sampler"] for s in states],
-            "rng": [s["rng"] for s in states],
+            "rng": rngs,
             "history_rows": self.metrics.rows,
-            # Batches each rank's stream gave since the stream began at this seed: where to go on.
+            # Batches the stream gave since it began at this seed: where to go on.
+            "lanes": self.cfg.lanes,
             "stream_seed": self.stream_seed,
             "batches": self.data_start + self.step - self.start,
         }

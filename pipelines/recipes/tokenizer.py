@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from components.checkpoint import rng_state, set_rng_state
 from components.config import TrainTokenizerConfig
 from components.data.shards import shard_paths, split_batches, to_float
-from components.data.stream import StreamLayout, TrainingStream
+from components.data.stream import StreamLayout, TrainingStream, assembled
 from components.io import write_json
 from components.metrics import make_grid, psnr, ssim
 from components.tokenizers import Tokenizer, export_config
@@ -67,9 +67,6 @@ class TokenizerRecipe:
         amp = autocast_dtype(cfg.precision, device)
         self.step_fn: TokenizerStep = build_step(cfg, job.image_size, device, amp, job.perceptual_weights)
         self.per_rank = cfg.batch_size // world_size
-        # Data roles (DDP workers x loader processes): the data position can be replayed exactly
-        # only with the same roles and per-rank batch.
-        self.roles = world_size * max(cfg.loader_workers, 1)
         settings = {**cfg.training_settings(), "image_size": job.image_size, "data": job.data_fingerprint}
         self.checkpoints = CheckpointFile(Path(job.checkpoint_dir), "train_tokenizer", settings)
         self.start = self.step = 0
@@ -92,9 +89,12 @@ class TokenizerRecipe:
                 set_rng_state(rngs[self.rank])
             else:
                 torch.manual_seed(cfg.seed + REPLICA_SEED * self.rank + state["step"])
-            exact = state["roles"] == self.roles and state["batch_per_rank"] == self.per_rank
+            # The lanes and the batch are training settings (equal, or refused above), so the data
+            # position replays exactly whatever the workers; a checkpoint of vqpipe <= 0.7 was
+            # written by a stream of other batches, which continues on fresh samples.
+            exact = "lanes" in state
             if self.lead and not exact:
-                log.info("DDP or loader workers, or the batch, changed: continuing on fresh samples")
+                log.info("a checkpoint of vqpipe <= 0.7: continuing on fresh samples")
             self.start = self.step = state["step"]
             self.history_rows = state.get("history_rows", 0)
             self.legacy_history = state.get("history")
@@ -110,9 +110,10 @@ class TokenizerRecipe:
         self._distribute()
         loader = self._loader()
         monitor = self._start_tracking() if self.lead else None
-        started, batches = time.perf_counter(), None
+        started, pieces = time.perf_counter(), None
         try:
-            batches = iter(loader)
+            pieces = iter(loader)
+            batches = assembled(pieces, loader.dataset.pieces_per_batch, pin_memory=self.device.type == "cuda")
             while self.step < cfg.steps:
                 images, _labels = next(batches)
                 self.step += 1
@@ -124,7 +125,7 @@ class TokenizerRecipe:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.checkpoint()
         finally:
-            _stop_loader(batches)
+            _stop_loader(pieces)
             if monitor is not None:
                 monitor.finish()
         self.seconds = time.perf_counter() - started
@@ -168,8 +169,7 @@ class TokenizerRecipe:
         self.metrics.flush()  # the history file holds every row the checkpoint counts
         state = {
             **self.step_fn.state_dict(),
-            "roles": self.roles,
-            "batch_per_rank": self.per_rank,
+            "lanes": self.cfg.lanes,
             "rng": rngs,
             "history_rows": self.metrics.rows,
             "mlflow_run_id": self.job.run_id,
@@ -230,10 +230,9 @@ class TokenizerRecipe:
         return build_loader(
             self.cfg,
             self.job.shards,
-            StreamLayout(self.per_rank, self.rank, self.world_size, self.cfg.loader_workers),
+            StreamLayout(self.cfg.batch_size, self.cfg.lanes, self.rank, self.world_size, self.cfg.loader_workers),
             start_batch=self.data_start or 0,
             seed=self.cfg.seed if exact else self.cfg.seed + self.start,
-            pin_memory=self.device.type == "cuda",
         )
 
     def _start_tracking(self):
@@ -274,10 +273,10 @@ def build_loader(
     layout: StreamLayout,
     start_batch: int = 0,
     seed: int | None = None,
-    pin_memory: bool = False,
 ) -> DataLoader:
-    """Endless uint8 training batches from the train shards, decoded in `cfg.loader_workers`
-    DataLoader processes (components/data/stream.py: split, shuffling, resuming)."""
+    """Endless pieces of uint8 training batches from the train shards, decoded in
+    `cfg.loader_workers` DataLoader processes; `components.data.stream.assembled` makes them
+    batches (components/data/stream.py: lanes, shuffling, resuming)."""
     workers = cfg.loader_workers
     stream = TrainingStream(
         shard_paths(shards, "train"),
@@ -292,7 +291,6 @@ def build_loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
-        pin_memory=pin_memory,
         # Its own generator: the loader must not draw from the global RNG, which a resumed run restores.
         generator=torch.Generator().manual_seed(cfg.seed),
     )

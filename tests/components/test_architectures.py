@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from components.checkpoint import compare_settings, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from components.config import parse_params
 from components.data.images import encode_png
-from components.data.stream import StreamLayout, TrainingStream, batches_made_by
+from components.data.lanes import Piece, pieces
+from components.data.stream import StreamLayout, TrainingStream, assembled
 from components.quantizers import QUANTIZERS
 from components.tokenizers import VQVAE2, Tokenizer
 from components.tokenizers.blocks import ConvShape
@@ -276,37 +277,54 @@ def labelled_shards(tmp_path_factory):
     return urls
 
 
-def _labels(urls, n, **kwargs):
+def _labels(urls, n, batch_size=8, lanes=4, world_size=1, loader_workers=0, shuffle_buffer=12, **kwargs):
+    """The labels of the first `n` global batches: every rank's batches, concatenated in rank order."""
     from torch.utils.data import DataLoader
 
-    workers = kwargs.pop("loader_workers", 0)
-    layout = StreamLayout(4, kwargs.pop("rank", 0), kwargs.pop("world_size", 1), workers)
-    stream = TrainingStream(urls, layout, shuffle_buffer=kwargs.pop("shuffle_buffer", 6), seed=3, **kwargs)
-    it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
-    try:
-        return [next(it)[1].tolist() for _ in range(n)]
-    finally:
-        if workers:
-            it._shutdown_workers()
+    per_rank = []
+    for rank in range(world_size):
+        layout = StreamLayout(batch_size, lanes, rank, world_size, loader_workers)
+        stream = TrainingStream(urls, layout, shuffle_buffer=shuffle_buffer, seed=3, **kwargs)
+        pieces = iter(DataLoader(stream, batch_size=None, num_workers=loader_workers))
+        try:
+            batches = assembled(pieces, stream.pieces_per_batch)
+            per_rank.append([next(batches)[1].tolist() for _ in range(n)])
+        finally:
+            if loader_workers:
+                pieces._shutdown_workers()
+    return [sum((ranks[i] for ranks in per_rank), []) for i in range(n)]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_stream_resumes_at_a_batch_exactly(labelled_shards, workers):
-    full = _labels(labelled_shards, 12, loader_workers=workers)
-    assert sorted(x for batch in full[:7] for x in batch) != list(range(28))  # shuffled
+@pytest.mark.parametrize("lanes", [4, 3])
+def test_batches_depend_on_the_lanes_not_on_the_workers(labelled_shards, lanes):
+    # 3 lanes: sizes 3, 3, 2 in a batch of 8, and a lane split between the two ranks.
+    full = _labels(labelled_shards, 10, lanes=lanes)
+    assert sorted(x for batch in full[:3] for x in batch) != list(range(24))  # shuffled
+    for world_size, loader_workers in [(1, 2), (2, 0), (2, 3)]:
+        assert _labels(labelled_shards, 10, lanes=lanes, world_size=world_size, loader_workers=loader_workers) == full
+    assert _labels(labelled_shards, 10, lanes=2) != full  # the lanes do decide the order
+
+
+@pytest.mark.parametrize("world_size, loader_workers", [(1, 0), (1, 2), (2, 1)])
+def test_stream_resumes_at_a_batch_exactly(labelled_shards, world_size, loader_workers):
+    full = _labels(labelled_shards, 12)
     for start in (3, 5):
-        assert _labels(labelled_shards, 12 - start, loader_workers=workers, start_batch=start) == full[start:]
+        resumed = _labels(
+            labelled_shards, 12 - start, world_size=world_size, loader_workers=loader_workers, start_batch=start
+        )
+        assert resumed == full[start:]
 
 
-def test_stream_splits_samples_between_ranks(labelled_shards):
-    # 3 shards, 2 ranks x 2 loader workers = 4 roles: fewer shards than roles, so split by sample.
-    # Each role holds 7 or 8 of the 30 samples per epoch: one batch of 4 per role stays in epoch 0
-    # (without a shuffle buffer, which reads ahead).
-    seen = [
-        x
-        for rank in (0, 1)
-        for batch in _labels(labelled_shards, 2, rank=rank, world_size=2, loader_workers=2, shuffle_buffer=0)
-        for x in batch
-    ]
-    assert len(seen) == len(set(seen)) == 16
-    assert batches_made_by(0, 5, 2) == 3 and batches_made_by(1, 5, 2) == 2 and batches_made_by(1, 0, 2) == 0
+@pytest.mark.parametrize("lanes, batch_size", [(3, 6), (5, 10)])
+def test_each_epoch_gives_every_sample_once(labelled_shards, lanes, batch_size):
+    # 3 shards of 10: 3 lanes take a shard each; 5 lanes share every shard, 6 samples each.
+    epoch = _labels(labelled_shards, 30 // batch_size, batch_size, lanes, world_size=2, shuffle_buffer=0)
+    assert sorted(x for batch in epoch for x in batch) == list(range(30))
+
+
+def test_lanes_split_the_batch_between_ranks():
+    assert pieces(8, 3, 0, 2) == [Piece(0, 3, 0, 3), Piece(1, 3, 0, 1)]
+    assert pieces(8, 3, 1, 2) == [Piece(1, 3, 1, 3), Piece(2, 2, 0, 2)]
+    assert Piece(1, 3, 1, 3).span(4) == (13, 15)
+    with pytest.raises(ValueError, match="between 1 and the batch size"):
+        pieces(4, 8)

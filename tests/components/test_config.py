@@ -204,10 +204,12 @@ def test_dvc_yaml_tracks_exactly_the_outcome_settings():
         assert tracked.get(section, []) == outcome_params(section), section
     every = {f"{s}.{k}" for s in SECTIONS for k in Params.model_fields[s].annotation.model_fields}
     runtime_keys = every - {k for keys in tracked.values() for k in keys} - {"sample.sampling", "evaluate.sampling"}
-    # What a user may change without rerunning anything: intervals, devices, workers of the corpus
-    # tokenizer, checkpoint places, the registry name.
+    # What a user may change without rerunning anything: intervals, devices, worker counts (the
+    # data order depends on the lanes instead), checkpoint places, the registry name.
     assert "train_tokenizer.log_every" in runtime_keys and "tokenize.actors" in runtime_keys
-    assert "train_tokenizer.ddp_workers" not in runtime_keys  # the data order still depends on it
+    for workers in ("train_tokenizer.ddp_workers", "train_tokenizer.loader_workers", "train_prior.ddp_workers"):
+        assert workers in runtime_keys
+    assert "train_tokenizer.lanes" not in runtime_keys and "train_prior.lanes" not in runtime_keys
     assert "train_tokenizer.precision" not in runtime_keys  # bf16 changes results
 
 

@@ -49,25 +49,55 @@ def _take(stream: TokenStream, batches: int) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("sizes, world", [([12, 8, 10], 2), ([6], 2), ([20, 10], 1)])
-def test_token_stream_gives_every_row_once_per_epoch_split_over_ranks(tmp_path, sizes, world):
+@pytest.mark.parametrize("sizes, lanes", [([12, 8, 10], 2), ([6], 2), ([20, 10], 1)])
+def test_token_stream_gives_every_row_once_per_epoch_split_over_lanes(tmp_path, sizes, lanes):
     paths = _parts(tmp_path, sizes)
-    streams = [TokenStream(paths, [["tokens"]], 1, rank=rank, world_size=world, seed=3) for rank in range(world)]
+    stream = TokenStream(paths, [["tokens"]], 2, lanes=lanes, seed=3)
     orders = []
     for epoch in (0, 1):
-        rows = [int(row[0]) for s in streams for row, label in s.epoch(epoch)]
-        assert sorted(rows) == list(range(sum(sizes)))  # every row once, over the ranks
+        rows = [int(row[0]) for lane in range(lanes) for row, label in stream.epoch(epoch, lane)]
+        assert sorted(rows) == list(range(sum(sizes)))  # every row once, over the lanes
         orders.append(rows)
     assert orders[0] != orders[1] or len(row_groups(paths)) < 4  # each epoch its own order
 
 
+def test_token_batches_depend_on_the_lanes_not_on_the_ranks(tmp_path):
+    paths = _parts(tmp_path, [13, 9, 17])
+
+    def batches(world_size, lanes=3, start=0):
+        ranks = [
+            _take(
+                TokenStream(
+                    paths,
+                    [["tokens"]],
+                    6,
+                    lanes=lanes,
+                    rank=r,
+                    world_size=world_size,
+                    shuffle_buffer=9,
+                    seed=1,
+                    start_batch=start,
+                ),
+                20 - start,
+            )
+            for r in range(world_size)
+        ]
+        return [np.concatenate(parts).tolist() for parts in zip(*ranks, strict=True)]
+
+    one = batches(1)
+    assert batches(2) == batches(3) == one and batches(2, start=7) == one[7:]
+    assert batches(1, lanes=2) != one
+
+
 def test_token_stream_resumes_at_a_batch_exactly(tmp_path):
     paths = _parts(tmp_path, [13, 9, 17])
-    full = _take(TokenStream(paths, [["tokens"]], 4, shuffle_buffer=7, seed=1), 30)  # three epochs and more
+    full = _take(TokenStream(paths, [["tokens"]], 4, lanes=2, shuffle_buffer=7, seed=1), 30)  # three epochs and more
     for start in (1, 9, 22):
-        resumed = _take(TokenStream(paths, [["tokens"]], 4, shuffle_buffer=7, seed=1, start_batch=start), 30 - start)
+        resumed = _take(
+            TokenStream(paths, [["tokens"]], 4, lanes=2, shuffle_buffer=7, seed=1, start_batch=start), 30 - start
+        )
         assert all(np.array_equal(a, b) for a, b in zip(full[start:], resumed, strict=True))
-    other = _take(TokenStream(paths, [["tokens"]], 4, shuffle_buffer=7, seed=2), 30)
+    other = _take(TokenStream(paths, [["tokens"]], 4, lanes=2, shuffle_buffer=7, seed=2), 30)
     assert not all(np.array_equal(a, b) for a, b in zip(full, other, strict=True))
 
 

@@ -1,5 +1,6 @@
 """Two processes on gloo, each fed different data: EMA codebooks (k-means init, EMA, dead-code
-restart) must stay identical across replicas, as DDP needs."""
+restart) must stay identical across replicas, as DDP needs, and equal to the codebook one
+process trains on both replicas' data (worker counts are speed knobs, not outcomes)."""
 
 import pytest
 import torch
@@ -17,6 +18,11 @@ CONFIGS = [
 ]
 
 
+def _batch(data: torch.Generator, rank: int) -> torch.Tensor:
+    # Rank 1 sees a shifted, narrower distribution: codes die on one replica only.
+    return torch.randn(2, 16, 4, generator=data) * (1 + rank) + 3 * rank
+
+
 def _replica(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
@@ -25,9 +31,7 @@ def _replica(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
             q = QUANTIZERS[raw["type"]].model_validate(raw).build(4).train()
             data = torch.Generator().manual_seed(100 + rank)  # but different data
             for _ in range(8):
-                # Rank 1 sees a shifted, narrower distribution: codes die on one replica only.
-                z = torch.randn(2, 16, 4, generator=data) * (1 + rank) + 3 * rank
-                q(z)
+                q(_batch(data, rank))
             torch.save({k: v for k, v in q.state_dict().items()}, f"{out_dir}/q{i}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -46,3 +50,11 @@ def test_ema_codebooks_stay_identical_across_replicas(tmp_path):
         torch.manual_seed(0)
         initial = QUANTIZERS[raw["type"]].model_validate(raw).build(4).state_dict()
         assert any(not torch.equal(a[k], initial[k]) for k in a if a[k].is_floating_point())
+        # One process fed both replicas' batches, in rank order, trains the same codebook.
+        torch.manual_seed(0)
+        q = QUANTIZERS[raw["type"]].model_validate(raw).build(4).train()
+        data = [torch.Generator().manual_seed(100 + rank) for rank in (0, 1)]
+        for _ in range(8):
+            q(torch.cat([_batch(data[rank], rank) for rank in (0, 1)]))
+        for key, value in q.state_dict().items():
+            assert torch.allclose(value.float(), a[key].float(), atol=1e-5), f"{raw['type']}: {key} differs from one's"
