@@ -481,6 +481,11 @@ class EvaluateConfig(_Section):
     # MiB of features precision/recall keeps in memory per set; past it they are spilled to a
     # memory-mapped temporary file (the same result, bounded memory).
     feature_memory_mb: int = runtime(1024, ge=1)
+    # After evaluating, move the registered tokenizer's and prior's @champion to the new
+    # versions when they beat it (else @challenger): the tokenizer on this metric, the prior on
+    # bits per token, each measured on the same data (pipelines/registry.py).
+    promote: bool = runtime(True)
+    promote_tokenizer_on: Literal["psnr", "ssim"] = runtime("psnr")
     seed: Seed = 0
     device: Device = runtime("auto")
 

@@ -39,6 +39,32 @@ def _add_pipeline_commands(sub) -> None:
 
     sub.add_parser("status", help="which stages are stale, and why (from DVC)")
 
+    exp = sub.add_parser("exp", help="DVC experiments: run or queue one with other params, show them all")
+    exp_sub = exp.add_subparsers(dest="exp_command", required=True)
+    exp_run = exp_sub.add_parser(
+        "run",
+        help="run (or queue) an experiment: `dvc exp run` with params checked first",
+        description="Values are read as YAML 1.2 reads them (1e-3 is a number). Each experiment is an MLflow "
+        "parent run tagged with its DVC name and changed params, in the project's store.",
+    )
+    exp_run.add_argument(
+        "-S",
+        "--set-param",
+        dest="set_param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a param to change, e.g. train_prior.lr=1e-3 (repeatable)",
+    )
+    exp_run.add_argument("--queue", action="store_true", help="queue it; `vqpipe exp run --run-all` runs the queue")
+    exp_run.add_argument("-n", "--name", default=None, help="the experiment's name (default: DVC makes one)")
+    exp_run.add_argument(
+        "--run-all", action="store_true", help="run every queued experiment, each in a temporary workspace, and wait"
+    )
+    exp_run.add_argument("-j", "--jobs", type=int, default=1, help="queued experiments run at once (--run-all)")
+    exp_run.add_argument("--no-wait", action="store_true", help="as for `vqpipe run` (an experiment in the workspace)")
+    exp_sub.add_parser("show", help="the experiments of the current commit: changed params and headline metrics")
+
     serve = sub.add_parser(
         "serve",
         help="serve the flow on a schedule (one run at a time)",

@@ -2,6 +2,7 @@
 
 vqpipe run [--stage train_prior ...] [--force] [--no-wait]
 vqpipe status
+vqpipe exp run -S train_prior.lr=1e-3 --queue   # then: vqpipe exp run --run-all; vqpipe exp show
 vqpipe serve --cron "0 3 * * *"          # or --interval 6h
 vqpipe pull                              # outputs from the DVC remote; vqpipe push, vqpipe gc --dry-run
 vqpipe validate [--profile profiles/gpu-256.yaml]
@@ -13,6 +14,7 @@ vqpipe sample --n 64 --class 3 --guidance 2.0 --out grid.png
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +33,7 @@ from components.metrics import save_grid
 from components.tokenizers import Tokenizer
 from components.tokenizers.published import MODELS, CheckpointError, convert_checkpoint
 from components.tokenizers.tokenizer import CONFIG_FILE
+from flows import experiments
 from flows.arguments import build_parser
 from flows.checkpoints import finished_checkpoints
 from flows.dvc import STAGES, StageFailed, downstream, missing_params, stage_status
@@ -90,6 +93,47 @@ def cmd_run(args) -> int:
     print(f"\nDVC remote: {result['pushed']}")
     _print_outputs(repo, result["mlflow_run_id"])
     return 0
+
+
+def cmd_exp(args) -> int:
+    """`vqpipe exp run` / `vqpipe exp show` (flows/experiments.py)."""
+    repo = Path(args.repo).resolve()
+    if args.exp_command == "show":
+        try:
+            print(experiments.table(experiments.experiments(repo)))
+        except experiments.ExperimentError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
+    if code := _check_params(repo):
+        return code
+    if args.run_all and args.set_param:
+        print("error: --run-all runs the queue as it is; queue experiments with -S ... --queue", file=sys.stderr)
+        return 2
+    try:
+        overrides = experiments.parse_overrides(repo, args.set_param)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    command = " ".join(["vqpipe", *sys.argv[1:]])
+    in_workspace = not (args.queue or args.run_all)  # queued ones run in DVC's temporary workspaces
+    try:
+        with project_lock(repo, wait=not args.no_wait, command=command, on_wait=_say) if in_workspace else _nothing():
+            experiments.exp_run(repo, overrides, queue=args.queue, name=args.name, run_all=args.run_all, jobs=args.jobs)
+    except ProjectBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return BUSY
+    except experiments.ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if not args.queue:
+        print(f"\n{experiments.table(experiments.experiments(repo))}")
+    return 0
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def _say(message: str) -> None:
@@ -379,6 +423,7 @@ def _print_tokenize_summary(summary: dict) -> None:
 COMMANDS = {
     "run": cmd_run,
     "status": cmd_status,
+    "exp": cmd_exp,
     "serve": cmd_serve,
     "validate": cmd_validate,
     "apply-profile": cmd_apply_profile,

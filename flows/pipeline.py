@@ -13,7 +13,6 @@ Prefect markdown artifact with its results, and a failed run is reported to
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -29,18 +28,14 @@ from flows.lock import note_flow_run, project_lock
 from flows.notify import notify_failure
 from flows.remote import push
 from pipelines.tracking import (
-    DEFAULT_TRACKING_URI,
+    DVC_EXP_TAG,
     PARENT_RUN_ENV,
-    absolute_tracking_uri,
     flatten,
     log_run_params,
+    tracking_uri,
     use_experiment,
 )
-
-
-def tracking_uri(repo: Path) -> str:
-    """MLFLOW_TRACKING_URI, or the project's sqlite store made absolute so every stage shares it."""
-    return absolute_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI), repo)
+from pipelines.tracking import headline_metrics as stage_metrics
 
 
 @task(task_run_name="{stage}")
@@ -128,24 +123,13 @@ def _run_stages(root: Path, params: Params, chosen: list[str], force: bool, flow
 def experiment_tags() -> dict[str, str]:
     """Tags naming the DVC experiment this run is part of, when DVC runs it as one."""
     name = os.environ.get("DVC_EXP_NAME")
-    return {"vqpipe.dvc_exp": name} if name else {}
+    return {DVC_EXP_TAG: name} if name else {}
 
 
 def headline_metrics(root: Path) -> dict[str, float]:
     """{"evaluate.psnr": 23.9, ...}: the numbers of the metrics files dvc.yaml lists, as the
     workspace has them now (a stage DVC skipped keeps its last run's), keyed `stage.key`."""
-    metrics = {}
-    for stage, path in metric_files(root).items():
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        for key, value in flatten(stage, values).items():
-            try:
-                metrics[key] = float(value)
-            except ValueError:
-                continue  # labels (the feature space FID was measured in, say), lists
-    return metrics
+    return stage_metrics(metric_files(root))
 
 
 def _artifact(root: Path, results: list[dict], metrics: dict[str, float], run_id: str, uri: str, pushed: str) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.config import EvaluateConfig
+from components.config import EvaluateConfig, Params
 from components.data import tokens as token_io
 from components.data.shards import assign_split, shard_paths, split_batches, to_float
 from components.data.stream import StreamLayout, TrainingStream
@@ -62,6 +62,7 @@ from components.metrics.reconstruction import as_uint8_images
 from components.priors import Sampler, image_batches, load_prior
 from components.tokenizers import Tokenizer
 from components.tokenizers.lpips import LPIPS
+from pipelines.registry import promote_models
 from pipelines.runtime import Paths, resolve_device, stage_main
 from pipelines.tracking import shards_input, stage_run, tokens_input
 
@@ -376,7 +377,16 @@ def _write_usage_csv(path: Path, counts: CodeCounts, codebook_size: int) -> None
 
 
 def main() -> None:
-    stage_main("evaluate", run)
+    stage_main(None, evaluate_and_promote)
+
+
+def evaluate_and_promote(params: Params, paths: Paths = Paths()) -> EvaluateResult:
+    """The stage as DVC runs it: evaluate, then the registered versions of the project's
+    tokenizer and prior against their champions (pipelines/registry.py; `evaluate.promote`)."""
+    result = run(params.evaluate, paths)
+    for kind, (alias, reason) in promote_models(params, paths, result.metrics).items():
+        log.info("%s: @%s (%s)", kind, alias, reason)
+    return result
 
 
 if __name__ == "__main__":

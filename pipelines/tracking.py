@@ -2,7 +2,9 @@
 and fetching exports from it.
 
 MLflow nesting: when the Prefect flow runs a stage through `dvc repro`, it passes its parent
-run's id in VQPIPE_MLFLOW_PARENT_RUN_ID and the stage's run is created as its child. A stage run
+run's id in VQPIPE_MLFLOW_PARENT_RUN_ID and the stage's run is created as its child. Under
+`dvc exp run` (`vqpipe exp run`), the stages of one DVC experiment share a parent run found by
+the experiment's name, in the project's store even from DVC's temporary workspaces. A stage run
 by hand (`dvc repro train_prior`) gets a top-level run of its own.
 """
 
@@ -14,11 +16,13 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import yaml
 from pydantic import BaseModel
 
 PARENT_RUN_ENV = "VQPIPE_MLFLOW_PARENT_RUN_ID"
@@ -42,6 +46,26 @@ def flatten(prefix: str, obj) -> dict[str, str]:
     return {prefix: str(obj)}
 
 
+def project_root(cwd: str | Path = ".") -> Path:
+    """The project a stage works for: its workspace, or, when DVC runs an experiment in a
+    temporary workspace (queued or `--temp`: `<project>/.dvc/tmp/exps/...`), the project that
+    holds it, so the experiment's runs land in the project's MLflow store, not in a folder DVC
+    deletes."""
+    path = Path(cwd).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path
+
+
+def tracking_uri(root: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else the project's own store: `mlflow.db` in the project (`root`,
+    by default the one this process works for), as an absolute sqlite URI."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    return absolute_tracking_uri(uri, project_root(root if root is not None else "."))
+
+
 def absolute_tracking_uri(uri: str, root: str | Path = ".") -> str:
     """A sqlite URI with a relative path made absolute (against `root`), so that other
     processes (DVC's, Ray's workers) find the same store."""
@@ -60,9 +84,7 @@ def fetch_export(spec: str, dest: str | Path, kind: str, root: str | Path = ".")
     if spec.startswith(MLFLOW_SCHEMES):
         import mlflow
 
-        mlflow.set_tracking_uri(
-            absolute_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI), root)
-        )
+        mlflow.set_tracking_uri(tracking_uri(root))
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dest)))
         except Exception as err:  # MlflowException and the store's own errors
@@ -77,32 +99,21 @@ def fetch_export(spec: str, dest: str | Path, kind: str, root: str | Path = ".")
     return path
 
 
-def register_export(name: str, run_id: str, artifact_path: str, fingerprint: str, description: str) -> str:
-    """A new version of the MLflow registered model `name` whose source is the run's
-    `artifact_path` artifacts (an export directory, not an MLflow-flavoured model, which MLflow
-    3's `register_model` refuses: `create_model_version` registers it as it is). Returns the
-    version; give it an alias to use it as `models:/NAME@ALIAS`."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description=f"{description} (config.json + model.safetensors)")
-    source = mlflow.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
-    version = client.create_model_version(
-        name, source=source, run_id=run_id, tags={"vqpipe.tokenizer_fingerprint": fingerprint}
-    )
-    return version.version
-
-
 def use_experiment(name: str | None = None):
-    """Set (creating when needed) the run's experiment, marked as one of model training."""
+    """Set (creating when needed) the run's experiment, marked as one of model training. Created
+    in a local store, its artifacts go to the project's `mlruns/` (MLflow would put them under
+    the working directory, which for a DVC experiment is a temporary one)."""
     import mlflow
 
-    experiment = mlflow.set_experiment(name or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - created meanwhile by another stage: set_experiment finds it
+            pass
+    experiment = mlflow.set_experiment(name)
     key, value = EXPERIMENT_KIND_TAG
     if experiment.tags.get(key) != value:
         mlflow.set_experiment_tag(key, value)
@@ -154,15 +165,107 @@ def stage_run(
     datasets it reads (`inputs`) logged as its MLflow inputs."""
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-    use_experiment()
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = use_experiment()
     parent = os.environ.get(PARENT_RUN_ENV) or None
+    experiment_run = None if parent else dvc_experiment_run(experiment.experiment_id)
     tags = {"vqpipe.stage": stage}
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as active:
-        if cfg is not None:
-            mlflow.log_params(flatten(stage, cfg))
-        _log_inputs(inputs)
-        yield active
+    status = "FAILED"
+    try:
+        with mlflow.start_run(
+            run_name=stage, parent_run_id=parent or experiment_run, nested=bool(parent or experiment_run), tags=tags
+        ) as active:
+            if cfg is not None:
+                mlflow.log_params(flatten(stage, cfg))
+            _log_inputs(inputs)
+            yield active
+        status = "FINISHED"
+    finally:
+        if experiment_run is not None:
+            _close_experiment_run(experiment_run, status)
+
+
+DVC_EXP_TAG = "vqpipe.dvc_exp"
+
+
+def dvc_experiment_run(experiment_id: str) -> str | None:
+    """Under `dvc exp run` (DVC_EXP_NAME set): the MLflow parent run of that DVC experiment,
+    found by its tags or started. It carries the experiment's name, baseline commit, every param
+    and the ones the experiment changed (`vqpipe.dvc_exp_changed`: `key=value, ...`); after each
+    stage, the headline metrics of the metrics files. None outside an experiment."""
+    from mlflow.tracking import MlflowClient
+
+    name = os.environ.get("DVC_EXP_NAME")
+    if not name:
+        return None
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+    client = MlflowClient()
+    query = f"tags.`{DVC_EXP_TAG}` = '{name}' and tags.`vqpipe.stage` = 'pipeline'"
+    for run in client.search_runs([experiment_id], query, max_results=10, order_by=["attributes.start_time DESC"]):
+        if run.data.tags.get("vqpipe.dvc_exp_baseline", "") == baseline:
+            client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+    params = yaml.safe_load(Path("params.yaml").read_text()) or {}
+    changed = changed_params(params, baseline)
+    tags = {
+        "vqpipe.stage": "pipeline",
+        DVC_EXP_TAG: name,
+        "vqpipe.dvc_exp_baseline": baseline,
+        "vqpipe.dvc_exp_changed": ", ".join(f"{k}={v}" for k, v in changed.items()) or "none",
+    }
+    run = client.create_run(experiment_id, run_name=f"exp-{name}", tags=tags)
+    log_run_params(client, run.info.run_id, flatten("", params))
+    return run.info.run_id
+
+
+def changed_params(params: dict, baseline: str) -> dict[str, str]:
+    """{"train_prior.lr": "0.001"}: the params that differ from the baseline commit's params.yaml
+    (git, in the experiment's workspace); empty when the baseline cannot be read."""
+    try:
+        shown = subprocess.run(
+            ["git", "show", f"{baseline}:params.yaml"], capture_output=True, text=True, check=True, timeout=60
+        )
+        before = flatten("", yaml.safe_load(shown.stdout) or {})
+    except (OSError, subprocess.SubprocessError, yaml.YAMLError):
+        return {}
+    after = flatten("", params)
+    return {k: v for k, v in sorted(after.items()) if before.get(k) != v}
+
+
+def headline_metrics(files: dict[str, Path]) -> dict[str, float]:
+    """{"evaluate.psnr": 23.9, ...}: the numbers of the metrics files (stage -> path) as the
+    workspace has them now (a stage DVC skipped keeps its last run's), keyed `stage.key`."""
+    found = {}
+    for stage, path in files.items():
+        try:
+            found[stage] = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+    return metric_numbers(found)
+
+
+def metric_numbers(by_stage: dict[str, dict]) -> dict[str, float]:
+    """{"evaluate.psnr": 23.9, ...} from each stage's metrics: the numbers, keyed `stage.key`."""
+    metrics = {}
+    for stage, values in by_stage.items():
+        for key, value in flatten(stage, values).items():
+            try:
+                metrics[key] = float(value)
+            except ValueError:
+                continue  # labels (the feature space FID was measured in, say), lists
+    return metrics
+
+
+def _close_experiment_run(run_id: str, status: str) -> None:
+    """A DVC experiment's parent run after one of its stages: the workspace's headline metrics
+    logged (every stage's, those DVC restored from its cache too), then finished or failed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    metrics = headline_metrics({p.stem: p for p in sorted(Path("metrics").glob("*.json"))})
+    if metrics:
+        log_run_metrics(client, run_id, metrics)
+    client.set_terminated(run_id, status)
 
 
 class MetricLogger:
@@ -263,6 +366,16 @@ def log_run_params(client, run_id: str, values: dict) -> None:
     params = [Param(k, str(v)[:6000]) for k, v in values.items()]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100])
+
+
+def log_run_metrics(client, run_id: str, values: dict[str, float]) -> None:
+    """Metrics of a run at once (step 0), in requests of 1000, MLflow's limit."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in values.items()]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
 def system_metrics(run_id: str, tracking_uri: str):

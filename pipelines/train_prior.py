@@ -27,8 +27,9 @@ from components.io import replace_dir, write_json
 from components.tokenizers import Tokenizer
 from pipelines.distributed import train
 from pipelines.recipes.prior import PriorJob, train_worker
+from pipelines.registry import register
 from pipelines.runtime import Paths, stage_main
-from pipelines.tracking import absolute_tracking_uri, register_export, stage_run, tokens_input
+from pipelines.tracking import absolute_tracking_uri, stage_run, tokens_input
 
 log = logging.getLogger("vqpipe.train_prior")
 
@@ -65,14 +66,15 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
         # The tokenizer travels with the prior in MLflow: `models:/vqpipe-prior@alias` samples alone.
         mlflow.log_artifacts(str(paths.tokenizer), artifact_path="prior/tokenizer")
         if cfg.registered_model:
-            version = register_export(
-                cfg.registered_model,
-                active.info.run_id,
+            version = register(
                 "prior",
+                cfg.registered_model,
+                paths.prior,
                 tokenizer.fingerprint,
                 "vqpipe priors (with their tokenizer)",
+                bundled={"tokenizer": paths.tokenizer},
             )
-            log.info("registered as MLflow model %s version %s", cfg.registered_model, version)
+            log.info("MLflow model %s version %s", cfg.registered_model, version)
         log.info("prior written to %s", paths.prior)
         return TrainPriorResult(paths.prior, summary, active.info.run_id)
 

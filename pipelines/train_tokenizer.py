@@ -31,8 +31,9 @@ from components.io import write_json
 from components.tokenizers import Tokenizer
 from pipelines.distributed import train
 from pipelines.recipes.tokenizer import Job, train_worker
+from pipelines.registry import register
 from pipelines.runtime import Paths, resolve_device, stage_main
-from pipelines.tracking import absolute_tracking_uri, register_export, shards_input, stage_run
+from pipelines.tracking import absolute_tracking_uri, shards_input, stage_run
 
 log = logging.getLogger("vqpipe.train_tokenizer")
 
@@ -85,10 +86,10 @@ def run(cfg: TrainTokenizerConfig, paths: Paths = Paths()) -> TrainTokenizerResu
         mlflow.log_artifacts(str(paths.tokenizer), artifact_path="tokenizer")
         mlflow.set_tag("vqpipe.tokenizer_fingerprint", tokenizer.fingerprint)
         if cfg.registered_model:
-            version = register_export(
-                cfg.registered_model, active.info.run_id, "tokenizer", tokenizer.fingerprint, "vqpipe image tokenizers"
+            version = register(
+                "tokenizer", cfg.registered_model, paths.tokenizer, tokenizer.fingerprint, "vqpipe image tokenizers"
             )
-            log.info("registered as MLflow model %s version %s", cfg.registered_model, version)
+            log.info("MLflow model %s version %s", cfg.registered_model, version)
         log.info("tokenizer %s written to %s", tokenizer.fingerprint[:12], paths.tokenizer)
         return TrainTokenizerResult(paths.tokenizer, tokenizer.fingerprint, summary, active.info.run_id)
 

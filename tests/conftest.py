@@ -5,7 +5,9 @@ Tiny configs everywhere: the whole suite must finish in minutes on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -88,24 +90,55 @@ def ray_cluster():
         os.environ["RAY_ADDRESS"] = old
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(name: str, cmd: list[str], health: str, env: dict, log_path: Path):
+    """`cmd` running (its own session, output to `log_path`) until `health` answers, for the
+    block; stopped after it. RuntimeError with the log's tail when it does not start."""
+    import subprocess
+    import time
+    import urllib.request
+
+    log = open(log_path, "w")  # noqa: SIM115 (closed after the server)
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(health, timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the {name} server did not start:\n{log_path.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One real Prefect server for the session (`prefect server start` on loopback, with its
     services: the scheduler fires deployments' runs), in a temporary home with its own
     database. This process and its subprocesses use it through PREFECT_API_URL."""
-    import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
-    from pathlib import Path
 
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -117,42 +150,39 @@ def prefect_api(tmp_path_factory):
     }
     env.pop("PREFECT_API_URL", None)
     prefect = Path(sys.executable).parent / "prefect"
-    log = open(home / "server.log", "w")  # noqa: SIM115 (closed after the server)
-    server = subprocess.Popen(
-        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while True:
+    cmd = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"]
+    with _server("Prefect", cmd, f"{url}/health", env, home / "server.log"):
+        old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+        os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                tail = (home / "server.log").read_text()[-3000:]
-                raise RuntimeError(f"the Prefect server did not start:\n{tail}") from None
-            time.sleep(0.5)
-    old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
-    os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
-            yield url
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
+                yield url
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow tracking server for the session (`mlflow server` on loopback, a temporary
+    sqlite backend and artifact store, artifacts served through it): its URL. The session's
+    other tests keep the sqlite store; a test points MLFLOW_TRACKING_URI here itself."""
+    import sys
+
+    home = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        *("server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+        *("--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}"),
+        *("--artifacts-destination", str(home / "artifacts")),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with _server("MLflow", cmd, f"{url}/health", {**os.environ}, home / "server.log"):
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,17 @@ state gathered for it, and the end-of-training check that the replicas agree.
 
 Resume rules: an unfinished checkpoint of the same training settings is resumed; one of other
 settings is refused, naming them (`key: old -> new`); a finished one is extended when only
-`steps` grew, else the run starts over (its result is the stage's output, and in DVC's cache).
+`steps` grew, and is the result again (no step trained) when the settings, the steps and the
+code are the same: a stage retried after it finished does not train again. Otherwise the run
+starts over (the finished run's result is the stage's output, and in DVC's cache).
 A setting added after a checkpoint was written, or one that has stopped being a training
 setting, does not stand in its way.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import components
+import pipelines
 from components.checkpoint import CheckpointMismatch, compare_settings, load_checkpoint, save_checkpoint
 from components.config import RENAMED
 from components.tokenizers import state_fingerprint
@@ -50,6 +56,12 @@ class CheckpointFile:
         # Nor can one that is no longer a training setting (ddp_workers, runtime since 0.8).
         saved = {k: v for k, v in _with_added(saved, self.settings).items() if k in self.settings}
         diffs = compare_settings(saved, self.settings)
+        if state["complete"] and not diffs and state["step"] == steps and state.get("code") == code_fingerprint():
+            # The stage ran to its end with these settings and this code (a retry after it
+            # finished, a lost output): its result again, from the checkpoint, without training.
+            if lead:
+                log.info("%s holds this very run, finished (step %d): exporting it again", self.directory, steps)
+            return state
         if state["complete"] and (diffs or state["step"] >= steps):
             if lead:
                 log.info("%s holds a finished run (step %d); starting over", self.directory, state["step"])
@@ -65,7 +77,20 @@ class CheckpointFile:
         return state
 
     def save(self, state: dict[str, Any], step: int, complete: bool) -> None:
-        save_checkpoint(self.directory, {**state, "step": step, "complete": complete, "settings": self.settings})
+        state = {**state, "step": step, "complete": complete, "settings": self.settings, "code": code_fingerprint()}
+        save_checkpoint(self.directory, state)
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 of the code that trains (every module of `components` and `pipelines`): a finished
+    run is reused only by the code that made it."""
+    digest = hashlib.sha256()
+    for package in (components, pipelines):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _with_added(saved: dict, current: dict) -> dict:

@@ -125,6 +125,7 @@ def test_flow_runs_all_stages_then_only_what_changed(tmp_path, prefect_api, ray_
 
     clone = _a_clone_pulls_what_the_first_pushed(repo, tmp_path / "clone")
     _served_on_an_interval_a_scheduled_run_fires_and_completes(clone, tmp_path)
+    _queued_experiments_land_in_dvc_and_in_the_projects_mlflow(clone)
 
     # The weights file replaced by one of other content, under the same path: evaluate is stale.
     state = load_file(str(weights))
@@ -169,6 +170,49 @@ def _a_clone_pulls_what_the_first_pushed(repo: Path, clone: Path) -> Path:
     assert [s["stage"] for s in again["stages"] if s["ran"]] == list(LISTING_STAGES)
     print(f"vqpipe pull restored the tiny project in {pulled:.1f} s")
     return clone
+
+
+def _queued_experiments_land_in_dvc_and_in_the_projects_mlflow(repo: Path) -> None:
+    """Two experiments queued with `vqpipe exp run -S ... --queue`, run from the queue in DVC's
+    temporary workspaces: `vqpipe exp show` lists both with their params and metrics, and the
+    project's own MLflow store (no MLFLOW_TRACKING_URI: `mlflow.db` in the project, which DVC's
+    workspaces are not) holds a parent run per experiment, tagged, with its stages nested."""
+    from mlflow.tracking import MlflowClient
+
+    env = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        assert _cli("--repo", str(repo), "exp", "run", "-S", "train_prior.lr=nope", "--queue")[0] == 2
+        assert _cli("--repo", str(repo), "exp", "run", "-S", "train_prior.lr=3e-4", "-n", "lr-3e-4", "--queue")[0] == 0
+        assert (
+            _cli("--repo", str(repo), "exp", "run", "-S", "evaluate.num_samples=24", "-n", "fewer", "--queue")[0] == 0
+        )
+        code, out = _cli("--repo", str(repo), "exp", "run", "--run-all")
+        assert code == 0, out
+        code, shown = _cli("--repo", str(repo), "exp", "show")
+    finally:
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+    assert code == 0
+    rows = {line.split("|")[1].strip().removeprefix("└ "): line for line in shown.splitlines()[2:]}
+    assert {"lr-3e-4", "fewer"} <= set(rows) and "success" in rows["lr-3e-4"] and "success" in rows["fewer"], shown
+    assert "train_prior.lr" in shown and "0.0003" in rows["lr-3e-4"] and "evaluate.psnr" in shown
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    experiment = client.get_experiment_by_name("vqpipe")
+    assert experiment.artifact_location == (repo / "mlruns").as_uri()  # not in a temporary workspace
+    for name, changed, stages in (
+        ("lr-3e-4", "train_prior.lr=0.0003", {"train_prior", "sample", "evaluate"}),
+        ("fewer", "evaluate.num_samples=24", {"evaluate"}),
+    ):
+        (parent,) = client.search_runs([experiment.experiment_id], f"tags.`vqpipe.dvc_exp` = '{name}'")
+        assert parent.data.tags["vqpipe.dvc_exp_changed"] == changed and parent.info.status == "FINISHED"
+        assert parent.data.params[changed.split("=")[0]] == changed.split("=")[1]
+        # Every stage's headline figures, those DVC took from its cache too.
+        assert {"evaluate.psnr", "train_tokenizer.val_psnr", "train_prior.val_bits_per_token"} <= set(
+            parent.data.metrics
+        )
+        nested = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert {run.data.tags["vqpipe.stage"] for run in nested} == stages
 
 
 def _served_on_an_interval_a_scheduled_run_fires_and_completes(repo: Path, tmp_path: Path) -> None:
@@ -251,6 +295,8 @@ def _other_value(key: str, value):
         return False
     if key == "max_unreadable":
         return value / 2
+    if key == "promote_tokenizer_on":
+        return "ssim"
     if isinstance(value, bool):
         return not value
     if isinstance(value, int | float):

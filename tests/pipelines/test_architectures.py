@@ -207,9 +207,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(recipe, tiny_project, 
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-4, atol=1e-5), name
-    # The finished run's checkpoint is not resumed by a run that wants the same steps: it starts over.
+    # The finished run is the result of these settings and this code: a run that wants the same
+    # steps (a retried stage) exports it again, training nothing. Other steps start over.
     again = train_tokenizer.run(params.train_tokenizer, Paths(killed))
-    assert again.metrics["resumed_from_step"] == 0
+    assert again.metrics["resumed_from_step"] == 24 and again.metrics["steps_per_second"] is None
+    assert torch.equal(_tokenizer_state(killed)["encoder.net.0.weight"], a["encoder.net.0.weight"])
+    fewer = train_tokenizer.run(params.train_tokenizer.model_copy(update={"steps": 2}), Paths(killed))
+    assert fewer.metrics["resumed_from_step"] == 0
 
 
 def test_two_ray_train_workers_train_one_run_with_identical_replicas(tiny_project, tmp_path, mlflow_store, ray_cluster):
