@@ -116,9 +116,11 @@ def cmd_exp(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     command = " ".join(["vqpipe", *sys.argv[1:]])
-    in_workspace = not (args.queue or args.run_all)  # queued ones run in DVC's temporary workspaces
+    # Queued experiments run in DVC's temporary workspaces: only one in the workspace takes the lock.
+    in_workspace = not (args.queue or args.run_all)
+    lock = project_lock(repo, wait=not args.no_wait, command=command, on_wait=_say)
     try:
-        with project_lock(repo, wait=not args.no_wait, command=command, on_wait=_say) if in_workspace else _nothing():
+        with lock if in_workspace else contextlib.nullcontext():
             experiments.exp_run(repo, overrides, queue=args.queue, name=args.name, run_all=args.run_all, jobs=args.jobs)
     except ProjectBusy as err:
         print(f"error: {err}", file=sys.stderr)
@@ -129,11 +131,6 @@ def cmd_exp(args) -> int:
     if not args.queue:
         print(f"\n{experiments.table(experiments.experiments(repo))}")
     return 0
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
 
 
 def _say(message: str) -> None:

@@ -104,15 +104,14 @@ def use_experiment(name: str | None = None):
     in a local store, its artifacts go to the project's `mlruns/` (MLflow would put them under
     the working directory, which for a DVC experiment is a temporary one)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-        try:
+        with contextlib.suppress(MlflowException):  # created meanwhile by another stage: found below
             mlflow.create_experiment(name, artifact_location=location)
-        except Exception:  # noqa: BLE001 - created meanwhile by another stage: set_experiment finds it
-            pass
     experiment = mlflow.set_experiment(name)
     key, value = EXPERIMENT_KIND_TAG
     if experiment.tags.get(key) != value:

@@ -96,7 +96,7 @@ def test_the_gpu_profile_trains_two_steps_at_reduced_size_on_cpu(tmp_path, monke
     # The profile's network, quantizer, losses and recipe; narrower, at 32 px, the GAN on from the start.
     raw["shard"]["image_size"] = 32
     tok = raw["train_tokenizer"]
-    tok.update(channels=32, batch_size=4, grad_accum_steps=2, steps=2)
+    tok.update(channels=32, batch_size=4, lanes=4, grad_accum_steps=2, steps=2)
     tok["taming"].update(z_channels=32, attn_resolutions=[2])
     tok["quantizer"]["codebook_size"] = 256
     tok["vqgan"].update(disc_start=0, disc_channels=8, disc_layers=2)

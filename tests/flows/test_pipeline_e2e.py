@@ -179,29 +179,30 @@ def _queued_experiments_land_in_dvc_and_in_the_projects_mlflow(repo: Path) -> No
     workspaces are not) holds a parent run per experiment, tagged, with its stages nested."""
     from mlflow.tracking import MlflowClient
 
+    def exp(*args: str) -> tuple[int, str]:
+        return _cli("--repo", str(repo), "exp", *args)
+
     env = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
-        assert _cli("--repo", str(repo), "exp", "run", "-S", "train_prior.lr=nope", "--queue")[0] == 2
-        assert _cli("--repo", str(repo), "exp", "run", "-S", "train_prior.lr=3e-4", "-n", "lr-3e-4", "--queue")[0] == 0
-        assert (
-            _cli("--repo", str(repo), "exp", "run", "-S", "evaluate.num_samples=24", "-n", "fewer", "--queue")[0] == 0
-        )
-        code, out = _cli("--repo", str(repo), "exp", "run", "--run-all")
+        assert exp("run", "-S", "train_prior.lr=nope", "--queue")[0] == 2  # refused: nothing queued
+        assert exp("run", "-S", "evaluate.sampling.temperature=9e-1", "-n", "cooler", "--queue")[0] == 0
+        assert exp("run", "-S", "evaluate.num_samples=24", "-n", "fewer", "--queue")[0] == 0
+        code, out = exp("run", "--run-all")
         assert code == 0, out
-        code, shown = _cli("--repo", str(repo), "exp", "show")
+        code, shown = exp("show")
     finally:
         if env is not None:
             os.environ["MLFLOW_TRACKING_URI"] = env
     assert code == 0
     rows = {line.split("|")[1].strip().removeprefix("└ "): line for line in shown.splitlines()[2:]}
-    assert {"lr-3e-4", "fewer"} <= set(rows) and "success" in rows["lr-3e-4"] and "success" in rows["fewer"], shown
-    assert "train_prior.lr" in shown and "0.0003" in rows["lr-3e-4"] and "evaluate.psnr" in shown
+    assert {"cooler", "fewer"} <= set(rows) and "success" in rows["cooler"] and "success" in rows["fewer"], shown
+    assert "evaluate.sampling.temperature" in shown and "0.9" in rows["cooler"] and "evaluate.psnr" in shown
 
     client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
     experiment = client.get_experiment_by_name("vqpipe")
     assert experiment.artifact_location == (repo / "mlruns").as_uri()  # not in a temporary workspace
     for name, changed, stages in (
-        ("lr-3e-4", "train_prior.lr=0.0003", {"train_prior", "sample", "evaluate"}),
+        ("cooler", "evaluate.sampling.temperature=0.9", {"evaluate"}),
         ("fewer", "evaluate.num_samples=24", {"evaluate"}),
     ):
         (parent,) = client.search_runs([experiment.experiment_id], f"tags.`vqpipe.dvc_exp` = '{name}'")

@@ -110,6 +110,7 @@ _TINY_256 = {
     "downsample": 16,  # 256 px -> a 16 x 16 grid
     "steps": 2,
     "batch_size": 4,
+    "lanes": 4,
     "val_every": 2,
     "registered_model": None,
 }
