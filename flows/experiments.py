@@ -54,7 +54,10 @@ def parse_overrides(repo: Path, pairs: list[str]) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"-S {pair!r}: expected KEY=VALUE, e.g. train_prior.lr=1e-3")
-        overrides[key.strip()] = parse_value(text)
+        try:
+            overrides[key.strip()] = parse_value(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"-S {pair!r}: the value is not YAML ({str(err).splitlines()[0]})") from None
     raw = copy.deepcopy(read_yaml(repo / "params.yaml")) or {}
     for key, value in overrides.items():
         node = raw

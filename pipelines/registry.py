@@ -104,10 +104,10 @@ def register(
 
     client = MlflowClient()
     digest = export_digest(export)
-    for found in client.search_model_versions(f"name='{name}'", max_results=10000):
-        if found.tags.get(DIGEST_TAG) == digest:
-            log.info("%s version %s already holds this export: not registered again", name, found.version)
-            return found.version
+    held = _holding(client, name, digest)
+    if held is not None:
+        log.info("%s version %s already holds this export: not registered again", name, held)
+        return held
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -136,8 +136,11 @@ def version_of(name: str, export: str | Path) -> str | None:
     """The version of `name` that holds this export (by sha256), if any."""
     from mlflow.tracking import MlflowClient
 
-    digest = export_digest(export)
-    for found in MlflowClient().search_model_versions(f"name='{name}'", max_results=10000):
+    return _holding(MlflowClient(), name, export_digest(export))
+
+
+def _holding(client, name: str, digest: str) -> str | None:
+    for found in client.search_model_versions(f"name='{name}'", max_results=10000):
         if found.tags.get(DIGEST_TAG) == digest:
             return str(found.version)
     return None
