@@ -1,8 +1,9 @@
 """Which training checkpoints `vqpipe gc` may drop.
 
 A checkpoint exists to resume a killed training run. One that records a finished run
-(`complete`) is never resumed from (a rerun starts over: see pipelines/recipes/checkpointing.py);
-its stage's export is a DVC output. So it may go; an unfinished one stays, whatever its age.
+(`complete`) is only used again by a retry of that very run (same settings, steps and code: see
+pipelines/recipes/checkpointing.py), which without it trains again; its stage's export is a DVC
+output. So it may go; an unfinished one stays, whatever its age.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from pipelines.corpus import resolve_tokenizer
 from pipelines.lifecycle import exit_on_signals
 from pipelines.runtime import setup_logging
 from pipelines.sample import SampleRequest, draw, load_models
-from pipelines.tracking import MLFLOW_SCHEMES
+from pipelines.tracking import MLFLOW_SCHEMES, tracking_uri
 
 # Prefect's server tries to send telemetry at start; there is no network to send it to.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -179,8 +179,6 @@ def cmd_gc(args) -> int:
 
 
 def _print_outputs(repo: Path, run_id: str) -> None:
-    from flows.pipeline import tracking_uri
-
     def show(rel: str, what: str) -> None:
         path = repo / rel
         if path.exists():

@@ -135,16 +135,6 @@ def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def metric_files(repo: str | Path) -> dict[str, Path]:
-    """{stage: its metrics file} as dvc.yaml lists them (one JSON file per stage)."""
-    stages = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
-    return {
-        name: Path(repo) / (next(iter(entry)) if isinstance(entry, dict) else entry)
-        for name, stage in stages.items()
-        for entry in stage.get("metrics", [])[:1]
-    }
-
-
 def downstream(repo: str | Path, stale: set[str]) -> dict[str, list[str]]:
     """Stages that read an output of a stale stage (directly or through others), with the
     stale stages they wait on: they rerun if those rewrite their outputs differently."""

@@ -28,7 +28,7 @@ import yaml
 
 from components.config import parse_params, read_yaml
 from flows.dvc import dvc_env
-from pipelines.tracking import flatten, metric_numbers
+from pipelines.tracking import flatten, metric_files, metric_numbers
 
 # YAML 1.2's floats, which PyYAML (YAML 1.1) reads as strings when they lack a dot: 1e-3, 2E5.
 _FLOAT_12 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
@@ -129,24 +129,27 @@ def experiments(repo: Path) -> list[Experiment]:
     )
     if proc.returncode != 0:
         raise ExperimentError(f"dvc exp show failed:\n{proc.stderr.strip()}")
+    # A metrics file's stage, as dvc.yaml names it (DVC keys them by path).
+    stages = {path.relative_to(repo).as_posix(): stage for stage, path in metric_files(repo).items()}
     out = []
     for commit in json.loads(proc.stdout or "[]"):
         if commit.get("rev") == "workspace":
             continue
-        out.append(_experiment(commit, commit.get("name") or commit["rev"][:7], True, ""))
+        out.append(_experiment(commit, commit.get("name") or commit["rev"][:7], True, "", stages))
         for entry in commit.get("experiments") or []:
             state = (entry.get("executor") or {}).get("state") or "success"
             for rev in entry.get("revs") or []:
-                out.append(_experiment(rev, entry.get("name") or rev["rev"][:7], False, state))
+                out.append(_experiment(rev, entry.get("name") or rev["rev"][:7], False, state, stages))
     return out
 
 
-def _experiment(entry: dict, name: str, baseline: bool, state: str) -> Experiment:
+def _experiment(entry: dict, name: str, baseline: bool, state: str, stages: dict[str, str]) -> Experiment:
     data = entry.get("data") or {}
     params = flatten("", (data.get("params") or {}).get("params.yaml", {}).get("data") or {})
-    files = {}
-    for path, found in (data.get("metrics") or {}).items():
-        files[Path(path).stem] = found.get("data") or {}
+    files = {
+        stages.get(path, Path(path).stem): found.get("data") or {}
+        for path, found in (data.get("metrics") or {}).items()
+    }
     return Experiment(name, entry.get("rev", "")[:7], baseline, state, params, metric_numbers(files))
 
 

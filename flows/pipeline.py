@@ -14,7 +14,6 @@ Prefect markdown artifact with its results, and a failed run is reported to
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import mlflow
@@ -23,19 +22,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from components.config import Params, load_params
-from flows.dvc import STAGES, TRAINING_STAGES, listing_stages, metric_files, repro_stage, stage_status
+from flows.dvc import STAGES, TRAINING_STAGES, listing_stages, repro_stage, stage_status
 from flows.lock import note_flow_run, project_lock
 from flows.notify import notify_failure
 from flows.remote import push
-from pipelines.tracking import (
-    DVC_EXP_TAG,
-    PARENT_RUN_ENV,
-    flatten,
-    log_run_params,
-    tracking_uri,
-    use_experiment,
-)
-from pipelines.tracking import headline_metrics as stage_metrics
+from pipelines.tracking import PARENT_RUN_ENV, flatten, headline_metrics, log_run_params, tracking_uri, use_experiment
 
 
 @task(task_run_name="{stage}")
@@ -90,7 +81,6 @@ def _run_stages(root: Path, params: Params, chosen: list[str], force: bool, flow
         "prefect.flow_run_id": flow_run_id,
         "prefect.flow_run_name": str(flow_run.name or ""),
         "vqpipe.stage": "pipeline",
-        **experiment_tags(),
     }
     with mlflow.start_run(run_name=f"pipeline-{flow_run.name or 'local'}", tags=tags) as parent:
         # Every setting, `section.key`: the runs table gets a column for each.
@@ -118,18 +108,6 @@ def _run_stages(root: Path, params: Params, chosen: list[str], force: bool, flow
         mlflow.set_tag("vqpipe.pushed", pushed)
     _artifact(root, results, metrics, parent.info.run_id, uri, pushed)
     return {"mlflow_run_id": parent.info.run_id, "flow_run_id": flow_run_id, "stages": results, "pushed": pushed}
-
-
-def experiment_tags() -> dict[str, str]:
-    """Tags naming the DVC experiment this run is part of, when DVC runs it as one."""
-    name = os.environ.get("DVC_EXP_NAME")
-    return {DVC_EXP_TAG: name} if name else {}
-
-
-def headline_metrics(root: Path) -> dict[str, float]:
-    """{"evaluate.psnr": 23.9, ...}: the numbers of the metrics files dvc.yaml lists, as the
-    workspace has them now (a stage DVC skipped keeps its last run's), keyed `stage.key`."""
-    return stage_metrics(metric_files(root))
 
 
 def _artifact(root: Path, results: list[dict], metrics: dict[str, float], run_id: str, uri: str, pushed: str) -> None:

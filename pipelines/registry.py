@@ -33,7 +33,7 @@ import torch
 import components
 from components.data import tokens as token_io
 from components.data.part_footers import parts_identity
-from components.data.shards import read_manifest, split_batches, to_float
+from components.data.shards import read_manifest, sha256_file, split_batches, to_float
 from components.metrics import PriorBits, psnr, ssim
 from components.metrics.reconstruction import as_uint8_images
 from components.priors import load_prior
@@ -52,13 +52,8 @@ REQUIREMENTS = ("torch", "safetensors", "numpy", "pandas", "pillow", "pydantic",
 
 
 def export_digest(export: str | Path) -> str:
-    """sha256 of an export's config.json and model.safetensors (streamed)."""
-    h = hashlib.sha256()
-    for name in EXPORT_FILES:
-        with open(Path(export) / name, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    """sha256 of an export: of its config.json's and model.safetensors' sha256s."""
+    return hashlib.sha256("".join(sha256_file(Path(export) / name) for name in EXPORT_FILES).encode()).hexdigest()
 
 
 def _requirements() -> list[str]:

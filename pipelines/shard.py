@@ -26,12 +26,12 @@ from pathlib import Path
 
 from components.config import ShardConfig
 from components.data.shard_writer import ShardLayout, UnitResult, plan_units, write_unit
-from components.data.shards import write_manifest
+from components.data.shards import sha256_file, write_manifest
 from components.data.sources import open_source
 from components.data.units import SourceUnit
 from pipelines.distributed import init_ray
 from pipelines.runtime import Paths, stage_main
-from pipelines.tracking import DatasetInput, file_digest, stage_run
+from pipelines.tracking import DatasetInput, stage_run
 
 log = logging.getLogger("vqpipe.shard")
 
@@ -109,7 +109,7 @@ def _source_input(description: str, paths: Paths) -> DatasetInput:
     when the stage runs alone, without one)."""
     listing = paths.source_fingerprint
     if listing.is_file():
-        digest = json.loads(listing.read_text()).get("digest") or file_digest(listing)
+        digest = json.loads(listing.read_text()).get("digest") or sha256_file(listing)
     else:
         digest = hashlib.sha256(description.encode()).hexdigest()
     return DatasetInput("source", description, digest, "sharding")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ from typing import NamedTuple
 
 import yaml
 from pydantic import BaseModel
+
+from components.data.shards import sha256_file
 
 PARENT_RUN_ENV = "VQPIPE_MLFLOW_PARENT_RUN_ID"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -129,20 +130,16 @@ class DatasetInput(NamedTuple):
     context: str = "training"
 
 
-def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def shards_input(shards: Path, context: str = "training") -> DatasetInput:
     """The shard stage's output, named by its manifest's digest."""
     manifest = Path(shards) / "manifest.json"
     source = json.loads(manifest.read_text()).get("source", "")
-    return DatasetInput("shards", f"{Path(shards).resolve()} (from {source})", file_digest(manifest), context)
+    return DatasetInput("shards", f"{Path(shards).resolve()} (from {source})", sha256_file(manifest), context)
 
 
 def tokens_input(tokens: Path, context: str = "training") -> DatasetInput:
     """The tokenize stage's output, named by its manifest's digest."""
-    return DatasetInput("tokens", str(Path(tokens).resolve()), file_digest(Path(tokens) / "_manifest.json"), context)
+    return DatasetInput("tokens", str(Path(tokens).resolve()), sha256_file(Path(tokens) / "_manifest.json"), context)
 
 
 def _log_inputs(inputs: Sequence[DatasetInput]) -> None:
@@ -231,11 +228,21 @@ def changed_params(params: dict, baseline: str) -> dict[str, str]:
     return {k: v for k, v in sorted(after.items()) if before.get(k) != v}
 
 
-def headline_metrics(files: dict[str, Path]) -> dict[str, float]:
-    """{"evaluate.psnr": 23.9, ...}: the numbers of the metrics files (stage -> path) as the
-    workspace has them now (a stage DVC skipped keeps its last run's), keyed `stage.key`."""
+def metric_files(root: str | Path) -> dict[str, Path]:
+    """{stage: its metrics file} as the project's dvc.yaml lists them (one JSON file per stage)."""
+    stages = yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"]
+    return {
+        name: Path(root) / (next(iter(entry)) if isinstance(entry, dict) else entry)
+        for name, stage in stages.items()
+        for entry in stage.get("metrics", [])[:1]
+    }
+
+
+def headline_metrics(root: str | Path) -> dict[str, float]:
+    """{"evaluate.psnr": 23.9, ...}: the numbers of the project's metrics files as the workspace
+    has them now (a stage DVC skipped keeps its last run's), keyed `stage.key`."""
     found = {}
-    for stage, path in files.items():
+    for stage, path in metric_files(root).items():
         try:
             found[stage] = json.loads(Path(path).read_text())
         except (OSError, ValueError):
@@ -261,7 +268,7 @@ def _close_experiment_run(run_id: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    metrics = headline_metrics({p.stem: p for p in sorted(Path("metrics").glob("*.json"))})
+    metrics = headline_metrics(".")
     if metrics:
         log_run_metrics(client, run_id, metrics)
     client.set_terminated(run_id, status)

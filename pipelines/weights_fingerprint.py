@@ -14,13 +14,13 @@ same (a cache in .dvc/tmp, not tracked), so a run does not reread gigabytes of u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from components.config import ConfigError, Params, load_params
+from components.data.shards import sha256_file
 from components.io import write_json
 from pipelines.runtime import Paths, stage_main
 
@@ -35,13 +35,8 @@ def _sha256(path: Path, cache: dict) -> str:
     st = path.stat()
     key = str(path.resolve())
     stamp = [st.st_size, st.st_ino, st.st_mtime_ns]
-    if cache.get(key, {}).get("stamp") == stamp:
-        return cache[key]["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    if cache.get(key, {}).get("stamp") != stamp:
+        cache[key] = {"stamp": stamp, "sha256": sha256_file(path)}
     return cache[key]["sha256"]
 
 

@@ -154,6 +154,8 @@ class PriorRecipe:
                 self.stream_seed, self.data_start = state["stream_seed"], state["batches"]
             else:  # vqpipe <= 0.7 read other batches (<= 0.2: rows at random): a fresh stream goes on
                 self.stream_seed, self.data_start = cfg.seed + self.start, 0
+        elif self.rank > 0:
+            torch.manual_seed(cfg.seed + REPLICA_SEED * self.rank)
         if self.lead:
             self.metrics.resume(rows, legacy)
             self.val_bits = self.metrics.last("val_bits_per_token") or float("nan")
@@ -169,8 +171,6 @@ class PriorRecipe:
             ids = [self.device.index] if self.device.type == "cuda" else None
             loss_fn = DistributedDataParallel(loss_fn, device_ids=ids)
         amp = autocast_dtype(cfg.precision, self.device) if self.device.type == "cuda" else None
-        if self.rank > 0 and not self.start:
-            torch.manual_seed(cfg.seed + REPLICA_SEED * self.rank)
         stream = TokenStream(
             self.train_parts,
             self.tiers,

@@ -19,16 +19,28 @@ from pipelines.runtime import Paths
 from tests.conftest import TINY
 
 
+@pytest.fixture
+def on_the_server(mlflow_server, monkeypatch):
+    """This test's MLflow calls, and its stages', go to the session's MLflow server; the
+    session's store is back for the tests after it."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server
+    mlflow.set_tracking_uri(before)
+
+
 @pytest.mark.timeout(600)
 def test_a_pipeline_against_an_mlflow_server_registers_pyfunc_models_and_promotes(
-    tiny_project, tmp_path, mlflow_server, ray_cluster, monkeypatch
+    tiny_project, tmp_path, on_the_server, ray_cluster
 ):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     built, _ = tiny_project
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    mlflow.set_tracking_uri(mlflow_server)
+    mlflow_server = on_the_server
     params = parse_params(
         {**TINY, "train_tokenizer": {**TINY["train_tokenizer"], "checkpoint_dir": str(tmp_path / "ckpt-tok")}}
     )
