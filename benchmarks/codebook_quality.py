@@ -5,6 +5,7 @@ whole photos held out). Prints a table (not a timed test).
     make bench-deps        # scikit-image, vector-quantize-pytorch
     .venv/bin/python benchmarks/codebook_quality.py [--steps 1500] [--seeds 0 1] [--sizes 128 1024 16384]
     .venv/bin/python benchmarks/codebook_quality.py --variants reference,default   # a subset
+    .venv/bin/python benchmarks/codebook_quality.py --device cuda --jobs 8   # 8 runs at once on one GPU
 
 Every run: the default tokenizer of params.yaml (compact VQ-VAE, 32-px patches -> 8x8 tokens,
 Adam 2e-3, batch 64), fp32 on the CPU, the same seed giving the same initial encoder/decoder
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 from torch import nn
 
-from benchmarks.photos import PATCH, load_photos, train_on_photos
+from benchmarks.photos import PATCH, load_photos, run_in_processes, train_on_photos
 from components.config import parse_params
 from components.quantizers.base import QuantizerOutput, code_counts, usage_stats
 
@@ -39,6 +40,9 @@ ROWS = {
     "rotation": ("ours + rotation trick", {"rotation_trick": True}),
     "threshold": ("ours + EMA-count threshold 2", {"dead_code_threshold": 2.0}),
     "threshold0.1": ("ours + EMA-count threshold 0.1", {"dead_code_threshold": 0.1}),
+    "threshold0.5": ("ours + EMA-count threshold 0.5", {"dead_code_threshold": 0.5}),
+    "restart25": ("ours, restart after 25 unused steps", {"restart_after_steps": 25}),
+    "kmeans8": ("ours, k-means over 8 batches", {"kmeans_init_batches": 8}),
     "rotation+threshold": ("ours + rotation trick + threshold 2", {"rotation_trick": True, "dead_code_threshold": 2.0}),
     "entropy": ("ours + entropy loss 0.01", {"entropy_loss_weight": 0.01}),
     "simvq": ("ours, SimVQ (frozen codes, learned map)", {"ema": False, "simvq": True}),
@@ -78,6 +82,18 @@ def _config(steps: int, size: int, overrides: dict):
     return parse_params(raw).train_tokenizer
 
 
+def _train(task: tuple[int, str, int, int, str]):
+    """One run: (codebook size, row key, seed, steps, device) -> Result."""
+    size, key, seed, steps, device = task
+    overrides = ROWS[key][1]
+    cfg = _config(steps, size, overrides or {})
+    reference = None
+    if overrides is None:
+        q = cfg.quantizer
+        reference = ReferenceVQ(cfg.latent_dim, size, q.decay, q.beta)
+    return train_on_photos(cfg, load_photos(), seed, reference, torch.device(device))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1500)
@@ -85,30 +101,28 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 1024, 16384])
     parser.add_argument("--variants", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     photos = load_photos()
     print(f"photos: {len(photos.train)} training photos, {len(photos.val)} validation patches of {PATCH} px")
-    rows = [ROWS[key] for key in args.variants.split(",")]
-    print(f"\n{args.steps} steps, seeds {args.seeds}; means over seeds (per-seed PSNR in brackets)\n")
+    keys = args.variants.split(",")
+    print(f"\n{args.steps} steps, seeds {args.seeds}, {args.device}, {args.jobs} at once")
+    print("means over seeds (per-seed PSNR and usage in brackets)\n")
     print("| quantizer | codes | val PSNR (dB) | usage | perplexity | s/run |")
     print("|---|---|---|---|---|---|")
+    tasks = [(size, key, seed, args.steps, args.device) for size in args.sizes for key in keys for seed in args.seeds]
+    results = run_in_processes(_train, tasks, args.jobs)
     for size in args.sizes:
-        for name, overrides in rows:
-            results = []
-            for seed in args.seeds:
-                cfg = _config(args.steps, size, overrides or {})
-                reference = None
-                if overrides is None:
-                    q = cfg.quantizer
-                    reference = ReferenceVQ(cfg.latent_dim, size, q.decay, q.beta)
-                results.append(train_on_photos(cfg, photos, seed, reference, torch.device(args.device)))
-            seeds = ", ".join(f"{r.psnr:.2f}" for r in results)
+        for key in keys:
+            runs = [next(results) for _ in args.seeds]
+            psnrs = ", ".join(f"{r.psnr:.2f}" for r in runs)
+            usages = ", ".join(f"{r.usage:.1f}" for r in runs)
             print(
-                f"| {name} | {size} | {statistics.mean(r.psnr for r in results):.2f} ({seeds}) "
-                f"| {statistics.mean(r.usage for r in results):.1f}% "
-                f"| {statistics.mean(r.perplexity for r in results):.0f} "
-                f"| {statistics.mean(r.seconds for r in results):.0f} |",
+                f"| {ROWS[key][0]} | {size} | {statistics.mean(r.psnr for r in runs):.2f} ({psnrs}) "
+                f"| {statistics.mean(r.usage for r in runs):.1f}% ({usages}) "
+                f"| {statistics.mean(r.perplexity for r in runs):.0f} "
+                f"| {statistics.mean(r.seconds for r in runs):.0f} |",
                 flush=True,
             )
 

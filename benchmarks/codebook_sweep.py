@@ -2,7 +2,7 @@
 tokenizer on real photographs (benchmarks/photos.py). Prints a table (not a timed test).
 
     make bench-deps        # scikit-image, vector-quantize-pytorch
-    .venv/bin/python benchmarks/codebook_sweep.py [--steps 600] [--seed 0] [--device cpu|cuda]
+    .venv/bin/python benchmarks/codebook_sweep.py [--steps 600] [--seeds 0 1] [--device cpu|cuda] [--jobs 8]
     .venv/bin/python benchmarks/codebook_sweep.py --methods fsq,lfq --sizes 8 10   # a subset
 
 Methods:
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from benchmarks.photos import load_photos, train_on_photos
+from benchmarks.photos import load_photos, run_in_processes, train_on_photos
 from components.config import parse_params
 
 LOG2_SIZES = (8, 10, 12, 14)
@@ -45,31 +46,47 @@ METHODS = {
 }  # fmt: skip
 
 
+def _options(key: str, bits: int) -> dict:
+    return METHODS[key][1](bits)
+
+
+def _train(task: tuple[str, int, int, int, str]):
+    """One run: (method, log2 size, seed, steps, device) -> Result."""
+    key, bits, seed, steps, device = task
+    raw = {"train_tokenizer": {"steps": steps, "precision": "fp32", "quantizer": _options(key, bits)}}
+    return train_on_photos(parse_params(raw).train_tokenizer, load_photos(), seed, device=torch.device(device))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(LOG2_SIZES), help="log2 codebook sizes")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    device = torch.device(args.device)
     photos = load_photos()
-    print(f"{args.steps} steps, seed {args.seed}, {device}; {len(photos.val)} validation patches\n")
+    print(f"{args.steps} steps, seeds {args.seeds}, {args.device}, {args.jobs} at once; {len(photos.val)} val patches")
+    print("means over seeds (per-seed PSNR and usage in brackets)\n")
     print("| method | codes | val PSNR (dB) | usage | perplexity | s/run |")
     print("|---|---|---|---|---|---|")
-    for key in args.methods.split(","):
-        name, quantizer = METHODS[key]
+    keys = args.methods.split(",")
+    tasks = [(key, bits, seed, args.steps, args.device) for key in keys for bits in args.sizes for seed in args.seeds]
+    results = run_in_processes(_train, tasks, args.jobs)
+    for key in keys:
         for bits in args.sizes:
-            options = quantizer(bits)
-            raw = {"train_tokenizer": {"steps": args.steps, "precision": "fp32", "quantizer": options}}
-            cfg = parse_params(raw).train_tokenizer
-            result = train_on_photos(cfg, photos, args.seed, device=device)
+            runs = [next(results) for _ in args.seeds]
+            options = _options(key, bits)
             codes = str(options["levels"]) if "levels" in options else f"2^{bits}"
+            psnrs = ", ".join(f"{r.psnr:.2f}" for r in runs)
+            usages = ", ".join(f"{r.usage:.1f}" for r in runs)
             print(
-                f"| {name} | {codes} | {result.psnr:.2f} | {result.usage:.1f}% | {result.perplexity:.0f} "
-                f"| {result.seconds:.0f} |",
+                f"| {METHODS[key][0]} | {codes} | {statistics.mean(r.psnr for r in runs):.2f} ({psnrs}) "
+                f"| {statistics.mean(r.usage for r in runs):.1f}% ({usages}) "
+                f"| {statistics.mean(r.perplexity for r in runs):.0f} "
+                f"| {statistics.mean(r.seconds for r in runs):.0f} |",
                 flush=True,
             )
 

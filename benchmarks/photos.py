@@ -12,8 +12,13 @@ reconstructions, codebook usage and perplexity of the validation tokens.
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing
+import os
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +76,7 @@ class Photos:
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
+@functools.cache
 def load_photos() -> Photos:
     val = []
     for name in VAL_PHOTOS:
@@ -137,3 +143,16 @@ def evaluate(model: torch.nn.Module, val: torch.Tensor, size: int, seconds: floa
             counts += torch.bincount(indices.reshape(-1).cpu(), minlength=size)[:size]
     stats = usage_stats(counts)
     return Result(total / len(val), stats["codebook_usage"].item(), stats["perplexity"].item(), seconds)
+
+
+def run_in_processes(fn: Callable, tasks: Iterable, jobs: int) -> Iterator:
+    """`fn(task)` for each task, results in task order: in this process (`jobs` 1) or in `jobs`
+    spawned processes (CUDA needs spawn), each with its share of the CPU threads. Runs on one GPU
+    this way overlap one run's Python and kernel launches with another's kernels."""
+    if jobs <= 1:
+        yield from map(fn, tasks)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        yield from pool.map(fn, tasks)
