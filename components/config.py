@@ -174,6 +174,14 @@ class Params(BaseModel):
             )
         if tok.network == "taming":
             problems += taming_problems(tok, size)
+        if self.train_prior.kind == "maskgit" and tok.arch == "vqvae2":
+            problems.append(
+                (
+                    "train_prior.kind",
+                    "maskgit models one token tier; vqvae2's two tiers need kind ar (maskgit works with "
+                    "arch vqvae and vqgan, with any quantizer, several tokens per position included)",
+                )
+            )
         problems += self._checkpoint_dir_problems()
         return problems
 

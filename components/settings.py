@@ -80,10 +80,24 @@ class SamplingOptions(BaseModel):
     # Classifier-free guidance for a conditional prior, u + s (c - u): 1 = plain conditional
     # sampling, 0 = unconditional, > 1 stronger class evidence.
     guidance_scale: float = Field(1.0, ge=0)
+    # constant: that scale for every token; linear: ramped from 1 at the first token (an AR
+    # prior) or decoding step (MaskGIT) to guidance_scale at the last.
+    guidance_schedule: Literal["constant", "linear"] = "constant"
+    # MaskGIT priors: parallel decoding steps (every position is filled after this many).
+    decode_steps: int = Field(10, ge=1)
+    # MaskGIT priors: Gumbel noise on the confidences that choose which tokens to keep, times
+    # (1 - progress): early choices are varied, late ones the most confident (0: none).
+    choice_temperature: float = Field(4.5, ge=0)
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale != 1.0
+
+    def scale_at(self, step: int, steps: int) -> float:
+        """The guidance scale at token or decoding step `step` (0-based) of `steps`."""
+        if self.guidance_schedule == "constant" or steps <= 1:
+            return self.guidance_scale
+        return 1.0 + (self.guidance_scale - 1.0) * step / (steps - 1)
 
     def check(self, model, labels: torch.Tensor | None) -> None:
         """ValueError when these options cannot sample `model` for `labels`, before any work."""
@@ -379,6 +393,9 @@ class TokenizeConfig(_Section):
 
 
 class TrainPriorConfig(_Section):
+    # ar: a causal transformer, token by token in raster order; maskgit: a bidirectional one
+    # trained on masked tokens, sampled in `sampling.decode_steps` parallel steps (one token tier).
+    kind: Literal["ar", "maskgit"] = "ar"
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=8)

@@ -237,7 +237,8 @@ def _add_sample(sub) -> None:
     smp = sub.add_parser(
         "sample",
         help="draw images from the trained prior into a PNG grid",
-        description="Temperature, top-k, top-p and guidance default to the project's sample.sampling (params.yaml).",
+        description="Temperature, top-k, top-p, guidance and MaskGIT's decoding settings default to the "
+        "project's sample.sampling (params.yaml).",
     )
     smp.add_argument(
         "--n", type=_positive, default=SAMPLE.num_images, help=f"how many images (default {SAMPLE.num_images})"
@@ -247,6 +248,22 @@ def _add_sample(sub) -> None:
     )
     smp.add_argument(
         "--guidance", dest="guidance_scale", type=float, default=None, help="classifier-free guidance scale (1: none)"
+    )
+    smp.add_argument(
+        "--guidance-schedule",
+        dest="guidance_schedule",
+        default=None,
+        help="constant, or linear: from 1 at the first token or step to --guidance at the last",
+    )
+    smp.add_argument(
+        "--decode-steps", dest="decode_steps", type=int, default=None, help="MaskGIT priors: parallel decoding steps"
+    )
+    smp.add_argument(
+        "--choice-temperature",
+        dest="choice_temperature",
+        type=float,
+        default=None,
+        help="MaskGIT priors: noise on which tokens each step keeps (annealed to 0)",
     )
     smp.add_argument("--temperature", type=float, default=None)
     smp.add_argument("--top-k", type=int, default=None)

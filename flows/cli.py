@@ -381,6 +381,9 @@ SAMPLING_FLAGS = {
     "top_k": "--top-k",
     "top_p": "--top-p",
     "guidance_scale": "--guidance",
+    "guidance_schedule": "--guidance-schedule",
+    "decode_steps": "--decode-steps",
+    "choice_temperature": "--choice-temperature",
 }
 
 

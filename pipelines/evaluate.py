@@ -59,7 +59,7 @@ from components.metrics.inception import (
 )
 from components.metrics.npz import NpzWriter
 from components.metrics.reconstruction import as_uint8_images
-from components.priors import Sampler, image_batches, load_prior
+from components.priors import MaskGITPrior, Sampler, image_batches, load_prior
 from components.tokenizers import Tokenizer
 from components.tokenizers.lpips import LPIPS
 from pipelines.registry import promote_models
@@ -135,6 +135,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.set_tag("vqpipe.feature_space", metrics.get("feature_space", "none"))
         mlflow.set_tag("vqpipe.rfid_feature_space", metrics.get("rfid_feature_space", "none"))
+        mlflow.set_tag("vqpipe.prior_kind", metrics["prior_kind"])
         mlflow.log_image(grid, key="reconstructions")
         mlflow.log_artifact(str(metrics_path))
         _log_summary(metrics, active.info.run_id)
@@ -157,7 +158,9 @@ def _token_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, val: tuple,
         "codebook_usage": stats["codebook_usage"],
         "perplexity": stats["perplexity"],
         "unigram_bits_per_token": stats["unigram_bits_per_token"],
+        # A MaskGIT prior's: bits per hidden token (components/priors/maskgit.py), not a likelihood.
         "prior_bits_per_token": bits.bits,
+        "prior_kind": "maskgit" if isinstance(prior, MaskGITPrior) else "ar",
         # How much the prior knows beyond code frequencies.
         "prior_gain_bits_per_token": stats["unigram_bits_per_token"] - bits.bits,
     }

@@ -20,6 +20,7 @@ its tokenizer is the champion tokenizer).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -46,6 +47,7 @@ DIGEST_TAG = "vqpipe.export_sha256"
 FINGERPRINT_TAG = "vqpipe.tokenizer_fingerprint"
 REASON_TAG = "vqpipe.promotion"
 FOOTING_TAG = "vqpipe.eval_footing"
+PRIOR_KIND_TAG = "vqpipe.prior_kind"  # ar | maskgit; versions registered before it are ar
 CHAMPION, CHALLENGER = "champion", "challenger"
 # What a loaded model needs besides vqpipe itself (installed where it is loaded).
 REQUIREMENTS = ("torch", "safetensors", "numpy", "pandas", "pillow", "pydantic", "pyarrow")
@@ -82,17 +84,26 @@ def _signature(kind: str):
             ParamSpec("top_k", "long", None),
             ParamSpec("top_p", "double", None),
             ParamSpec("guidance_scale", "double", 1.0),
+            ParamSpec("guidance_schedule", "string", "constant"),
+            ParamSpec("decode_steps", "long", 10),
+            ParamSpec("choice_temperature", "double", 4.5),
         ]
     return ModelSignature(inputs=None, outputs=None, params=ParamSchema(specs))
 
 
 def register(
-    kind: str, name: str, export: Path, fingerprint: str, description: str, bundled: dict[str, Path] | None = None
+    kind: str,
+    name: str,
+    export: Path,
+    fingerprint: str,
+    description: str,
+    bundled: dict[str, Path] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """The export as a pyfunc model of the active MLflow run, registered as a new version of
     `name`; or the version that already holds this very export. `kind`: tokenizer | prior (its
     model code in `pipelines/serving`); `bundled`: folders to put inside the export's copy
-    (the prior's tokenizer). Returns the version."""
+    (the prior's tokenizer); `tags`: more version tags. Returns the version."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -124,6 +135,8 @@ def register(
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, DIGEST_TAG, digest)
     client.set_model_version_tag(name, version, FINGERPRINT_TAG, fingerprint)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, value)
     return version
 
 
@@ -244,6 +257,12 @@ def prior_bits(spec: str, tokens_val: list, tokenizer: Tokenizer, batch_size: in
     return bits.bits
 
 
+def prior_kind(export: str | Path) -> str:
+    """ar | maskgit: the kind of the prior exported at `export`."""
+    meta = json.loads((Path(export) / "config.json").read_text())
+    return meta.get("model", {}).get("kind", "ar")
+
+
 def promote_models(params, paths, metrics: dict) -> dict[str, tuple[str, str]]:
     """After evaluate: the project's tokenizer and prior versions against their champions
     (module doc); {"tokenizer": (alias, reason), "prior": ...} for those registered."""
@@ -273,8 +292,17 @@ def promote_models(params, paths, metrics: dict) -> dict[str, tuple[str, str]]:
     if prior_version is not None:
         val_parts = token_io.split_parts(paths.tokens, "val")
         infos = token_io.check_parts(val_parts, tokenizer.fingerprint)
+        kind = prior_kind(paths.prior)
 
         def incomparable(tags: dict) -> tuple[str, bool] | None:
+            theirs = tags.get(PRIOR_KIND_TAG, "ar")
+            if theirs != kind:
+                names = {"ar": "an AR", "maskgit": "a MaskGIT"}
+                return (
+                    f"the champion is {names.get(theirs, theirs)} prior and this {names.get(kind, kind)} one (their "
+                    "bits per token measure different things; compare them on evaluate's sample metrics)",
+                    False,
+                )
             if tags.get(FINGERPRINT_TAG) == tokenizer.fingerprint:
                 return None  # the same tokens: measured again on these
             follows = out.get("tokenizer", ("",))[0] == CHAMPION
@@ -289,7 +317,8 @@ def promote_models(params, paths, metrics: dict) -> dict[str, tuple[str, str]]:
                 prior_version,
                 "prior_bits_per_token",
                 float(metrics["prior_bits_per_token"]),
-                f"tokenizer {tokenizer.fingerprint[:16]}, val tokens {tokens_digest(val_parts, infos)}",
+                ("masked bits, " if kind == "maskgit" else "")
+                + f"tokenizer {tokenizer.fingerprint[:16]}, val tokens {tokens_digest(val_parts, infos)}",
                 higher_is_better=False,
                 remeasure=lambda spec: prior_bits(spec, val_parts, tokenizer, cfg.batch_size, paths.root),
                 incomparable=incomparable,

@@ -1,4 +1,5 @@
-"""Stage `train_prior`: a causal transformer over the token shards (raster order).
+"""Stage `train_prior`: a causal transformer over the token shards (raster order), or with
+`kind: maskgit` a bidirectional one trained on masked tokens (components/priors/maskgit.py).
 
     dvc repro train_prior          # or: python -m pipelines.train_prior
 
@@ -27,7 +28,7 @@ from components.io import replace_dir, write_json
 from components.tokenizers import Tokenizer
 from pipelines.distributed import train
 from pipelines.recipes.prior import PriorJob, train_worker
-from pipelines.registry import register
+from pipelines.registry import PRIOR_KIND_TAG, register
 from pipelines.runtime import Paths, stage_main
 from pipelines.tracking import absolute_tracking_uri, stage_run, tokens_input
 
@@ -73,6 +74,7 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
                 tokenizer.fingerprint,
                 "vqpipe priors (with their tokenizer)",
                 bundled={"tokenizer": paths.tokenizer},
+                tags={PRIOR_KIND_TAG: cfg.kind},
             )
             log.info("MLflow model %s version %s", cfg.registered_model, version)
         log.info("prior written to %s", paths.prior)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from components import __version__
 from components.io import atomic_write, write_json
+from components.priors.maskgit import MaskGITPrior
 from components.priors.transformer import HierarchicalPrior, PriorConfig, TransformerPrior, upgrade_state
 
 
@@ -29,19 +30,22 @@ def tier_layouts(tokenizer) -> list[tuple[str, tuple[int, int, int], int]]:
     return out
 
 
-def build_prior(tokenizer, num_classes: int = 0, **sizes) -> TransformerPrior | HierarchicalPrior:
+def build_prior(tokenizer, num_classes: int = 0, kind: str = "ar", **sizes) -> TransformerPrior | HierarchicalPrior:
     """The prior for `tokenizer`'s tokens: one transformer over the flattened sequence (product
     and residual tokens in the documented order, a position's m tokens side by side, with a
-    sub-token embedding), or for a two-tier tokenizer a HierarchicalPrior. `sizes`: n_layer,
-    n_head, n_embd, dropout, norm, tie_weights."""
+    sub-token embedding), or for a two-tier tokenizer a HierarchicalPrior (kind ar only).
+    `kind`: ar | maskgit; `sizes`: n_layer, n_head, n_embd, dropout, norm, tie_weights."""
     tiers = tier_layouts(tokenizer)
     if len(tiers) == 1:
         ((_, (h, w, m), vocab),) = tiers
-        return TransformerPrior(
-            PriorConfig(vocab_size=vocab, seq_len=h * w * m, num_classes=num_classes, layout=((h, w, m),), **sizes)
+        cfg = PriorConfig(
+            vocab_size=vocab, seq_len=h * w * m, num_classes=num_classes, layout=((h, w, m),), kind=kind, **sizes
         )
+        return MaskGITPrior(cfg) if kind == "maskgit" else TransformerPrior(cfg)
     if len(tiers) != 2:
         raise ValueError(f"priors handle one or two token tiers, not {len(tiers)}")
+    if kind != "ar":
+        raise ValueError(f"a {kind} prior models one token tier; this tokenizer has two (use kind ar)")
     (_, top_layout, top_vocab), (_, bottom_layout, bottom_vocab) = tiers
     top_len = top_layout[0] * top_layout[1] * top_layout[2]
     top = PriorConfig(vocab_size=top_vocab, seq_len=top_len, num_classes=num_classes, layout=(top_layout,), **sizes)
@@ -87,7 +91,8 @@ def _model_from(meta: dict) -> TransformerPrior | HierarchicalPrior:
     if "hierarchical" in meta:
         h = meta["hierarchical"]
         return HierarchicalPrior(PriorConfig.from_dict(h["top"]), PriorConfig.from_dict(h["bottom"]))
-    return TransformerPrior(PriorConfig.from_dict(meta["model"]))
+    cfg = PriorConfig.from_dict(meta["model"])
+    return MaskGITPrior(cfg) if cfg.kind == "maskgit" else TransformerPrior(cfg)
 
 
 def _vocab_sizes(model) -> list[int]:

@@ -1,11 +1,14 @@
-"""Autoregressive sampling from a prior: KV-cached, batched; temperature, top-k, top-p,
-classifier-free guidance; seeded by a torch.Generator.
+"""Sampling from a prior: an AR prior token by token (KV-cached), a MaskGIT prior in parallel
+decoding steps; batched; temperature, top-k, top-p, classifier-free guidance (constant or
+ramped); tokens given at fixed positions kept as given (inpainting, editing); seeded by a
+torch.Generator.
 
 The settings travel as one `SamplingOptions`, checked once: its values when it is made, and
 against the prior and the classes asked for when a `Sampler` draws.
 
     sampler = Sampler(prior, SamplingOptions(temperature=0.9, guidance_scale=2.0), generator)
     tokens = sampler.draw(n, labels)                        # (n, L)
+    tokens = sampler.draw(n, labels, given=partial)         # partial (n, L): -1 where free
     images, tokens, seconds = sample_images(sampler, tokenizer, n, labels, batch_size=64)
 """
 
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from components.config import SamplingOptions
+from components.priors.maskgit import MaskGITPrior, still_hidden
 from components.priors.transformer import HierarchicalPrior, TransformerPrior
 
 
@@ -47,12 +51,23 @@ def guided(logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     return uncond + guidance_scale * (cond - uncond)
 
 
-class Sampler:
-    """Draws token sequences from a prior (a TransformerPrior, or a HierarchicalPrior: top
-    tokens, then bottom tokens given them) with one set of options and one generator.
+def gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
 
-    With `use_cache` each step feeds one token and reuses every earlier key/value; without it
-    each step recomputes the whole prefix (the reference the cache is tested against)."""
+
+class Sampler:
+    """Draws token sequences from a prior (a TransformerPrior, a MaskGITPrior, or a
+    HierarchicalPrior: top tokens, then bottom tokens given them) with one set of options and
+    one generator.
+
+    An AR prior: with `use_cache` each step feeds one token and reuses every earlier
+    key/value; without it each step recomputes the whole prefix (the reference the cache is
+    tested against). A MaskGIT prior (Chang et al. 2022): every free position starts hidden;
+    each of `decode_steps` steps draws a token for every hidden position, keeps the most
+    confident (log-probability of the drawn token plus Gumbel noise times choice_temperature x
+    (1 - progress)) and hides the rest again, as many as the cosine schedule says; after the
+    last step none is hidden."""
 
     def __init__(
         self,
@@ -67,21 +82,53 @@ class Sampler:
         self.use_cache = use_cache
 
     def draw(
-        self, n: int, labels: torch.Tensor | None = None, vocab_limits: torch.Tensor | None = None
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        vocab_limits: torch.Tensor | None = None,
+        given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """n token sequences: (n, L) int64, in the tokenizer's flattening order. `labels` (n,)
         for a conditional prior (-1: unconditional); `vocab_limits` (L,): position i draws only
-        from [0, vocab_limits[i])."""
+        from [0, vocab_limits[i]); `given` (n, L): tokens kept as they are where >= 0 (an AR
+        prior draws the others given the earlier tokens, a MaskGIT prior given all of them)."""
         self.options.check(self.model, labels)
-        return self._draw(n, labels, vocab_limits)
+        if given is not None:
+            self._check_given(n, given, vocab_limits)
+        return self._draw(n, labels, vocab_limits, given)
+
+    def _check_given(self, n: int, given: torch.Tensor, vocab_limits: torch.Tensor | None) -> None:
+        length = self.model.seq_len
+        if tuple(given.shape) != (n, length):
+            raise ValueError(f"given tokens must be ({n}, {length}) (-1 where free), got {tuple(given.shape)}")
+        vocab = self.model.cfg.vocab_size if isinstance(self.model, TransformerPrior) else None
+        limits = vocab_limits.to(given.device) if vocab_limits is not None else None
+        if limits is None and vocab is not None:
+            limits = torch.full((length,), vocab, device=given.device)
+        bad = given < -1
+        if limits is not None:
+            bad |= given >= limits[None, :]
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"given token {int(given[row, col])} at row {row}, position {col} is not a code there")
 
     @torch.no_grad()
-    def _draw(self, n: int, labels: torch.Tensor | None, vocab_limits: torch.Tensor | None) -> torch.Tensor:
+    def _draw(
+        self,
+        n: int,
+        labels: torch.Tensor | None,
+        vocab_limits: torch.Tensor | None,
+        given: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.model.eval()
         if isinstance(self.model, HierarchicalPrior):
-            top = self._draw_tier(self.model.top, n, labels, None, None)
-            return torch.cat([top, self._draw_tier(self.model.bottom, n, labels, top, None)], dim=1)
-        return self._draw_tier(self.model, n, labels, None, vocab_limits)
+            t = self.model.top.cfg.seq_len
+            top_given, bottom_given = (given[:, :t], given[:, t:]) if given is not None else (None, None)
+            top = self._draw_tier(self.model.top, n, labels, None, None, top_given)
+            return torch.cat([top, self._draw_tier(self.model.bottom, n, labels, top, None, bottom_given)], dim=1)
+        if isinstance(self.model, MaskGITPrior):
+            return self._decode(self.model, n, labels, vocab_limits, given)
+        return self._draw_tier(self.model, n, labels, None, vocab_limits, given)
 
     def _draw_tier(
         self,
@@ -90,10 +137,12 @@ class Sampler:
         labels: torch.Tensor | None,
         prefix: torch.Tensor | None,
         vocab_limits: torch.Tensor | None,
+        given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         opts = self.options
         device = next(model.parameters()).device
         length, p = model.cfg.seq_len, model.cfg.prefix_len
+        given = given.to(device) if given is not None else None
         if opts.guided:  # one batch of 2n: conditional rows, then the same rows unconditional
             labels = torch.cat([labels.to(device), torch.full((n,), -1, dtype=torch.long, device=device)])
             prefix = torch.cat([prefix, prefix]) if prefix is not None else None
@@ -110,14 +159,69 @@ class Sampler:
                 logits, _ = model.forward_tokens(idx)
             step = logits[:, -1].float()
             if opts.guided:
-                step = guided(step, opts.guidance_scale)
+                step = guided(step, opts.scale_at(i, length))
             if vocab_limits is not None and int(vocab_limits[i]) < step.shape[-1]:
                 step[:, int(vocab_limits[i]) :] = float("-inf")
             probs = torch.softmax(filter_logits(step, opts.temperature, opts.top_k, opts.top_p), dim=-1)
             nxt = torch.multinomial(probs, 1, generator=self.generator)
+            if given is not None:
+                nxt = torch.where(given[:, i : i + 1] >= 0, given[:, i : i + 1], nxt)
             out[:, i] = nxt[:, 0]
             idx = torch.cat([idx, torch.cat([nxt, nxt]) if opts.guided else nxt], dim=1)
         return out
+
+    def _decode(
+        self,
+        model: MaskGITPrior,
+        n: int,
+        labels: torch.Tensor | None,
+        vocab_limits: torch.Tensor | None,
+        given: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """MaskGIT's parallel decoding (class doc): `decode_steps` forward passes."""
+        opts = self.options
+        device = next(model.parameters()).device
+        length, vocab, steps = model.cfg.seq_len, model.cfg.vocab_size, opts.decode_steps
+        tokens = torch.zeros(n, length, dtype=torch.long, device=device)
+        known = torch.zeros(n, length, dtype=torch.bool, device=device)
+        if given is not None:
+            known = given.to(device) >= 0
+            tokens = torch.where(known, given.to(device), tokens)
+        free = (~known).sum(dim=1)
+        if opts.guided:  # conditional rows, then the same rows unconditional
+            labels = torch.cat([labels.to(device), torch.full((n,), -1, dtype=torch.long, device=device)])
+        banned = None
+        if vocab_limits is not None:
+            banned = torch.arange(vocab, device=device)[None, :] >= vocab_limits.to(device)[:, None]  # (L, V)
+        for step in range(steps):
+            hidden = ~known
+            if not hidden.any():
+                break
+            if opts.guided:
+                ids = model.masked_ids(torch.cat([tokens, tokens]), torch.cat([hidden, hidden]), labels)
+            else:
+                ids = model.masked_ids(tokens, hidden, labels)
+            logits = model.forward_ids(ids).float()
+            if opts.guided:
+                logits = guided(logits, opts.scale_at(step, steps))
+            if banned is not None:
+                logits = logits.masked_fill(banned, float("-inf"))
+            flat = filter_logits(logits.reshape(n * length, vocab), opts.temperature, opts.top_k, opts.top_p)
+            drawn = torch.multinomial(torch.softmax(flat, dim=-1), 1, generator=self.generator)
+            confidence = torch.log_softmax(flat, dim=-1).gather(1, drawn).view(n, length)
+            drawn = drawn.view(n, length)
+            noise = opts.choice_temperature * (1.0 - (step + 1) / steps)
+            if noise > 0:
+                confidence = confidence + noise * gumbel((n, length), self.generator, device)
+            confidence = confidence.masked_fill(known, float("inf"))
+            # The least confident of the hidden positions stay hidden: as many as the
+            # schedule says, and at least one position is filled per step.
+            stay = torch.minimum(still_hidden(free, step, steps), hidden.sum(dim=1) - 1).clamp(min=0)
+            ranks = confidence.argsort(dim=1).argsort(dim=1)
+            reveal = hidden & (ranks >= stay[:, None])
+            tokens = torch.where(reveal, drawn, tokens)
+            known = known | reveal
+        return tokens
 
 
 def sample(

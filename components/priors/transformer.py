@@ -30,6 +30,9 @@ from torch import nn
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 NORMS = ("layernorm", "rmsnorm")
+# ar: causal, token by token (this module); maskgit: bidirectional over the whole grid, masked
+# tokens predicted in parallel (components/priors/maskgit.py).
+KINDS = ("ar", "maskgit")
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,15 @@ class PriorConfig:
     layout: tuple = field(default=())
     prefix_len: int = 0  # leading tokens given, not predicted (a bottom prior's top tokens)
     prefix_vocab: int = 0  # their codebook size
+    kind: str = "ar"  # one of KINDS
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "maskgit" and self.prefix_len:
+            raise ValueError("a MaskGIT prior models one token tier: it takes no prefix")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.layout and sum(h * w * m for h, w, m in self.layout) != self.prefix_len + self.seq_len:
@@ -63,6 +71,8 @@ class PriorConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layout"] = [list(tier) for tier in self.layout]
+        if self.kind == "ar":  # an AR prior's config reads as before kinds existed
+            del d["kind"]
         return d
 
     @classmethod
@@ -83,6 +93,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
+        self.causal = cfg.kind == "ar"  # else every position attends to every other
 
     def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None):
         """x: (b, t, d); past: cached (k, v), each (b, heads, t_past, d/heads).
@@ -97,7 +108,7 @@ class CausalSelfAttention(nn.Module):
         t_past = k.shape[2] - t
         dropout = self.dropout if self.training else 0.0
         if t_past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and t > 1, dropout_p=dropout)
         elif t == 1:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # one new query sees everything
         else:
@@ -142,7 +153,9 @@ class TransformerPrior(nn.Module):
         super().__init__()
         self.cfg = cfg
         v, c = cfg.vocab_size, cfg.num_classes
-        self.tok_emb = nn.Embedding(v + c + 1 + cfg.prefix_vocab, cfg.n_embd)
+        # A MaskGIT prior's mask token is the last id.
+        masks = 1 if cfg.kind == "maskgit" else 0
+        self.tok_emb = nn.Embedding(v + c + 1 + cfg.prefix_vocab + masks, cfg.n_embd)
         total = cfg.prefix_len + cfg.seq_len
         if cfg.layout:
             self.register_buffer("pos_ids", _positions(cfg.layout), persistent=False)

@@ -9,9 +9,9 @@ in its own process), its state on `self`.
 Every rank reads its own batch_size / world_size rows of each step's batch from the token
 parts (components/data/token_stream.py: lanes that fix the order whatever the ranks, seeded
 shuffle buffers, an exact resume position), so memory is bounded by row groups and buffers,
-never by the corpus; which classes are dropped is drawn for the whole batch from (seed, step),
-so it does not depend on the ranks either. DDP averages the gradients; rank 0 logs, validates,
-checkpoints and exports.
+never by the corpus; which classes are dropped, and a MaskGIT prior's masks, are drawn for the
+whole batch from (seed, step), so they do not depend on the ranks either. DDP averages the
+gradients; rank 0 logs, validates, checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from components.data.token_stream import TokenStream
 from components.io import write_json
 from components.metrics import PriorBits
 from components.priors import build_prior, save_prior
+from components.priors.maskgit import random_masks
 from components.priors.transformer import upgrade_state
 from components.schedules import lr_factor
 from components.tokenizers import Tokenizer
@@ -60,14 +61,22 @@ class PriorJob:
 
 
 class _Loss(torch.nn.Module):
-    """The prior's loss as a module's forward, so DistributedDataParallel syncs its gradients."""
+    """The prior's loss as a module's forward, so DistributedDataParallel syncs its gradients.
 
-    def __init__(self, model: torch.nn.Module):
+    A MaskGIT prior's ranks hide different numbers of tokens: each rank's summed loss is
+    divided by the whole batch's hidden tokens over the ranks, so DDP's mean of the ranks'
+    gradients is the gradient of the batch's mean loss, as one process computes it."""
+
+    def __init__(self, model: torch.nn.Module, world_size: int):
         super().__init__()
-        self.model = model
+        self.model, self.world_size = model, world_size
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.model.loss(tokens, labels)
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None, hidden: torch.Tensor | None, batch_hidden: int
+    ) -> torch.Tensor:
+        if hidden is None:
+            return self.model.loss(tokens, labels)
+        return self.model.masked_nll(tokens, labels, hidden) * self.world_size / max(batch_hidden, 1)
 
 
 class PriorRecipe:
@@ -115,7 +124,8 @@ class PriorRecipe:
 
     def _legacy_settings(self, saved: dict) -> dict:
         """A checkpoint of vqpipe <= 0.2 is tied to a sha256 of all its tokens (`data`): the
-        same tokens are the same parts."""
+        same tokens are the same parts. One written before `kind` existed is an AR prior's."""
+        saved = {"kind": "ar", **saved}
         if "data" in saved and "parts" not in saved:
             digest = saved["data"]
             same = digest == part_footers.legacy_tokens_digest(self.train_parts, self.tiers)
@@ -127,6 +137,7 @@ class PriorRecipe:
         values = {
             "model.parameters": sum(p.numel() for p in self.model.parameters()),
             "model.kind": type(self.model).__name__,
+            "model.prior_kind": self.cfg.kind,
             "data.train_rows": self.train_rows,
             "data.num_classes": self.num_classes,
         }
@@ -166,7 +177,7 @@ class PriorRecipe:
         """Steps until cfg.steps, validating every val_every and checkpointing every
         checkpoint_every steps (and at the end)."""
         cfg = self.cfg
-        loss_fn: torch.nn.Module = _Loss(self.model)
+        loss_fn: torch.nn.Module = _Loss(self.model, self.world_size)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             loss_fn = DistributedDataParallel(loss_fn, device_ids=ids)
@@ -187,9 +198,9 @@ class PriorRecipe:
         self.model.train()
         for step in range(self.start + 1, cfg.steps + 1):
             self.step = step
-            tokens, labels = self._batch(batches)
+            tokens, labels, hidden, batch_hidden = self._batch(batches)
             with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                loss = loss_fn(tokens, labels)
+                loss = loss_fn(tokens, labels, hidden, batch_hidden)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -204,18 +215,25 @@ class PriorRecipe:
                 self.checkpoint()
         self.seconds = time.perf_counter() - started
 
-    def _batch(self, batches) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's next batch from its stream, classes dropped to the null token with
-        probability label_dropout: drawn for the whole batch from (seed, step), this rank's
-        positions taken, so the same rows lose their class whatever the ranks."""
+    def _batch(self, batches) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+        """This rank's next batch from its stream: tokens, labels (classes dropped to the null
+        token with probability label_dropout), a MaskGIT prior's hidden tokens (None for an AR
+        prior) and how many the whole batch hides. Classes and masks are drawn for the whole
+        batch from (seed, step), this rank's rows taken, so the same rows lose their class and
+        hide the same tokens whatever the ranks."""
         tokens, labels = next(batches)
-        if not self.num_classes:
-            return tokens.to(self.device), None
         draws = torch.Generator().manual_seed(self.cfg.seed * DROPOUT_STRIDE + self.step)
-        first = self.rank * len(labels)
-        dropped = torch.rand(self.cfg.batch_size, generator=draws)[first : first + len(labels)] < self.cfg.label_dropout
-        labels = torch.where(dropped, torch.full_like(labels, -1), labels)
-        return tokens.to(self.device), labels.to(self.device)
+        mine = slice(self.rank * len(tokens), (self.rank + 1) * len(tokens))
+        if self.num_classes:
+            dropped = torch.rand(self.cfg.batch_size, generator=draws)[mine] < self.cfg.label_dropout
+            labels = torch.where(dropped, torch.full_like(labels, -1), labels).to(self.device)
+        else:
+            labels = None
+        hidden, batch_hidden = None, 0
+        if self.cfg.kind == "maskgit":
+            masks = random_masks(self.cfg.batch_size, tokens.shape[1], draws)
+            hidden, batch_hidden = masks[mine].to(self.device), int(masks.sum())
+        return tokens.to(self.device), labels, hidden, batch_hidden
 
     def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -292,7 +310,7 @@ def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, row_length: int, n
     if row_length != tokenizer.num_tokens:
         raise ValueError(f"token rows have {row_length} tokens, the tokenizer makes {tokenizer.num_tokens}")
     sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "dropout", "norm", "tie_weights")}
-    return build_prior(tokenizer, num_classes=num_classes, **sizes)
+    return build_prior(tokenizer, num_classes=num_classes, kind=cfg.kind, **sizes)
 
 
 def _build_optimizer(cfg: TrainPriorConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -4,7 +4,8 @@ prior's tokenizer travels in the same model.
 predict(rows, params) -> one sample per row. `rows`: a DataFrame whose optional `class` column
 names each row's class (an id or a class name; empty: unconditional), or an int array of class
 ids, or an int n for n unconditional samples. params: temperature, top_k, top_p,
-guidance_scale (as `vqpipe sample`), seed, and output: "tokens" (int64 (n, L), the default) or
+guidance_scale, guidance_schedule, decode_steps and choice_temperature (MaskGIT priors) (as
+`vqpipe sample`), seed, and output: "tokens" (int64 (n, L), the default) or
 "images" (uint8 (n, H, W, 3)).
 """
 

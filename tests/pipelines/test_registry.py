@@ -111,3 +111,21 @@ def test_a_pipeline_against_an_mlflow_server_registers_pyfunc_models_and_promote
     expected = registry.image_metric(str(paths.tokenizer), paths.shards, "psnr", 10, 64, paths.root)
     assert float(champion_on_ten) == pytest.approx(expected, rel=1e-5)
     assert client.get_model_version_by_alias("vqpipe-tokenizer", "champion").version == champion.version
+
+    # A MaskGIT prior on the same tokens: registered with its kind, it never displaces an AR
+    # champion (bits per hidden token are not bits per token), and its pyfunc model decodes in
+    # the steps it is asked for.
+    masked = Paths(tmp_path / "maskgit")
+    for folder in ("shards", "tokenizer", "tokens"):
+        shutil.copytree(getattr(paths, folder), getattr(masked, folder))
+    maskgit_cfg = params.train_prior.model_copy(update={"kind": "maskgit", "checkpoint_dir": str(tmp_path / "ckpt-mg")})
+    maskgit_run = train_prior.run(maskgit_cfg, masked)
+    evaluate_and_promote(params.model_copy(update={"train_prior": maskgit_cfg}), masked)
+    (version,) = [v for v in client.search_model_versions("name='vqpipe-prior'") if v.run_id == maskgit_run.run_id]
+    assert version.tags["vqpipe.prior_kind"] == "maskgit"
+    assert client.get_model_version_by_alias("vqpipe-prior", "champion").version == prior_champion.version
+    reason = client.get_model_version("vqpipe-prior", version.version).tags["vqpipe.promotion"]
+    assert reason.startswith("challenger: the champion is an AR prior and this a MaskGIT one"), reason
+    masked_model = mlflow.pyfunc.load_model(f"models:/vqpipe-prior/{version.version}")
+    drawn = masked_model.predict(rows, params={"seed": 1, "decode_steps": 3, "guidance_scale": 2.0})
+    assert drawn.shape == (3, tokenizer.num_tokens) and drawn.min() >= 0 and drawn.max() < tokenizer.codebook_size
