@@ -406,7 +406,7 @@ class TrainPriorConfig(_Section):
     # Training replaces a sample's class by the null token with this probability, so one
     # model samples conditionally, unconditionally and with classifier-free guidance.
     label_dropout: float = Field(0.1, ge=0, le=1)
-    # bf16 autocast on CUDA (auto: where supported); CPUs train in fp32.
+    # bf16 autocast where native (auto: CUDA, AVX512-BF16 CPUs); fp32 otherwise.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Each trained prior (with its tokenizer) becomes a version of this MLflow registered
     # model: `vqpipe sample --prior models:/NAME@ALIAS`; null registers nothing.

@@ -32,6 +32,7 @@ TINY = {
     },
     "tokenize": {"batch_size": 32, "actors": 2},
     "train_prior": {
+        "precision": "fp32",  # exact comparisons (DDP against one process): bf16 sums in other orders
         "n_layer": 1,
         "n_head": 2,
         "n_embd": 16,

@@ -181,7 +181,7 @@ class PriorRecipe:
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             loss_fn = DistributedDataParallel(loss_fn, device_ids=ids)
-        amp = autocast_dtype(cfg.precision, self.device) if self.device.type == "cuda" else None
+        amp = autocast_dtype(cfg.precision, self.device)
         stream = TokenStream(
             self.train_parts,
             self.tiers,
