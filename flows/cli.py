@@ -371,7 +371,8 @@ def cmd_sample(args) -> int:
         name = drawn.class_names[first] if drawn.class_names and same else None
         what = f" of class {first}{f' ({name})' if name else ''}" if same else " (classes round-robin)"
     guide = request.options.guidance_scale
-    guided = f", guidance {guide:g}" if guide != 1.0 else ""
+    ramp = " (linear ramp)" if request.options.guidance_schedule == "linear" else ""
+    guided = f", guidance {guide:g}{ramp}" if guide != 1.0 else ""
     print(f"{args.n} samples{what}{guided} at {drawn.tokens_per_second:.0f} tokens/s -> {out}")
     return 0
 

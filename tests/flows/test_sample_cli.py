@@ -68,6 +68,8 @@ def test_bad_sampling_requests_exit_2_and_draw_nothing(tiny_project, tmp_path, c
         (["--class", "hexagon"], "no class named 'hexagon'"),
         (["--top-p", "1.5"], "--top-p: Input should be less than or equal to 1"),
         (["--top-k", "0"], "--top-k: Input should be greater than or equal to 1"),
+        (["--decode-steps", "0"], "--decode-steps: Input should be greater than or equal to 1"),
+        (["--guidance-schedule", "cosine"], "--guidance-schedule: Input should be 'constant' or 'linear'"),
         (["--prior", str(tmp_path)], "is not a prior export"),
     ):
         assert main(base + extra) == 2, extra
