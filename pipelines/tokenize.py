@@ -10,6 +10,7 @@ runtime one: the parts are the same whatever the batch size or the number of act
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -55,7 +56,8 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
             names=names,
         )
         split_of = {names[url]: split for split, url in entries}
-        result = tokenize_corpus(job, annotate=lambda manifest: _annotate(manifest, split_of, shard_manifest))
+        lineage = _lineage(paths, shard_manifest)
+        result = tokenize_corpus(job, annotate=lambda manifest: _annotate(manifest, split_of, shard_manifest, lineage))
         if result.failed:
             raise RuntimeError(
                 "shards could not be read: " + "; ".join(f"{f['input_shard']}: {f['error']}" for f in result.failed)
@@ -77,9 +79,23 @@ def run(cfg: TokenizeConfig, paths: Paths = Paths()) -> TokenizeResult:
         return TokenizeResult(paths.tokens, manifest)
 
 
-def _annotate(manifest: dict, split_of: dict[str, str], shard_manifest: dict) -> None:
+def _lineage(paths: Paths, shard_manifest: dict) -> dict:
+    """Where the tokens came from, for `vqpipe export`'s meta.json: the source's description and
+    fingerprint (the source_fingerprint stage's digest), the shard manifest's sha256."""
+    fingerprint = None
+    if paths.source_fingerprint.is_file():
+        fingerprint = json.loads(paths.source_fingerprint.read_text()).get("digest")
+    return {
+        "source": shard_manifest.get("source"),
+        "source_fingerprint": fingerprint,
+        "shard_manifest_sha256": shard_io.sha256_file(paths.shards / shard_io.MANIFEST),
+    }
+
+
+def _annotate(manifest: dict, split_of: dict[str, str], shard_manifest: dict, lineage: dict) -> None:
     """What the pipeline's later stages read besides the parts: each part's split, the class
-    names, the rows per split."""
+    names, the rows per split; and the tokens' lineage."""
+    manifest["lineage"] = lineage
     for part in manifest["parts"]:
         part["split"] = split_of[part["input_shard"]]
     manifest["classes"] = shard_manifest.get("classes")

@@ -1,10 +1,14 @@
-"""Built-in procedural dataset: coloured shapes on varied backgrounds, labelled by shape.
+"""Built-in procedural dataset: coloured shapes on varied backgrounds, labelled by shape and
+captioned with what was drawn ("a red triangle on a white background").
 
 Deterministic by (seed, index): image i is the same whatever the order or number generated,
-so sharding can run in parallel partitions and still produce identical shards.
+so sharding can run in parallel partitions and still produce identical shards. Shape, colours,
+size and position are drawn independently of each other.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -24,20 +28,22 @@ PALETTE = np.array(
         (0.10, 0.10, 0.10),
     ]
 )
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "purple", "cyan", "white", "black")
 GRADIENT_SHARE = 0.3
 NATIVE_SIZE = 32
 _SUPERSAMPLE = 4  # render at 4x and box-downsample for anti-aliased edges
 
 
-def _background(rng: np.random.Generator, n: int, colours: np.ndarray) -> np.ndarray:
-    """(n, n, 3) float in [0, 1]: a solid colour or a linear gradient between two colours."""
+def _background(rng: np.random.Generator, n: int, colours: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(n, n, 3) float in [0, 1]: a solid colour or a linear gradient between two colours; and
+    whether it is a gradient."""
     a, b = colours
     if rng.random() >= GRADIENT_SHARE:
-        return np.broadcast_to(a, (n, n, 3)).copy()
+        return np.broadcast_to(a, (n, n, 3)).copy(), False
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:n, 0:n] / (n - 1)
     t = np.clip((np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)) + 0.5, 0, 1)[..., None]
-    return a * (1 - t) + b * t
+    return a * (1 - t) + b * t, True
 
 
 def _mask(shape: str, n: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -63,17 +69,47 @@ def _mask(shape: str, n: int, cx: float, cy: float, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(index: int, seed: int = 0) -> tuple[Image.Image, int]:
-    """Image `index` of the dataset with this seed: (32x32 RGB image, class id)."""
+@dataclass(frozen=True)
+class Drawing:
+    """One image of the dataset and what was drawn on it: the class, the shape's palette
+    colour, the background's one or two (a gradient from the first to the second)."""
+
+    image: Image.Image
+    label: int
+    colour: int  # index into PALETTE / COLOUR_NAMES
+    background: tuple[int, ...]  # one index (solid) or two (gradient)
+
+    @property
+    def caption(self) -> str:
+        return caption(self.label, self.colour, self.background)
+
+
+def caption(label: int, colour: int, background: tuple[int, ...]) -> str:
+    """ "a red triangle on a white background", or "... on a white to black gradient"."""
+    thing = f"a {COLOUR_NAMES[colour]} {CLASSES[label]}"
+    if len(background) == 1:
+        return f"{thing} on a {COLOUR_NAMES[background[0]]} background"
+    return f"{thing} on a {COLOUR_NAMES[background[0]]} to {COLOUR_NAMES[background[1]]} gradient"
+
+
+def draw(index: int, seed: int = 0) -> Drawing:
+    """Image `index` of the dataset with this seed (32x32 RGB) and what is on it."""
     rng = np.random.default_rng([seed, index])
     label = int(rng.integers(len(CLASSES)))
     n = NATIVE_SIZE * _SUPERSAMPLE
     # Three distinct palette colours: the shape's never matches the background's.
-    colour, *background = PALETTE[rng.choice(len(PALETTE), 3, replace=False)]
-    canvas = _background(rng, n, np.array(background))
+    colour, *background = (int(i) for i in rng.choice(len(PALETTE), 3, replace=False))
+    canvas, gradient = _background(rng, n, PALETTE[background])
     r = rng.uniform(0.22, 0.36) * n
     cx, cy = rng.uniform(r, n - r, 2)
     mask = _mask(CLASSES[label], n, cx, cy, r)
-    canvas = np.where(mask[..., None], colour, canvas)
+    canvas = np.where(mask[..., None], PALETTE[colour], canvas)
     small = canvas.reshape(NATIVE_SIZE, _SUPERSAMPLE, NATIVE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
-    return Image.fromarray((small * 255 + 0.5).astype(np.uint8), "RGB"), label
+    image = Image.fromarray((small * 255 + 0.5).astype(np.uint8), "RGB")
+    return Drawing(image, label, colour, tuple(background) if gradient else (background[0],))
+
+
+def render(index: int, seed: int = 0) -> tuple[Image.Image, int]:
+    """Image `index` of the dataset with this seed: (32x32 RGB image, class id)."""
+    drawing = draw(index, seed)
+    return drawing.image, drawing.label

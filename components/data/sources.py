@@ -36,7 +36,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 class BuiltinShapes:
-    """`builtin:shapes`: `num_images` procedural images; identical for the same seed."""
+    """`builtin:shapes`: `num_images` procedural images, captioned with what is drawn on them
+    ("a red triangle on a white background"); identical for the same seed."""
 
     def __init__(self, num_images: int, seed: int):
         self.num_images, self.seed = num_images, seed
@@ -53,8 +54,8 @@ class BuiltinShapes:
 
     def samples(self, unit: SourceUnit) -> Iterator[RawSample]:
         for item in unit.ref:
-            img, label = shapes.render(int(item.ref), self.seed)
-            yield RawSample(item.key, str(item.ref), img, label)
+            drawing = shapes.draw(int(item.ref), self.seed)
+            yield RawSample(item.key, str(item.ref), drawing.image, drawing.label, drawing.caption)
 
     def listing(self) -> Iterator[tuple[str, int, str]]:
         yield self.description, 0, ""

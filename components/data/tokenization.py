@@ -208,7 +208,7 @@ class _PartBuilder:
         self.tokenizer, self.batch_size, self.model_lock = tokenizer, batch_size, model_lock
         tok = self.tokenizer
         tiers = [tok.tier_columns(tier) for tier in tok.tiers]
-        self.layout = PartLayout(tok.fingerprint, tok.codebook_size, tok.column_grids, tiers)
+        self.layout = PartLayout(tok.fingerprint, tok.codebook_size, tok.column_grids, tiers, tok.column_codebook_sizes)
         self.spool_path = spool
         self.spool: pq.ParquetWriter | None = None
         self.rows = 0

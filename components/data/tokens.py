@@ -8,7 +8,9 @@ hierarchical tokenizer (`tokens_top`, `tokens_bottom`; `tokens_top_group0`, ... 
 several tokens per position); `label` int32 when labelled; `caption` string (the sample's `txt`)
 and `meta` string (its `json`) when the samples have them; `cls` string for shards whose `cls`
 fields are not integer class ids. Schema metadata:
-`vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size` (the largest tier's), `vqpipe.grid`
+`vqpipe.tokenizer_fingerprint`, `vqpipe.codebook_size` (the largest tier's),
+`vqpipe.codebook_sizes` (JSON: token column -> its codebook's size; parts before vqpipe 0.10 lack
+it, and every column reads as `vqpipe.codebook_size`), `vqpipe.grid`
 (JSON: token column -> [h, w], in column order), `vqpipe.tiers` (JSON: the columns of each
 tier, coarsest first; `vqpipe.levels` in parts of vqpipe 0.1, still read), `vqpipe.version`, and
 `vqpipe.source` (JSON: the input shard, samples
@@ -49,6 +51,7 @@ from components.io import atomic_write_to, is_url
 MANIFEST = "_manifest.json"
 META_FINGERPRINT = b"vqpipe.tokenizer_fingerprint"
 META_CODEBOOK = b"vqpipe.codebook_size"
+META_CODEBOOK_SIZES = b"vqpipe.codebook_sizes"
 META_GRID = b"vqpipe.grid"
 META_TIERS = b"vqpipe.tiers"
 META_LEGACY_TIERS = b"vqpipe.levels"  # what vqpipe 0.1 called it
@@ -76,13 +79,15 @@ def tokens_array(tokens: np.ndarray, codebook_size: int) -> pa.ListArray:
 @dataclass(frozen=True)
 class PartLayout:
     """What a part says about its tokens, the same for every part of one tokenizer:
-    `fingerprint`, `codebook_size`, `grid` (every column's (h, w), or one per column) and
-    `tiers` (the columns of each tier, coarsest first; default: one tier)."""
+    `fingerprint`, `codebook_size`, `grid` (every column's (h, w), or one per column),
+    `tiers` (the columns of each tier, coarsest first; default: one tier) and
+    `codebook_sizes` (per column; default: `codebook_size` for every one)."""
 
     fingerprint: str
     codebook_size: int
     grid: tuple[int, int] | dict[str, tuple[int, int]]
     tiers: list[list[str]] | None = None
+    codebook_sizes: dict[str, int] | None = None
 
 
 @dataclass
@@ -127,6 +132,9 @@ def token_table(
     metadata = {
         META_FINGERPRINT: layout.fingerprint.encode(),
         META_CODEBOOK: str(layout.codebook_size).encode(),
+        META_CODEBOOK_SIZES: json.dumps(
+            {name: (layout.codebook_sizes or {}).get(name, layout.codebook_size) for name in tokens}
+        ).encode(),
         META_GRID: json.dumps({name: list(grids[name]) for name in tokens}).encode(),
         META_TIERS: json.dumps(tiers).encode(),
         META_VERSION: __version__.encode(),
@@ -170,10 +178,16 @@ class PartInfo:
     tiers: list  # the token columns of each tier, coarsest first
     source: dict | None = None  # input_shard, samples, rejects (None for parts without it)
     row_groups: int = 1
+    column_sizes: dict | None = None  # token column -> codebook size (None: parts before 0.10)
 
     @property
     def token_columns(self) -> list[str]:
         return list(self.grid)
+
+    @property
+    def codebook_sizes(self) -> dict[str, int]:
+        """Every token column's codebook size (`codebook_size` for each, in parts before 0.10)."""
+        return self.column_sizes or {name: self.codebook_size for name in self.grid}
 
 
 def part_info(path: str | Path, filesystem=None) -> PartInfo:
@@ -189,6 +203,7 @@ def part_info(path: str | Path, filesystem=None) -> PartInfo:
         tiers=_tiers(schema_meta),
         source=json.loads(schema_meta[META_SOURCE]) if META_SOURCE in schema_meta else None,
         row_groups=meta.num_row_groups,
+        column_sizes=json.loads(schema_meta[META_CODEBOOK_SIZES]) if META_CODEBOOK_SIZES in schema_meta else None,
     )
 
 

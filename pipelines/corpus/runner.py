@@ -84,6 +84,7 @@ def corpus_manifest(tokenizer: Tokenizer, results: list[ShardTokens], failed: li
     return {
         "tokenizer_fingerprint": tokenizer.fingerprint,
         "codebook_size": tokenizer.codebook_size,
+        "codebook_sizes": tokenizer.column_codebook_sizes,
         "image_size": tokenizer.image_size,
         "grid": {name: list(grid) for name, grid in tokenizer.column_grids.items()},
         "tiers": [tokenizer.tier_columns(tier) for tier in tokenizer.tiers],
