@@ -25,6 +25,7 @@ from components.settings import (
     BUILTIN_SOURCES,
     SOURCE_KINDS,
     EvaluateConfig,
+    ExportConfig,
     PipelineConfig,
     SampleConfig,
     SamplingOptions,
@@ -48,6 +49,7 @@ __all__ = [
     "SOURCE_KINDS",
     "ConfigError",
     "EvaluateConfig",
+    "ExportConfig",
     "Params",
     "PipelineConfig",
     "SampleConfig",
@@ -103,6 +105,7 @@ class Params(BaseModel):
     shard: ShardConfig = ShardConfig()
     train_tokenizer: TrainTokenizerConfig = TrainTokenizerConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
+    export: ExportConfig = ExportConfig()
     train_prior: TrainPriorConfig = TrainPriorConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -117,6 +120,7 @@ class Params(BaseModel):
             ("train_tokenizer.perceptual_weights", self.train_tokenizer.perceptual_weights),
             ("evaluate.perceptual_weights", self.evaluate.perceptual_weights),
             ("evaluate.inception_weights", self.evaluate.inception_weights),
+            ("export.text_tokenizer", self.export.text_tokenizer),
         ):
             if value and not (Path(root) / value).is_file():
                 problems.append(

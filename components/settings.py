@@ -392,6 +392,24 @@ class TokenizeConfig(_Section):
     device: Device = runtime("auto")
 
 
+class ExportConfig(_Section):
+    """The `export` stage: data/tokens -> data/lm, what a language model trains on
+    (components/data/lm_export.py documents the vocabulary; `vqpipe export` does the same for any
+    token output)."""
+
+    # bin: packed ids per split (train.bin, val.bin: nanoGPT's, read with np.memmap);
+    # parquet: rows of input_ids, key, label, caption (load_dataset("parquet", ...)).
+    format: Literal["bin", "parquet"] = "bin"
+    # Put each image's caption ids before it ([caption] boi [image] eoi).
+    captions: bool = True
+    # A Hugging Face `tokenizers` JSON file (a local path) for the captions; null: UTF-8 bytes.
+    text_tokenizer: str | None = None
+    # Longer captions are cut to this many ids (counted in meta.json's caption_counts).
+    max_caption_tokens: int = Field(256, ge=1)
+    # Rows converted at once (memory holds this many, never a part).
+    batch_rows: int = runtime(4096, ge=1)
+
+
 class TrainPriorConfig(_Section):
     # ar: a causal transformer, token by token in raster order; maskgit: a bidirectional one
     # trained on masked tokens, sampled in `sampling.decode_steps` parallel steps (one token tier).

@@ -21,6 +21,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pipeline_commands(sub)
     _add_tokenize(sub)
+    _add_export(sub)
     _add_sample(sub)
     return parser
 
@@ -163,6 +164,36 @@ def _add_tokenize(sub) -> None:
     _renamed(
         tok, {"--workers": "--actors", "--cpus-per-worker": "--cpus-per-actor", "--gpus-per-worker": "--gpus-per-actor"}
     )
+
+
+def _add_export(sub) -> None:
+    exp = sub.add_parser(
+        "export",
+        help="token parts -> what a language model trains on: packed ids (bin) or Parquet rows, and meta.json",
+        description="Reads a finished token output (vqpipe tokenize's, or data/tokens) a batch at a time; writes "
+        "train.bin/val.bin (np.memmap) or {split}-NNNNN.parquet rows of input_ids, key, label, caption; and meta.json "
+        "(the vocabulary: text ids, image_offset, codebook sizes, boi/eoi/separators; grids; lineage). A rerun "
+        "resumes a killed export and leaves a finished one as it is. The run is recorded in MLflow. "
+        "Exit status 2 on bad input. Layout: docs/lm-export.md.",
+    )
+    exp.add_argument("--input", required=True, help="token parts with their _manifest.json: a path or fsspec URL")
+    exp.add_argument("--output", required=True, help="local directory for the export")
+    exp.add_argument("--format", choices=("bin", "parquet"), default="bin", help="bin (default) or parquet")
+    exp.add_argument(
+        "--captions", action="store_true", help="put each image's caption ids before it: [caption] boi [image] eoi"
+    )
+    exp.add_argument(
+        "--text-tokenizer",
+        default=None,
+        help="a Hugging Face tokenizers JSON file (local) for the captions and the text vocabulary; "
+        "default with --captions: UTF-8 bytes (256 ids)",
+    )
+    exp.add_argument(
+        "--max-caption-tokens", type=_positive, default=256, help="longer captions are cut (counted; default 256)"
+    )
+    exp.add_argument("--overwrite", action="store_true", help="replace an export of other inputs or settings")
+    exp.add_argument("--batch-rows", type=_positive, default=4096, help="rows converted at once (default 4096)")
+    exp.add_argument("--no-track", action="store_true", help="record nothing in MLflow")
 
 
 def _add_tokenize_runtime(tok: argparse.ArgumentParser) -> None:

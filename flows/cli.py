@@ -9,6 +9,7 @@ vqpipe validate [--profile profiles/gpu-256.yaml]
 vqpipe apply-profile profiles/gpu-256.yaml
 vqpipe import-tokenizer --format llamagen vq_ds16_c2i.pt --output models/llamagen-vq16
 vqpipe tokenize --tokenizer models/tokenizer --input 'data/{00000..00099}.tar' --output tokens/
+vqpipe export --input tokens/ --output lm/ --format bin --captions
 vqpipe sample --n 64 --class 3 --guidance 2.0 --out grid.png
 """
 
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 
 from components.config import ConfigError, SamplingOptions, load_params
 from components.data.corpus import expand_inputs
+from components.data.lm_export import ExportError
 from components.metrics import save_grid
 from components.tokenizers import Tokenizer
 from components.tokenizers.published import MODELS, CheckpointError, convert_checkpoint
@@ -41,10 +43,12 @@ from flows.lock import ProjectBusy, project_lock
 from flows.profiles import apply_profile
 from flows.remote import RemoteError, gc, pull, push
 from pipelines.corpus import resolve_tokenizer
+from pipelines.corpus.planning import OutputBusy
 from pipelines.lifecycle import exit_on_signals
+from pipelines.lm_export import export_lm, log_to_mlflow
 from pipelines.runtime import setup_logging
 from pipelines.sample import SampleRequest, draw, load_models
-from pipelines.tracking import MLFLOW_SCHEMES, tracking_uri
+from pipelines.tracking import MLFLOW_SCHEMES, tracking_uri, use_experiment
 
 # Prefect's server tries to send telemetry at start; there is no network to send it to.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -337,6 +341,59 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    setup_logging()
+    logging.getLogger("vqpipe").setLevel(logging.INFO)
+    try:
+        with _export_run(args) as track:
+            result = export_lm(
+                args.input,
+                args.output,
+                args.format,
+                captions=args.captions,
+                text_tokenizer=args.text_tokenizer,
+                max_caption_tokens=args.max_caption_tokens,
+                overwrite=args.overwrite,
+                batch_rows=args.batch_rows,
+            )
+            if track:
+                log_to_mlflow(result)
+    except (ExportError, OutputBusy, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = result.meta
+    splits = ", ".join(f"{name} {s['images']} images ({s['ids']} ids)" for name, s in meta["splits"].items())
+    print(
+        f"\n{result.output}: {meta['format']}, {meta['dtype']}, vocab_size {meta['vocab_size']} "
+        f"(text {meta['text_vocab_size']}, image codes from {meta['image_offset']}, "
+        f"boi {meta['special_tokens']['boi']}, eoi {meta['special_tokens']['eoi']})\n{splits}\n"
+        + (
+            "already complete: nothing to do"
+            if result.already_complete
+            else f"this run: {result.parts_written} parts ({result.parts_skipped} done before), {result.rows} rows "
+            f"in {result.seconds:.1f} s ({result.rows_per_second:.0f} rows/s, {result.mb_per_second:.1f} MB/s)"
+        )
+        + f"\nmeta: {result.output / 'meta.json'}"
+    )
+    return 0
+
+
+@contextlib.contextmanager
+def _export_run(args):
+    """An MLflow run for `vqpipe export` (the project's store, or MLFLOW_TRACKING_URI) unless
+    --no-track; yields whether there is one. It is FAILED when the export fails."""
+    if args.no_track:
+        yield False
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(args.repo))
+    use_experiment()
+    with mlflow.start_run(run_name="export", tags={"vqpipe.stage": "export", "vqpipe.command": "vqpipe export"}):
+        mlflow.log_params({"export.input": args.input, "export.output": str(Path(args.output).resolve())})
+        yield True
+
+
 def cmd_sample(args) -> int:
     repo = Path(args.repo)
 
@@ -428,6 +485,7 @@ COMMANDS = {
     "apply-profile": cmd_apply_profile,
     "import-tokenizer": cmd_import_tokenizer,
     "tokenize": cmd_tokenize,
+    "export": cmd_export,
     "sample": cmd_sample,
     "pull": cmd_pull,
     "push": cmd_push,

@@ -19,7 +19,7 @@ from pipelines.source_fingerprint import describe_change
 FINGERPRINT_STAGE = "source_fingerprint"
 WEIGHTS_STAGE = "weights_fingerprint"
 LISTING_STAGES = (FINGERPRINT_STAGE, WEIGHTS_STAGE)  # always_changed: they list, cheaply, what DVC cannot hash
-STAGES = (*LISTING_STAGES, "shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate")
+STAGES = (*LISTING_STAGES, "shard", "train_tokenizer", "tokenize", "export", "train_prior", "sample", "evaluate")
 TRAINING_STAGES = ("train_tokenizer", "train_prior")  # they checkpoint: retried, resumed, their checkpoints gc'd
 
 

@@ -27,6 +27,7 @@ class Paths:
         self.source_fingerprint = root / "data" / "source.json"
         self.weights = root / "data" / "weights"  # the weights files params name, by content
         self.tokens = root / "data" / "tokens"
+        self.lm = root / "data" / "lm"  # the export stage's: what a language model trains on
         self.tokenizer = root / "models" / "tokenizer"
         self.prior = root / "models" / "prior"
         self.samples = root / "samples"

@@ -24,8 +24,9 @@ from components.data.shards import sha256_file
 from components.io import write_json
 from pipelines.runtime import Paths, stage_main
 
-WEIGHTS = {  # the stage that reads them -> the params naming weights files
+WEIGHTS = {  # the stage that reads them -> the params naming weights files (or, for export, a text tokenizer)
     "train_tokenizer": ("perceptual_weights",),
+    "export": ("text_tokenizer",),
     "evaluate": ("inception_weights", "perceptual_weights"),
 }
 CACHE = Path(".dvc") / "tmp" / "vqpipe-weights-hashes.json"

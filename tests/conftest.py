@@ -193,14 +193,15 @@ def tiny_params() -> Params:
 
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory, tiny_params, ray_cluster):
-    """The six stages run once, in order, on the tiny config; results by stage name."""
-    from pipelines import evaluate, sample, shard, tokenize, train_prior, train_tokenizer
+    """The stages run once, in order, on the tiny config; results by stage name."""
+    from pipelines import evaluate, lm_export, sample, shard, tokenize, train_prior, train_tokenizer
 
     paths = Paths(tmp_path_factory.mktemp("project"))
     results = {
         "shard": shard.run(tiny_params.shard, paths),
         "train_tokenizer": train_tokenizer.run(tiny_params.train_tokenizer, paths),
         "tokenize": tokenize.run(tiny_params.tokenize, paths),
+        "export": lm_export.run(tiny_params.export, paths),
         "train_prior": train_prior.run(tiny_params.train_prior, paths),
         "sample": sample.run(tiny_params.sample, paths),
         "evaluate": evaluate.run(tiny_params.evaluate, paths),

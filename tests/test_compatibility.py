@@ -13,11 +13,14 @@ import pytest
 import torch
 
 from components.config import parse_params
+from components.data import shapes
 from components.data import tokens as token_io
 from components.priors import Sampler, load_prior
 from components.tokenizers import Tokenizer
 from pipelines import shard, tokenize, train_prior, train_tokenizer
+from pipelines.lm_export import export_lm
 from pipelines.runtime import Paths
+from tests.lm_checks import assert_round_trip
 
 V0_1_0 = Path(__file__).parent / "fixtures" / "v0.1.0"
 # The settings the fixtures were made with (make_v0_1_0.py), under today's names.
@@ -52,15 +55,18 @@ def test_exports_and_parts_of_0_1_load_and_agree(arch, tiers):
     assert tokens.shape == (2, tokenizer.num_tokens)
 
 
-def test_checkpoints_of_0_1_resume_and_its_tokenizer_tokenizes_as_it_did(tmp_path, ray_cluster):
+def test_checkpoints_of_0_1_resume_and_its_tokenizer_tokenizes_as_it_did(tmp_path, ray_cluster, monkeypatch):
     """A project of 0.1 (its shards made again: they are deterministic), its tokenizer and its
     checkpoints: tokenizing gives the tokens 0.1 wrote, and both training stages extend the old
-    finished runs (4 steps) to 6 steps from where they stopped."""
+    finished runs (4 steps) to 6 steps from where they stopped. The built-in shapes are captioned
+    since 0.10; 0.1's shards were not, and a tokenizer checkpoint is tied to its shards' bytes, so
+    they are made without captions: 0.1's shards again."""
     old = V0_1_0 / "vqvae"
     params = parse_params(
         {"shard": SHARD, "train_tokenizer": {**TOKENIZER, "steps": 6}, "train_prior": {**PRIOR, "steps": 6}}
     )
     paths = Paths(tmp_path)
+    monkeypatch.setattr(shapes.Drawing, "caption", property(lambda drawing: None))
     shard.run(params.shard, paths)
     shutil.copytree(old / "tokenizer", paths.tokenizer)
     tokenize.run(params.tokenize, paths)
@@ -76,3 +82,19 @@ def test_checkpoints_of_0_1_resume_and_its_tokenizer_tokenizes_as_it_did(tmp_pat
     assert prior.metrics["resumed_from_step"] == 4 and prior.metrics["steps"] == 6
     tokenizer = train_tokenizer.run(params.train_tokenizer, paths)
     assert tokenizer.metrics["resumed_from_step"] == 4 and tokenizer.metrics["steps"] == 6
+
+
+@pytest.mark.parametrize("arch", ["vqvae", "vqvae2"])
+def test_parts_of_0_1_export_for_a_language_model(arch, tmp_path):
+    """Parts without per-column codebook sizes (before 0.10) give every column the part's size;
+    manifests without lineage give the input shards' names."""
+    tokens = tmp_path / "tokens"
+    shutil.copytree(V0_1_0 / arch / "tokens", tokens)
+    manifest = _manifest(arch)
+    manifest["parts"] = [p for p in manifest["parts"] if (tokens / p["part"]).is_file()]  # the fixtures keep one
+    token_io.write_manifest(tokens, manifest)
+    meta = export_lm(tokens, tmp_path / "lm", "parquet", captions=True).meta
+    assert meta["codebook_sizes"] == {c: 16 for tier in manifest["levels"] for c in tier}
+    assert meta["lineage"]["source"].startswith("1 input shards") and meta["lineage"]["shard_manifest_sha256"] is None
+    assert meta["caption_counts"]["missing"] == 24
+    assert_round_trip(tmp_path / "lm", tokens)

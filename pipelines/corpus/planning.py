@@ -118,7 +118,7 @@ LOCK_FILE = ".vqpipe-tokenize.lock"
 
 
 @contextlib.contextmanager
-def output_lock(output: str) -> Iterator[None]:
+def output_lock(output: str, lock_file: str = LOCK_FILE) -> Iterator[None]:
     """Hold the output directory for one run: a second `vqpipe tokenize` (or tokenize stage) on
     it refuses at once, naming the holder, instead of removing the first one's temporaries.
     The lock is the kernel's (flock): a run that dies, even by kill -9, lets go of it. Object
@@ -128,7 +128,7 @@ def output_lock(output: str) -> Iterator[None]:
         return
     root = Path(output.removeprefix("file://"))
     root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_FILE
+    path = root / lock_file
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

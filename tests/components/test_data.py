@@ -23,6 +23,28 @@ def test_shapes_are_deterministic_by_seed():
     assert labels == set(range(len(shapes.CLASSES)))
 
 
+def test_shape_captions_say_what_the_pixels_show():
+    gradients = 0
+    for i in range(300):
+        drawing = shapes.draw(i)
+        pixels = np.asarray(drawing.image).reshape(-1, 3).astype(int)
+        colour = np.round(shapes.PALETTE[drawing.colour] * 255).astype(int)
+        words = drawing.caption.split(" ")
+        assert words[:3] == ["a", shapes.COLOUR_NAMES[drawing.colour], shapes.CLASSES[drawing.label]]
+        assert (np.abs(pixels - colour).max(axis=1) <= 1).sum() >= 9  # the shape's inside is its colour
+        if len(drawing.background) == 1:
+            assert drawing.caption.endswith(f"on a {shapes.COLOUR_NAMES[drawing.background[0]]} background")
+            corner = np.round(shapes.PALETTE[drawing.background[0]] * 255).astype(int)
+            assert np.abs(pixels[0] - corner).max() <= 1  # shapes never reach the corners
+        else:
+            gradients += 1
+            a, b = (shapes.COLOUR_NAMES[c] for c in drawing.background)
+            assert drawing.caption.endswith(f"on a {a} to {b} gradient")
+        assert drawing.colour not in drawing.background
+        assert np.array_equal(np.asarray(drawing.image), np.asarray(shapes.render(i)[0]))
+    assert 0.2 < gradients / 300 < 0.4  # GRADIENT_SHARE
+
+
 def test_split_is_deterministic_and_near_the_fraction():
     keys = [f"k{i}" for i in range(4000)]
     splits = [assign_split(k, 0.25, seed=0) for k in keys]

@@ -270,7 +270,7 @@ def _parent_run_compares_at_a_glance(repo: Path, parent, children: dict[str, str
     source = json.loads((repo / "data/source.json").read_text())["digest"][:32]
     assert datasets("shard") == {"source": source}
     assert datasets("train_tokenizer") == {"shards": shards} == datasets("tokenize")
-    assert datasets("train_prior") == {"tokens": tokens}
+    assert datasets("train_prior") == {"tokens": tokens} == datasets("export")
     assert datasets("evaluate") == {"shards": shards, "tokens": tokens}
 
 
@@ -380,7 +380,7 @@ def test_status_lists_every_stage(tmp_path, capsys):
     repo = _make_repo(tmp_path / "repo")
     assert main(["--repo", str(repo), "status"]) == 0
     out = capsys.readouterr().out
-    for stage in ("shard", "train_tokenizer", "tokenize", "train_prior", "sample", "evaluate"):
+    for stage in ("shard", "train_tokenizer", "tokenize", "export", "train_prior", "sample", "evaluate"):
         assert f"{stage}" in out
     assert "stale" in out and "params.yaml" in out
 
@@ -391,11 +391,13 @@ def test_downstream_follows_outputs_through_the_dag():
     assert downstream(ROOT, {"shard"}) == {
         "train_tokenizer": ["shard"],
         "tokenize": ["shard"],
+        "export": ["shard"],
         "train_prior": ["shard"],
         "sample": ["shard"],
         "evaluate": ["shard"],
     }
     assert downstream(ROOT, {"tokenize"}) == {
+        "export": ["tokenize"],
         "train_prior": ["tokenize"],
         "sample": ["tokenize"],
         "evaluate": ["tokenize"],

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,9 +18,11 @@ from components.config import parse_params
 from components.data import tokens as token_io
 from components.tokenizers import Tokenizer
 from pipelines import evaluate, sample, tokenize, train_prior, train_tokenizer
+from pipelines.lm_export import export_lm
 from pipelines.runtime import Paths
 from tests.components.test_architectures import _lpips_file
 from tests.conftest import TINY
+from tests.lm_checks import assert_round_trip, flattened
 
 ARCHS = {
     "vqvae2": (
@@ -103,6 +106,13 @@ def test_pipeline_with_each_architecture(arch, tiny_project, tmp_path, mlflow_st
     val = token_io.read_tokens(token_io.split_parts(paths.tokens, "val"), fingerprint=tok.fingerprint)
     assert val.tiers == [[c] for c in grids] and val.tokens.shape[1] == tok.num_tokens
     assert val.column(list(grids)[0]).max() < tok.column_codebook_sizes[list(grids)[0]]
+    # The LM export: a range of ids per tier (its own codebook size), a separator before the
+    # second, read back to the same tokens and the same images.
+    exported = export_lm(paths.tokens, tmp_path / "lm", "bin", captions=True).meta
+    assert exported["codebook_sizes"] == tok.column_codebook_sizes
+    assert list(exported["special_tokens"]) == ["boi", "eoi", *(f"sep_{c}" for c in list(grids)[1:]), "pad"]
+    back = assert_round_trip(tmp_path / "lm", paths.tokens)
+    assert np.array_equal(flattened(back["val"], val.tiers), val.tokens)
 
     train_prior.run(params.train_prior, paths)
     drawn = sample.run(params.sample, paths)  # decoding checks every tier's range

@@ -13,8 +13,10 @@ from components.data import tokens as token_io
 from components.priors import load_prior
 from components.tokenizers import Tokenizer
 from pipelines import sample, tokenize, train_prior, train_tokenizer
+from pipelines.lm_export import export_lm
 from pipelines.runtime import Paths
 from tests.conftest import TINY
+from tests.lm_checks import assert_round_trip, flattened
 
 QUANTIZERS = {
     "vq": ({"type": "vq", "codebook_size": 16, "ema": False, "cosine": True}, ["tokens"]),
@@ -61,6 +63,13 @@ def test_pipeline_with_each_quantizer_type(kind, tiny_project, tmp_path):
     assert val.tokens.shape[1] == tok.num_tokens == 16 * len(columns)
     # The shards decode back to what the tokenizer makes of the images.
     assert tok.decode(tok.unflatten(torch.from_numpy(val.tokens[:2]))).shape == (2, 3, 16, 16)
+    # The LM export: a range of ids per column, a separator before each but the first; read
+    # back to the same tokens.
+    exported = export_lm(paths.tokens, tmp_path / "lm", "parquet").meta
+    assert list(exported["special_tokens"]) == ["boi", "eoi", *(f"sep_{c}" for c in columns[1:]), "pad"]
+    assert exported["image_length"] == 2 + 16 * len(columns) + len(columns) - 1
+    back = assert_round_trip(tmp_path / "lm", paths.tokens)
+    assert np.array_equal(flattened(back["val"], val.tiers), val.tokens)
 
     train_prior.run(params.train_prior, paths)
     prior, _ = load_prior(paths.prior, tokenizer=tok)

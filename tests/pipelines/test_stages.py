@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from components.data import shapes
 from components.data import tokens as token_io
 from components.data.shards import load_split, read_manifest, split_batches
 from components.priors import load_prior
@@ -73,7 +74,11 @@ def test_tokenize(tiny_project):
     # The shards' json (source and class name) travels with the tokens, readable with pandas.
     df = pd.read_parquet(paths.tokens / manifest["parts"][0]["part"])
     meta = json.loads(df["meta"].iloc[0])
-    assert meta["class_name"] in {"circle", "square", "triangle", "cross"} and "caption" not in df.columns
+    assert meta["class_name"] in {"circle", "square", "triangle", "cross"}
+    # The built-in shapes' captions say what is drawn, and come through with the tokens.
+    index = int(df["key"].iloc[0].removeprefix("shapes-"))
+    assert df["caption"].iloc[0] == shapes.draw(index).caption
+    assert df["caption"].iloc[0].split(" ")[2] == meta["class_name"]
 
 
 def test_train_prior(tiny_project):
