@@ -194,6 +194,7 @@ def _print_outputs(repo: Path, run_id: str) -> None:
     show("metrics/evaluate.json", "metrics")
     show("models/tokenizer", "tokenizer")
     show("data/tokens", "token shards")
+    show("data/lm/meta.json", "LM export")
     metrics = repo / "metrics" / "evaluate.json"
     if metrics.exists():
         values = json.loads(metrics.read_text())

@@ -258,7 +258,7 @@ def export_lm(
         seconds = time.perf_counter() - started
     result = ExportResult(out, meta, written, len(parts) - written, rows, ids, read, seconds, per_split=state["splits"])
     log.info(
-        "exported %d rows (%d ids) from %d parts in %.1f s (%.0f rows/s, %.1f MB/s of parts) to %s",
+        "exported %d rows (%d ids) from %d parts in %.2f s (%.0f rows/s, %.1f MB/s of parts) to %s",
         rows,
         ids,
         written,
