@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,16 +29,19 @@ def read_back(out: Path) -> dict[str, list[lm.Sequence]]:
     return splits
 
 
-def source_tables(token_dir: Path, split: str) -> list[pa.Table]:
+def source_tables(token_dir: Path | str, split: str) -> list[pa.Table]:
+    """The parts of one split (a local folder or an fsspec URL), in the manifest's order."""
     manifest = token_io.read_manifest(token_dir)
-    return [
-        pq.read_table(token_dir / p["part"])
-        for p in manifest["parts"]
-        if (p.get("split") or "train") == split and p["rows"] > 0
-    ]
+    fs, root = fsspec.core.url_to_fs(str(token_dir))
+    tables = []
+    for part in manifest["parts"]:
+        if (part.get("split") or "train") == split and part["rows"] > 0:
+            with fs.open(f"{root}/{part['part']}", "rb") as f:
+                tables.append(pq.read_table(f))
+    return tables
 
 
-def assert_round_trip(out: Path, token_dir: Path) -> dict[str, list[lm.Sequence]]:
+def assert_round_trip(out: Path, token_dir: Path | str) -> dict[str, list[lm.Sequence]]:
     """The export's image ids are the parts' tokens, column by column and row by row, and its
     caption ids (UTF-8 bytes) the parts' captions; returns what was read back."""
     meta = lm.read_meta(out)

@@ -23,7 +23,9 @@ from components.data import tokens as token_io
 from components.data.images import decode_image, to_array
 from components.tokenizers import Tokenizer
 from pipelines.corpus import CorpusJob, resolve_tokenizer, tokenize_corpus
+from pipelines.lm_export import export_lm
 from tests.corpus import make_corpus
+from tests.lm_checks import assert_round_trip
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -348,6 +350,11 @@ def test_any_fsspec_destination_and_text_classes(tiny_project, tmp_path):
         table = pq.read_table(f)
     assert table.column("cls").to_pylist() == ["dog", "cat", None] and "label" not in table.column_names
     assert tokenize_corpus(job).skipped == 1  # resume works there too
+    # `vqpipe export` reads them from there too; a corpus without splits is all `train`.
+    exported = export_lm("memory://corpus-tokens", tmp_path / "lm", "bin").meta
+    assert exported["splits"]["train"]["images"] == 3 and list(exported["splits"]) == ["train"]
+    assert exported["lineage"]["source"].startswith("1 input shards") and exported["text_vocab_size"] == 0
+    assert_round_trip(tmp_path / "lm", "memory://corpus-tokens")
 
 
 def io_png() -> bytes:
