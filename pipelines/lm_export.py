@@ -370,7 +370,7 @@ class _ParquetWriter:
 
     def finish_part(self, part: dict) -> None:
         if self.writer is None:  # no rows came (parts are listed only with rows > 0)
-            raise lm.ExportError(f"{part['part']} held no rows, its manifest entry {part['rows']}")
+            raise lm.ExportError(f"{part['part']} holds no rows; its manifest entry says {part['rows']}")
         self.writer.close()
         fsync_path(self.tmp)
         os.replace(self.tmp, self.out / self.name(part))
