@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from components.config import SampleConfig
+from components.config import ExportConfig, SampleConfig
 from components.data.limits import DEFAULT_LIMITS
 from components.tokenizers.published import DEFAULT_MODEL, FORMATS, MODELS
 from flows.dvc import STAGES
 from pipelines.corpus.job import TOKENIZE
 
 SAMPLE = SampleConfig()  # `vqpipe sample`'s defaults are the sample stage's
+EXPORT = ExportConfig()  # and `vqpipe export`'s the export stage's
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -189,10 +190,18 @@ def _add_export(sub) -> None:
         "default with --captions: UTF-8 bytes (256 ids)",
     )
     exp.add_argument(
-        "--max-caption-tokens", type=_positive, default=256, help="longer captions are cut (counted; default 256)"
+        "--max-caption-tokens",
+        type=_positive,
+        default=EXPORT.max_caption_tokens,
+        help=f"longer captions are cut (counted; default {EXPORT.max_caption_tokens})",
     )
     exp.add_argument("--overwrite", action="store_true", help="replace an export of other inputs or settings")
-    exp.add_argument("--batch-rows", type=_positive, default=4096, help="rows converted at once (default 4096)")
+    exp.add_argument(
+        "--batch-rows",
+        type=_positive,
+        default=EXPORT.batch_rows,
+        help=f"rows converted at once (default {EXPORT.batch_rows})",
+    )
     exp.add_argument("--no-track", action="store_true", help="record nothing in MLflow")
 
 

@@ -390,7 +390,7 @@ def _export_run(args):
 
     mlflow.set_tracking_uri(tracking_uri(args.repo))
     use_experiment()
-    with mlflow.start_run(run_name="export", tags={"vqpipe.stage": "export", "vqpipe.command": "vqpipe export"}):
+    with mlflow.start_run(run_name="export", tags={"vqpipe.command": "vqpipe export"}):
         mlflow.log_params({"export.input": args.input, "export.output": str(Path(args.output).resolve())})
         yield True
 

@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -52,7 +52,7 @@ log = logging.getLogger("vqpipe.export")
 
 PROGRESS = "_progress.json"
 LOCK_FILE = ".vqpipe-export.lock"
-BATCH_ROWS = 4096
+DEFAULTS = ExportConfig()  # the stage's defaults are the command's
 
 
 @dataclass
@@ -66,7 +66,6 @@ class ExportResult:
     bytes_read: int  # token parts read this run (their file sizes)
     seconds: float
     already_complete: bool = False
-    per_split: dict = field(default_factory=dict)
 
     @property
     def rows_per_second(self) -> float:
@@ -176,9 +175,9 @@ def export_lm(
     fmt: str = "bin",
     captions: bool = False,
     text_tokenizer: str | Path | None = None,
-    max_caption_tokens: int = 256,
+    max_caption_tokens: int = DEFAULTS.max_caption_tokens,
     overwrite: bool = False,
-    batch_rows: int = BATCH_ROWS,
+    batch_rows: int = DEFAULTS.batch_rows,
     after_part=None,
 ) -> ExportResult:
     """Export the token parts in `input_dir` (a local folder or an fsspec URL) into the local
@@ -256,7 +255,7 @@ def export_lm(
         write_json(out / lm.META, meta)
         (out / PROGRESS).unlink()
         seconds = time.perf_counter() - started
-    result = ExportResult(out, meta, written, len(parts) - written, rows, ids, read, seconds, per_split=state["splits"])
+    result = ExportResult(out, meta, written, len(parts) - written, rows, ids, read, seconds)
     log.info(
         "exported %d rows (%d ids) from %d parts in %.2f s (%.0f rows/s, %.1f MB/s of parts) to %s",
         rows,

@@ -224,10 +224,19 @@ def _ragged(pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def _gather(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """flat[starts[i] : starts[i] + lengths[i]] for every i, back to back, without a loop."""
+def _spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices starts[i] .. starts[i] + lengths[i] - 1 for every i, back to back, without a loop."""
     within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return flat[np.repeat(starts, lengths) + within]
+    return np.repeat(starts, lengths) + within
+
+
+def _utf8(arr: pa.Array) -> bool:
+    """Whether every value of a binary array is UTF-8 (Arrow's check, vectorised)."""
+    try:
+        arr.cast(pa.string())
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def caption_ids(
@@ -245,12 +254,7 @@ def caption_ids(
     present = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     counts.written = int(present.sum())
     counts.missing = rows - counts.written
-    try:
-        arr.cast(pa.string())  # Arrow's UTF-8 validation, vectorised
-        valid = True
-    except pa.ArrowInvalid:
-        valid = False
-    if isinstance(text, ByteText) and valid:
+    if isinstance(text, ByteText) and _utf8(arr):
         offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + rows + 1].astype(np.int64)
         data = (
             np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
@@ -264,7 +268,7 @@ def caption_ids(
         starts = np.cumsum(lengths) - lengths
     counts.truncated = int((lengths > max_tokens).sum())
     cut = np.minimum(lengths, max_tokens)
-    ids = _gather(flat, starts, cut).astype(np.int64)
+    ids = flat[_spans(starts, cut)].astype(np.int64)
     if len(ids) and (ids.min() < 0 or ids.max() >= text.vocab_size):
         raise ExportError(f"the text tokenizer gave ids outside its vocabulary [0, {text.vocab_size})")
     return ids, cut, counts
@@ -308,9 +312,7 @@ def sequences(
     starts = np.cumsum(lengths) - lengths
     flat = np.empty(int(lengths.sum()), dtype=np.int64)
     flat[(starts + caption_lengths)[:, None] + np.arange(length)] = images
-    if len(captions):
-        within = np.arange(len(captions)) - np.repeat(np.cumsum(caption_lengths) - caption_lengths, caption_lengths)
-        flat[np.repeat(starts, caption_lengths) + within] = captions
+    flat[_spans(starts, caption_lengths)] = captions
     return flat, lengths, counts
 
 
