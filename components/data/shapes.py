@@ -8,6 +8,7 @@ size and position are drawn independently of each other.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,3 +114,47 @@ def render(index: int, seed: int = 0) -> tuple[Image.Image, int]:
     """Image `index` of the dataset with this seed: (32x32 RGB image, class id)."""
     drawing = draw(index, seed)
     return drawing.image, drawing.label
+
+
+SOLID_CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
+BORDER = 1  # pixels of the image's edge whose colour is taken as the background's
+FOREGROUND_DISTANCE = 0.25  # RGB distance (0-1 scale) from the background that counts as drawn on it
+MIN_FOREGROUND = 0.02  # share of the pixels a shape covers at least (the smallest covers ~5%)
+
+
+def parse_caption(text: str) -> tuple[int, int, int] | None:
+    """(class, colour, background colour) of a solid-background caption of this dataset
+    ("a red triangle on a white background"); None for any other text (gradients included:
+    their colours are not one colour to measure)."""
+    match = SOLID_CAPTION.match(text.strip())
+    if not match:
+        return None
+    colour, shape, background = match.groups()
+    if shape not in CLASSES or colour not in COLOUR_NAMES or background not in COLOUR_NAMES:
+        return None
+    return CLASSES.index(shape), COLOUR_NAMES.index(colour), COLOUR_NAMES.index(background)
+
+
+def _nearest(colour: np.ndarray) -> int:
+    return int(np.argmin(((PALETTE - colour) ** 2).sum(axis=1)))
+
+
+def measure_colours(image: np.ndarray) -> tuple[int, int]:
+    """(shape colour, background colour) of an image as palette indices, measured: the
+    background is the median colour of the image's edge, the shape the median of the pixels
+    far from it; each is the nearest palette colour. The shape's is -1 when almost nothing is
+    drawn. `image`: (3, H, W) or (H, W, 3) floats in [0, 1], or uint8."""
+    x = np.asarray(image, dtype=np.float64)
+    if x.ndim != 3:
+        raise ValueError(f"an image must be (3, H, W) or (H, W, 3), got shape {x.shape}")
+    if x.shape[0] == 3 and x.shape[-1] != 3:
+        x = x.transpose(1, 2, 0)
+    if np.asarray(image).dtype == np.uint8:
+        x = x / 255.0
+    edge = np.concatenate([x[:BORDER].reshape(-1, 3), x[-BORDER:].reshape(-1, 3)])
+    edge = np.concatenate([edge, x[:, :BORDER].reshape(-1, 3), x[:, -BORDER:].reshape(-1, 3)])
+    background = np.median(edge, axis=0)
+    far = np.sqrt(((x - background) ** 2).sum(axis=-1)) > FOREGROUND_DISTANCE
+    if far.mean() < MIN_FOREGROUND:
+        return -1, _nearest(background)
+    return _nearest(np.median(x[far], axis=0)), _nearest(background)

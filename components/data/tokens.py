@@ -309,15 +309,19 @@ class TokenBatch:
     keys: list[str]
     tokens: np.ndarray  # (b, L) int64: [boi] + the image's tokens + vocab_offset + [eoi]
     labels: np.ndarray  # (b,) int64, -1 where unlabelled
+    captions: list[str | None] | None = None  # with `captions=True` (None where a row has none)
 
     def rows(self, start: int, stop: int) -> TokenBatch:
-        return TokenBatch(self.keys[start:stop], self.tokens[start:stop], self.labels[start:stop])
+        captions = self.captions[start:stop] if self.captions is not None else None
+        return TokenBatch(self.keys[start:stop], self.tokens[start:stop], self.labels[start:stop], captions)
 
     def concat(self, other: TokenBatch) -> TokenBatch:
+        captions = self.captions + other.captions if self.captions is not None else None
         return TokenBatch(
             self.keys + other.keys,
             np.concatenate([self.tokens, other.tokens]),
             np.concatenate([self.labels, other.labels]),
+            captions,
         )
 
 
@@ -329,6 +333,7 @@ def iter_token_batches(
     vocab_offset: int = 0,
     boi: int | None = None,
     eoi: int | None = None,
+    captions: bool = False,
 ) -> Iterator[TokenBatch]:
     """Stream token parts as numpy batches of `batch_size` rows (the last may be smaller), one
     Parquet record batch at a time: memory stays bounded however large the corpus.
@@ -336,7 +341,8 @@ def iter_token_batches(
     For packing images into a language model's sequences: every token is shifted by
     `vocab_offset` (image codes after the text vocabulary), and `boi` / `eoi` (begin/end of
     image ids, outside the shifted code range) are put before / after each image's tokens.
-    Sequences are in `read_tokens`' order (tier by tier, position by position)."""
+    Sequences are in `read_tokens`' order (tier by tier, position by position). With
+    `captions`, each batch carries its rows' captions too (None where a part has none)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if vocab_offset < 0:
@@ -352,14 +358,20 @@ def iter_token_batches(
     held: TokenBatch | None = None  # fewer than batch_size rows, carried into the next record batch
     for path in paths:
         parquet = pq.ParquetFile(path)
-        wanted = columns + (["label"] if "label" in parquet.schema_arrow.names else [])
+        names = parquet.schema_arrow.names
+        wanted = columns + [c for c in ("label", "caption") if c in names and (c == "label" or captions)]
         for record in parquet.iter_batches(batch_size=batch_size, columns=wanted):
             n = record.num_rows
             pieces = [np.full((n, 1), boi, dtype=np.int64)] if boi is not None else []
             pieces.append(sequences(record, tiers) + vocab_offset)
             if eoi is not None:
                 pieces.append(np.full((n, 1), eoi, dtype=np.int64))
-            chunk = TokenBatch(record.column("key").to_pylist(), np.concatenate(pieces, axis=1), row_labels(record))
+            texts = None
+            if captions:
+                texts = record.column("caption").to_pylist() if "caption" in names else [None] * n
+            chunk = TokenBatch(
+                record.column("key").to_pylist(), np.concatenate(pieces, axis=1), row_labels(record), texts
+            )
             held = chunk if held is None else held.concat(chunk)
             while len(held.keys) >= batch_size:
                 yield held.rows(0, batch_size)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from components import __version__
+from components.data.captions import TEXT_VOCAB
 from components.io import atomic_write, write_json
 from components.priors.maskgit import MaskGITPrior
 from components.priors.transformer import HierarchicalPrior, PriorConfig, TransformerPrior, upgrade_state
@@ -30,11 +31,16 @@ def tier_layouts(tokenizer) -> list[tuple[str, tuple[int, int, int], int]]:
     return out
 
 
-def build_prior(tokenizer, num_classes: int = 0, kind: str = "ar", **sizes) -> TransformerPrior | HierarchicalPrior:
+def build_prior(
+    tokenizer, num_classes: int = 0, kind: str = "ar", text_len: int = 0, **sizes
+) -> TransformerPrior | HierarchicalPrior:
     """The prior for `tokenizer`'s tokens: one transformer over the flattened sequence (product
     and residual tokens in the documented order, a position's m tokens side by side, with a
     sub-token embedding), or for a two-tier tokenizer a HierarchicalPrior (kind ar only).
-    `kind`: ar | maskgit; `sizes`: n_layer, n_head, n_embd, dropout, norm, tie_weights."""
+    `kind`: ar | maskgit; `text_len`: caption slots (UTF-8 bytes) of a text-conditional prior
+    (no classes then); `sizes`: n_layer, n_head, n_embd, dropout, norm, tie_weights."""
+    if text_len:
+        sizes = {**sizes, "text_len": text_len, "text_vocab": TEXT_VOCAB}
     tiers = tier_layouts(tokenizer)
     if len(tiers) == 1:
         ((_, (h, w, m), vocab),) = tiers
@@ -67,8 +73,10 @@ def save_prior(
     tokenizer_fingerprint: str,
     grid: dict[str, tuple[int, int]],
     class_names: list[str] | None,
+    text: dict | None = None,
 ) -> None:
-    """grid: token column -> (h, w) of the tokenizer the prior models (`Tokenizer.column_grids`)."""
+    """grid: token column -> (h, w) of the tokenizer the prior models (`Tokenizer.column_grids`);
+    text: a text prior's captions (`vocabulary`, `max_caption_tokens`, `held_out_captions`)."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp))
@@ -82,6 +90,7 @@ def save_prior(
             "tokenizer_fingerprint": tokenizer_fingerprint,
             "grid": {name: list(g) for name, g in grid.items()},
             "class_names": class_names,
+            **({"text": text} if text else {}),
             "vqpipe_version": __version__,
         },
     )

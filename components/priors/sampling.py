@@ -89,7 +89,8 @@ class Sampler:
         given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """n token sequences: (n, L) int64, in the tokenizer's flattening order. `labels` (n,)
-        for a conditional prior (-1: unconditional); `vocab_limits` (L,): position i draws only
+        for a class-conditional prior (-1: unconditional), or (n, T) caption ids for a text
+        prior (`components.data.captions.caption_matrix`); `vocab_limits` (L,): position i draws only
         from [0, vocab_limits[i]); `given` (n, L): tokens kept as they are where >= 0 (an AR
         prior draws the others given the earlier tokens, a MaskGIT prior given all of them)."""
         self.options.check(self.model, labels)
@@ -144,7 +145,7 @@ class Sampler:
         length, p = model.cfg.seq_len, model.cfg.prefix_len
         given = given.to(device) if given is not None else None
         if opts.guided:  # one batch of 2n: conditional rows, then the same rows unconditional
-            labels = torch.cat([labels.to(device), torch.full((n,), -1, dtype=torch.long, device=device)])
+            labels = torch.cat([labels.to(device), model.null_condition(n, device)])
             prefix = torch.cat([prefix, prefix]) if prefix is not None else None
         idx = model.cond_tokens(labels, 2 * n if opts.guided else n, device)
         if p:
@@ -154,7 +155,8 @@ class Sampler:
         for i in range(length):
             if self.use_cache:
                 step_input = idx if i == 0 else idx[:, -1:]
-                logits, cache = model.forward_tokens(step_input, start=0 if i == 0 else p + i, cache=cache)
+                start = 0 if i == 0 else model.cond_len - 1 + p + i
+                logits, cache = model.forward_tokens(step_input, start=start, cache=cache)
             else:
                 logits, _ = model.forward_tokens(idx)
             step = logits[:, -1].float()

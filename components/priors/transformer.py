@@ -10,6 +10,20 @@ Embedding ids: 0..V-1 are codes, V+c is class c's token, V+C the null (unconditi
 V+C+1+k prefix code k. The output head covers the V codes only (optionally tied to their
 embeddings).
 
+A text-conditional prior (`text_len` T > 0; no classes) reads a caption before the image, as
+DALL-E does, in one causal model over one vocabulary:
+
+    input:   [pad .. pad, c_0 .. c_{l-1}, boi, x_0, ..., x_{P+L-2}]
+             T slots of caption ids (UTF-8 bytes, cut to T, right-aligned after pads), then the
+             null token as the begin-of-image token; slot T + j predicts x_j as above.
+
+Text id t is embedding V+C+1+prefix_vocab+t, the pad the one after the text ids; the caption's
+slots have their own learned positions, counted from the caption's end (the slot before boi is
+always the caption's last id, whatever its length). The empty caption (all pads) is the
+unconditional input: caption dropout in training, the unconditional half of guidance. Pads are
+attended to like any id: the layout is the same in training and sampling, and attention keeps
+its plain causal form (no per-row mask).
+
 Positions: learned and 2D. With a `layout` (per tier of the sequence: its grid h, w and the
 m tokens per position), slot j gets row, column, sub-token and tier embeddings of the token it
 predicts (x_j), summed. Why learned 2D rather than rotary: the grid is fixed per tokenizer (no
@@ -53,6 +67,8 @@ class PriorConfig:
     prefix_len: int = 0  # leading tokens given, not predicted (a bottom prior's top tokens)
     prefix_vocab: int = 0  # their codebook size
     kind: str = "ar"  # one of KINDS
+    text_len: int = 0  # caption slots before the image (0: no text; else no classes)
+    text_vocab: int = 0  # caption ids (256: UTF-8 bytes)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -67,12 +83,21 @@ class PriorConfig:
             raise ValueError(f"layout {self.layout} does not hold {self.prefix_len} + {self.seq_len} tokens")
         if self.prefix_len and not self.prefix_vocab:
             raise ValueError("a prefix needs its prefix_vocab")
+        if self.text_len:
+            if not self.text_vocab:
+                raise ValueError("caption slots need their text_vocab")
+            if self.num_classes:
+                raise ValueError("a prior is conditioned on classes or on text, not both")
+            if self.kind != "ar":
+                raise ValueError("a text-conditional prior is causal (kind ar)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layout"] = [list(tier) for tier in self.layout]
         if self.kind == "ar":  # an AR prior's config reads as before kinds existed
             del d["kind"]
+        if not self.text_len:  # and one without text as before text existed
+            del d["text_len"], d["text_vocab"]
         return d
 
     @classmethod
@@ -155,7 +180,10 @@ class TransformerPrior(nn.Module):
         v, c = cfg.vocab_size, cfg.num_classes
         # A MaskGIT prior's mask token is the last id.
         masks = 1 if cfg.kind == "maskgit" else 0
-        self.tok_emb = nn.Embedding(v + c + 1 + cfg.prefix_vocab + masks, cfg.n_embd)
+        text = cfg.text_vocab + 1 if cfg.text_len else 0  # the text ids and their pad
+        self.tok_emb = nn.Embedding(v + c + 1 + cfg.prefix_vocab + masks + text, cfg.n_embd)
+        if cfg.text_len:
+            self.text_pos_emb = nn.Embedding(cfg.text_len, cfg.n_embd)
         total = cfg.prefix_len + cfg.seq_len
         if cfg.layout:
             self.register_buffer("pos_ids", _positions(cfg.layout), persistent=False)
@@ -187,6 +215,26 @@ class TransformerPrior(nn.Module):
         return self.cfg.num_classes
 
     @property
+    def conditioning(self) -> str:
+        """text | class | none: what the prior samples given."""
+        return "text" if self.cfg.text_len else "class" if self.cfg.num_classes else "none"
+
+    @property
+    def cond_len(self) -> int:
+        """Input slots before the first predicted token's: the class (or null) token, or the
+        caption's slots and boi."""
+        return self.cfg.text_len + 1
+
+    @property
+    def text_offset(self) -> int:
+        return self.cfg.vocab_size + self.cfg.num_classes + 1 + self.cfg.prefix_vocab
+
+    def null_condition(self, n: int, device=None) -> torch.Tensor:
+        """What samples unconditionally: class -1, or the empty caption (all -1)."""
+        shape = (n, self.cfg.text_len) if self.cfg.text_len else (n,)
+        return torch.full(shape, -1, dtype=torch.long, device=device)
+
+    @property
     def seq_len(self) -> int:
         return self.cfg.seq_len
 
@@ -199,7 +247,10 @@ class TransformerPrior(nn.Module):
         return self.cfg.vocab_size + self.cfg.num_classes + 1
 
     def cond_tokens(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
-        """(b,) class ids (-1: none) -> (b, 1) conditioning token ids."""
+        """(b,) class ids (-1: none) -> (b, 1) conditioning token ids; for a text prior (b, T)
+        caption ids (-1: pad; `components.data.captions.caption_matrix`) -> (b, T + 1), boi last."""
+        if self.cfg.text_len:
+            return self._caption_tokens(labels, batch, device)
         if labels is None or self.cfg.num_classes == 0:
             return torch.full((batch, 1), self.null_token, dtype=torch.long, device=device)
         labels = labels.to(device)
@@ -209,14 +260,37 @@ class TransformerPrior(nn.Module):
         cond = torch.where(labels >= 0, self.cfg.vocab_size + labels, torch.full_like(labels, self.null_token))
         return cond.view(batch, 1)
 
+    def _caption_tokens(self, captions: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        t, pad = self.cfg.text_len, self.text_offset + self.cfg.text_vocab
+        if captions is None:
+            captions = self.null_condition(batch, device)
+        captions = captions.to(device)
+        if tuple(captions.shape) != (batch, t):
+            raise ValueError(f"captions must be ({batch}, {t}) caption ids (-1: pad), got {tuple(captions.shape)}")
+        if captions.numel() and (captions.min() < -1 or captions.max() >= self.cfg.text_vocab):
+            raise ValueError(f"caption ids must be in [0, {self.cfg.text_vocab}) (-1: pad)")
+        ids = torch.where(captions >= 0, captions + self.text_offset, torch.full_like(captions, pad))
+        return torch.cat([ids, torch.full((batch, 1), self.null_token, dtype=torch.long, device=device)], dim=1)
+
     def input_ids(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """(b, P+L) codes (prefix, then predicted) -> (b, P+L) input ids [cond, x_0 .. x_{P+L-2}]."""
+        """(b, P+L) codes (prefix, then predicted) -> (b, cond_len - 1 + P+L) input ids
+        [cond, x_0 .. x_{P+L-2}] (cond: one token, or a caption's T slots and boi)."""
         b, p = tokens.shape[0], self.cfg.prefix_len
         ids = tokens.clone()
         ids[:, :p] += self.prefix_offset
         return torch.cat([self.cond_tokens(labels, b, tokens.device), ids[:, :-1]], dim=1)
 
     def embed_positions(self, start: int, count: int, device) -> torch.Tensor:
+        """Position embeddings of input slots start .. start + count - 1."""
+        t = self.cfg.text_len
+        if t and start < t:  # caption slots first, then the image's slots counted from boi
+            text = self.text_pos_emb(torch.arange(start, min(start + count, t), device=device))
+            if start + count <= t:
+                return text
+            return torch.cat([text, self._image_positions(0, start + count - t, device)])
+        return self._image_positions(start - t, count, device)
+
+    def _image_positions(self, start: int, count: int, device) -> torch.Tensor:
         if not self.cfg.layout:
             return self.pos_emb(torch.arange(start, start + count, device=device))
         ids = self.pos_ids[start : start + count]
@@ -239,7 +313,7 @@ class TransformerPrior(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (b, P+L) codes -> logits (b, L, V): predicted position i predicts tokens[:, P+i]."""
-        return self.forward_tokens(self.input_ids(tokens, labels))[0][:, self.cfg.prefix_len :]
+        return self.forward_tokens(self.input_ids(tokens, labels))[0][:, self.cond_len - 1 + self.cfg.prefix_len :]
 
     def targets(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, self.cfg.prefix_len :]
@@ -263,6 +337,8 @@ class HierarchicalPrior(nn.Module):
         super().__init__()
         if bottom.prefix_len != top.seq_len or bottom.num_classes != top.num_classes:
             raise ValueError("the bottom prior's prefix must be the top prior's tokens, with the same classes")
+        if (bottom.text_len, bottom.text_vocab) != (top.text_len, top.text_vocab):
+            raise ValueError("the top and bottom priors must read the same captions")
         self.top = TransformerPrior(top)
         self.bottom = TransformerPrior(bottom)
 
@@ -273,6 +349,13 @@ class HierarchicalPrior(nn.Module):
     @property
     def seq_len(self) -> int:
         return self.top.cfg.seq_len + self.bottom.cfg.seq_len
+
+    @property
+    def conditioning(self) -> str:
+        return self.top.conditioning
+
+    def null_condition(self, n: int, device=None) -> torch.Tensor:
+        return self.top.null_condition(n, device)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """(b, T+B) -> logits (b, T+B, max(V_top, V_bottom)); the smaller tier's extra

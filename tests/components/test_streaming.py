@@ -41,7 +41,7 @@ def _parts(tmp_path, sizes: list[int], group_rows: int = 5) -> list:
 
 def _take(stream: TokenStream, batches: int) -> list[np.ndarray]:
     out = []
-    for tokens, labels in stream:
+    for tokens, labels, _ in stream:
         assert torch.equal(labels, tokens[:, 0] % 3)  # labels travel with their rows
         out.append(tokens[:, 0].numpy())
         if len(out) == batches:
@@ -55,7 +55,7 @@ def test_token_stream_gives_every_row_once_per_epoch_split_over_lanes(tmp_path, 
     stream = TokenStream(paths, [["tokens"]], 2, lanes=lanes, seed=3)
     orders = []
     for epoch in (0, 1):
-        rows = [int(row[0]) for lane in range(lanes) for row, label in stream.epoch(epoch, lane)]
+        rows = [int(row[0]) for lane in range(lanes) for row, label, _ in stream.epoch(epoch, lane)]
         assert sorted(rows) == list(range(sum(sizes)))  # every row once, over the lanes
         orders.append(rows)
     assert orders[0] != orders[1] or len(row_groups(paths)) < 4  # each epoch its own order
