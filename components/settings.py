@@ -100,7 +100,14 @@ class SamplingOptions(BaseModel):
         return 1.0 + (self.guidance_scale - 1.0) * step / (steps - 1)
 
     def check(self, model, labels: torch.Tensor | None) -> None:
-        """ValueError when these options cannot sample `model` for `labels`, before any work."""
+        """ValueError when these options cannot sample `model` for `labels` (classes, or a text
+        prior's caption ids), before any work."""
+        if getattr(model, "conditioning", None) == "text":
+            if self.guided and labels is None:
+                raise ValueError("classifier-free guidance needs the captions to sample")
+            if labels is not None:  # raises naming the problem
+                getattr(model, "top", model).cond_tokens(labels, len(labels), labels.device)
+            return
         if self.guided and not model.num_classes:
             raise ValueError(
                 f"guidance_scale {self.guidance_scale} needs a class-conditional prior; this one is unconditional"
@@ -410,10 +417,34 @@ class ExportConfig(_Section):
     batch_rows: int = runtime(4096, ge=1)
 
 
+class TextConditionOptions(_Section):
+    """Only read when `train_prior.condition: text`."""
+
+    # Caption slots before the image: UTF-8 bytes, longer captions cut (the built-in shapes'
+    # are at most 48 bytes).
+    max_caption_tokens: int = Field(64, ge=1, le=4096)
+    # Rows whose caption is one of these (exactly) are left out of training: combinations the
+    # prior never sees, which `evaluate` prompts it with (prompt consistency).
+    held_out_captions: list[str] = []
+
+    @field_validator("held_out_captions")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("held_out_captions lists a caption twice")
+        if any(not c.strip() for c in value):
+            raise ValueError("held_out_captions holds an empty caption (the unconditional input)")
+        return value
+
+
 class TrainPriorConfig(_Section):
     # ar: a causal transformer, token by token in raster order; maskgit: a bidirectional one
     # trained on masked tokens, sampled in `sampling.decode_steps` parallel steps (one token tier).
     kind: Literal["ar", "maskgit"] = "ar"
+    # What the prior samples given: class (the tokens' labels, when they have them), text (each
+    # image's caption before it, DALL-E's layout: `text` options) or none.
+    condition: Literal["class", "text", "none"] = "class"
+    text: TextConditionOptions = TextConditionOptions()
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=8)
@@ -421,8 +452,9 @@ class TrainPriorConfig(_Section):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     # The output head shares the code embeddings (fewer parameters; often better on small data).
     tie_weights: bool = False
-    # Training replaces a sample's class by the null token with this probability, so one
-    # model samples conditionally, unconditionally and with classifier-free guidance.
+    # Training replaces a sample's class by the null token (its caption by the empty one) with
+    # this probability, so one model samples conditionally, unconditionally and with
+    # classifier-free guidance.
     label_dropout: float = Field(0.1, ge=0, le=1)
     # bf16 autocast where native (auto: CUDA, AVX512-BF16 CPUs); fp32 otherwise.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -460,11 +492,16 @@ class TrainPriorConfig(_Section):
     RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "precision")
 
     def training_settings(self) -> dict:
-        """What a checkpoint must agree on to be resumed."""
-        return training_settings(self, self.RESUMABLE)
+        """What a checkpoint must agree on to be resumed (the text options aside unless used)."""
+        return training_settings(self, self.RESUMABLE, frozenset() if self.condition == "text" else {"text"})
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TrainPriorConfig:
+        if self.condition == "text" and self.kind != "ar":
+            raise ValueError(
+                f"condition text needs kind ar: a {self.kind} prior reads one class token, not a caption "
+                "(use kind ar, or condition class / none)"
+            )
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.batch_size % self.ddp_workers:
@@ -479,6 +516,9 @@ class SampleConfig(_Section):
     num_per_class: int = Field(8, ge=1)
     # Unconditional priors sample this many in all.
     num_images: int = Field(64, ge=1)
+    # Text priors: one grid row of num_per_class images per prompt; empty: the prompts the
+    # prior was trained without (train_prior.text.held_out_captions), else unconditional.
+    prompts: list[str] = []
     # Temperature, top-k, top-p and guidance: also what `vqpipe sample` draws with by default.
     sampling: SamplingOptions = SamplingOptions()
     # Sequences drawn at once (an outcome: the draws from the seeded generator follow the batches).
@@ -513,6 +553,8 @@ class EvaluateConfig(_Section):
     # Steps of the small classifier (trained on the validation images) that judges whether a
     # sample shows the class it was drawn for.
     classifier_steps: int = Field(200, ge=1)
+    # Text priors: samples drawn per held-out caption for prompt consistency (0: none).
+    prompt_samples: int = Field(64, ge=0)
     # MiB of features precision/recall keeps in memory per set; past it they are spilled to a
     # memory-mapped temporary file (the same result, bounded memory).
     feature_memory_mb: int = runtime(1024, ge=1)

@@ -287,6 +287,11 @@ def _add_sample(sub) -> None:
         "--class", default=None, help="class id or name (conditional priors; default: every class in turn)"
     )
     smp.add_argument(
+        "--prompt",
+        default=None,
+        help="what to draw, for a text-conditional prior: e.g. 'a green cross on a blue background' ('': none)",
+    )
+    smp.add_argument(
         "--guidance", dest="guidance_scale", type=float, default=None, help="classifier-free guidance scale (1: none)"
     )
     smp.add_argument(

@@ -405,6 +405,7 @@ def cmd_sample(args) -> int:
         request = SampleRequest(
             n=args.n,
             class_=getattr(args, "class"),
+            prompt=args.prompt,
             options=_sampling_options(repo, args),
             seed=args.seed,
             batch_size=args.batch_size,
@@ -428,6 +429,8 @@ def cmd_sample(args) -> int:
         same = bool((drawn.labels == first).all())
         name = drawn.class_names[first] if drawn.class_names and same else None
         what = f" of class {first}{f' ({name})' if name else ''}" if same else " (classes round-robin)"
+    if request.prompt is not None:
+        what = f" of {request.prompt!r}"
     guide = request.options.guidance_scale
     ramp = " (linear ramp)" if request.options.guidance_schedule == "linear" else ""
     guided = f", guidance {guide:g}{ramp}" if guide != 1.0 else ""

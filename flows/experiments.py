@@ -160,6 +160,7 @@ SHOWN_METRICS = (
     "evaluate.codebook_usage",
     "evaluate.fid",
     "evaluate.class_consistency",
+    "evaluate.prompt_consistency",  # text priors only: a column when some row has it
     "train_prior.val_bits_per_token",
 )
 

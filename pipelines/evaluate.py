@@ -34,10 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from components.config import EvaluateConfig, Params
+from components.data import shapes
 from components.data import tokens as token_io
+from components.data.captions import caption_matrix
 from components.data.shards import assign_split, shard_paths, split_batches, to_float
+from components.data.shards import read_manifest as read_shard_manifest
 from components.data.stream import StreamLayout, TrainingStream
 from components.io import write_json
 from components.metrics import CodeCounts, PriorBits, make_grid, psnr, ssim
@@ -110,7 +114,7 @@ class RealImages:
 def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
     device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(paths.tokenizer, device=device)
-    prior, _ = load_prior(paths.prior, device=device, tokenizer=tokenizer)
+    prior, prior_meta = load_prior(paths.prior, device=device, tokenizer=tokenizer)
     val_parts = token_io.split_parts(paths.tokens, "val")
     layout = token_io.check_parts(val_parts, tokenizer.fingerprint)[0]  # before any work, and once
 
@@ -124,8 +128,11 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         metrics.update(real.metrics(spaces))
         if not cfg.num_samples:
             (paths.eval / "samples.npz").unlink(missing_ok=True)  # an earlier evaluation's
+        judge = None
         if cfg.num_samples:
-            metrics.update(_generation_metrics(cfg, tokenizer, prior, real, spaces.fid, paths, Path(scratch)))
+            generated, judge = _generation_metrics(cfg, tokenizer, prior, real, spaces.fid, paths, Path(scratch))
+            metrics.update(generated)
+        metrics.update(_prompt_metrics(cfg, tokenizer, prior, prior_meta, judge, paths))
         metrics_path = paths.metrics / "evaluate.json"
         write_json(metrics_path, metrics)
         grid = _reconstruction_grid(real)
@@ -136,6 +143,10 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         mlflow.set_tag("vqpipe.feature_space", metrics.get("feature_space", "none"))
         mlflow.set_tag("vqpipe.rfid_feature_space", metrics.get("rfid_feature_space", "none"))
         mlflow.set_tag("vqpipe.prior_kind", metrics["prior_kind"])
+        mlflow.set_tag("vqpipe.prior_condition", prior.conditioning)
+        if "prompts_evaluated" in metrics:
+            mlflow.log_artifact(str(paths.eval / "prompts.json"))
+            mlflow.log_image(Image.open(paths.eval / "prompts.png"), key="held_out_prompts")
         mlflow.log_image(grid, key="reconstructions")
         mlflow.log_artifact(str(metrics_path))
         _log_summary(metrics, active.info.run_id)
@@ -148,10 +159,14 @@ def _token_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, val: tuple,
     time; writes the usage CSV."""
     parts, info = val
     counts, bits = CodeCounts(tokenizer.column_codebook_sizes), PriorBits(prior)
-    for batch in token_io.iter_token_batches(parts, cfg.batch_size):
+    text = prior.conditioning == "text"
+    for batch in token_io.iter_token_batches(parts, cfg.batch_size, captions=text):
         counts.add({c: token_io.column_of(batch.tokens, c, info.tiers, info.grid) for c in info.grid})
-        labels = torch.from_numpy(batch.labels) if prior.num_classes else None
-        bits.add(torch.from_numpy(batch.tokens), labels)
+        if text:
+            condition = caption_matrix(batch.captions, _caption_slots(prior))
+        else:
+            condition = torch.from_numpy(batch.labels) if prior.num_classes else None
+        bits.add(torch.from_numpy(batch.tokens), condition)
     _write_usage_csv(usage_csv, counts, tokenizer.codebook_size)
     stats = counts.stats()
     return {
@@ -285,24 +300,50 @@ def _log_summary(metrics: dict, run_id: str) -> None:
     log.info("evaluation logged to MLflow run %s", run_id)
 
 
+def _caption_slots(prior) -> int:
+    return prior.null_condition(1).shape[-1]
+
+
+def _val_captions(paths: Paths, n: int) -> tuple[list[str | None], torch.Tensor]:
+    """The captions and labels of the first n validation rows (again from the first when the
+    split has fewer): what a text prior's samples are drawn for and judged against."""
+    captions, labels = [], []
+    for batch in token_io.iter_token_batches(token_io.split_parts(paths.tokens, "val"), 256, captions=True):
+        captions += batch.captions[: n - len(captions)]
+        labels += batch.labels[: n - len(labels)].tolist()
+        if len(captions) >= n:
+            break
+    if not captions:
+        raise ValueError(f"no validation token rows in {paths.tokens} to take captions from")
+    repeat = -(-n // len(captions))
+    return (captions * repeat)[:n], torch.tensor((labels * repeat)[:n], dtype=torch.long)
+
+
 def _generation_metrics(
     cfg: EvaluateConfig, tokenizer: Tokenizer, prior, real: RealImages, space: FeatureSpace, paths: Paths, scratch
-) -> dict:
+) -> tuple[dict, torch.nn.Module | None]:
     """FID, precision/recall and class consistency of `cfg.num_samples` samples, drawn and
     judged a batch at a time, against the validation images' features; with `write_npz` the
-    samples as eval/samples.npz."""
+    samples as eval/samples.npz. A class prior's samples are drawn for the classes in turn, a
+    text prior's for the validation rows' captions (and judged against those rows' classes).
+    Also the judge (None without labels)."""
     shards = paths.shards
     (samples,) = _npz_writers(cfg, paths, scratch, "samples")
     generator = torch.Generator(tokenizer.device).manual_seed(cfg.seed)
-    labels = torch.arange(cfg.num_samples) % prior.num_classes if prior.num_classes else None
+    conditions = classes = None
+    if prior.conditioning == "text":
+        captions, classes = _val_captions(paths, cfg.num_samples)
+        conditions = caption_matrix(captions, _caption_slots(prior))
+    elif prior.num_classes:
+        conditions = classes = torch.arange(cfg.num_samples) % prior.num_classes
     judge, accuracy = None, float("nan")
-    if labels is not None and real.labelled > 4:
+    if classes is not None and (classes >= 0).any() and real.labelled > 4:
         judge, accuracy = _train_judge(cfg, shards, max(prior.num_classes, real.largest_label + 1))
     moments, store = FeatureMoments(), FeatureStore(cfg.feature_memory_mb << 20, scratch)
-    hits = drawn = 0
+    hits = judged = drawn = 0
     seconds = 0.0
-    for images, batch_labels, spent in image_batches(
-        Sampler(prior, cfg.sampling, generator), tokenizer, cfg.num_samples, labels, cfg.batch_size
+    for images, _, spent in image_batches(
+        Sampler(prior, cfg.sampling, generator), tokenizer, cfg.num_samples, conditions, cfg.batch_size
     ):
         features = space.features(images)
         moments.add(features)
@@ -310,8 +351,10 @@ def _generation_metrics(
         if samples is not None:
             samples.add(images)
         if judge is not None:
+            wanted = classes[drawn : drawn + len(images)]
             with torch.no_grad():
-                hits += int((judge(images).argmax(1) == batch_labels).sum())
+                hits += int(((judge(images).argmax(1) == wanted) & (wanted >= 0)).sum())
+            judged += int((wanted >= 0).sum())
         drawn += len(images)
         seconds += spent
     log.info("%d samples drawn in %.1f s", drawn, seconds)
@@ -326,8 +369,76 @@ def _generation_metrics(
         "recall": recall,
     }
     if judge is not None:
-        out["class_consistency"] = hits / drawn
+        out["class_consistency"] = hits / judged
         out["classifier_val_accuracy"] = accuracy  # how far the judge itself can be trusted
+    return out, judge
+
+
+def _prompt_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, meta: dict, judge, paths: Paths) -> dict:
+    """A text prior's prompt consistency on the captions it was trained without: for each
+    held-out caption of the built-in shapes' form ("a red circle on a white background"),
+    `prompt_samples` samples; the share whose shape the judge recognises as the caption's
+    (`prompt_shape_consistency`), whose shape and background colours, measured against the
+    palette, are the caption's (`prompt_colour_consistency`), and both (`prompt_consistency`).
+    Writes eval/prompts.json (per caption) and eval/prompts.png (a row per caption)."""
+    held_out = meta.get("text", {}).get("held_out_captions", [])
+    for name in ("prompts.json", "prompts.png"):  # never an earlier evaluation's
+        (paths.eval / name).unlink(missing_ok=True)
+    if prior.conditioning != "text" or not held_out or not cfg.prompt_samples:
+        return {}
+    parsed = {caption: shapes.parse_caption(caption) for caption in held_out}
+    skipped = [c for c, p in parsed.items() if p is None]
+    if skipped:
+        log.warning(
+            "prompt consistency skips %d held-out caption(s) not of the built-in shapes' form: %s",
+            len(skipped),
+            "; ".join(map(repr, skipped)),
+        )
+    names = read_shard_manifest(paths.shards).get("classes") or list(shapes.CLASSES)
+    generator = torch.Generator(tokenizer.device).manual_seed(cfg.seed + 1)  # apart from the samples' draws
+    sampler = Sampler(prior, cfg.sampling, generator)
+    rows, grid, totals = {}, [], {"shape": 0, "colour": 0, "both": 0, "samples": 0}
+    for caption, triple in parsed.items():
+        if triple is None:
+            continue
+        label, colour, background = triple
+        target = names.index(shapes.CLASSES[label]) if shapes.CLASSES[label] in names else None
+        condition = caption_matrix([caption] * cfg.prompt_samples, _caption_slots(prior))
+        shape_ok, colour_ok, kept = [], [], []
+        for images, _, _ in image_batches(sampler, tokenizer, cfg.prompt_samples, condition, cfg.batch_size):
+            if judge is not None and target is not None:
+                with torch.no_grad():
+                    shape_ok += (judge(images).argmax(1) == target).tolist()
+            colour_ok += [shapes.measure_colours(img.numpy()) == (colour, background) for img in images]
+            if len(kept) < GRID_COLUMNS:
+                kept.append(images[: GRID_COLUMNS - len(kept)])
+        grid.append(torch.cat(kept)[:GRID_COLUMNS])
+        row = {"samples": len(colour_ok), "colour_consistency": float(np.mean(colour_ok))}
+        totals["colour"] += sum(colour_ok)
+        totals["samples"] += len(colour_ok)
+        if shape_ok:
+            both = [a and b for a, b in zip(shape_ok, colour_ok, strict=True)]
+            row["shape_consistency"], row["consistency"] = float(np.mean(shape_ok)), float(np.mean(both))
+            totals["shape"] += sum(shape_ok)
+            totals["both"] += sum(both)
+        rows[caption] = row
+    if not rows:
+        return {}
+    paths.eval.mkdir(parents=True, exist_ok=True)
+    write_json(paths.eval / "prompts.json", rows)
+    make_grid(torch.cat(grid), nrow=GRID_COLUMNS, upscale=2).save(paths.eval / "prompts.png")
+    n = totals["samples"]
+    out = {"prompts_evaluated": len(rows), "prompt_colour_consistency": totals["colour"] / n}
+    if all("shape_consistency" in row for row in rows.values()):
+        out["prompt_shape_consistency"] = totals["shape"] / n
+        out["prompt_consistency"] = totals["both"] / n
+    log.info(
+        "%d held-out prompts x %d samples: shape %s, colours %.3f",
+        len(rows),
+        cfg.prompt_samples,
+        f"{out['prompt_shape_consistency']:.3f}" if "prompt_shape_consistency" in out else "n/a (no judge)",
+        out["prompt_colour_consistency"],
+    )
     return out
 
 

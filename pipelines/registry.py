@@ -33,6 +33,7 @@ import torch
 
 import components
 from components.data import tokens as token_io
+from components.data.captions import caption_matrix
 from components.data.part_footers import parts_identity
 from components.data.shards import read_manifest, sha256_file, split_batches, to_float
 from components.metrics import PriorBits, psnr, ssim
@@ -48,6 +49,7 @@ FINGERPRINT_TAG = "vqpipe.tokenizer_fingerprint"
 REASON_TAG = "vqpipe.promotion"
 FOOTING_TAG = "vqpipe.eval_footing"
 PRIOR_KIND_TAG = "vqpipe.prior_kind"  # ar | maskgit; versions registered before it are ar
+PRIOR_CONDITION_TAG = "vqpipe.prior_condition"  # class | text | none; versions before it: class or none
 CHAMPION, CHALLENGER = "champion", "challenger"
 # What a loaded model needs besides vqpipe itself (installed where it is loaded).
 REQUIREMENTS = ("torch", "safetensors", "numpy", "pandas", "pillow", "pydantic", "pyarrow")
@@ -251,9 +253,14 @@ def prior_bits(spec: str, tokens_val: list, tokenizer: Tokenizer, batch_size: in
         except ValueError:
             return None
     bits = PriorBits(prior)
-    for batch in token_io.iter_token_batches(tokens_val, batch_size):
-        labels = torch.from_numpy(batch.labels) if prior.num_classes else None
-        bits.add(torch.from_numpy(batch.tokens), labels)
+    text = prior.conditioning == "text"
+    length = prior.null_condition(1).shape[-1] if text else 0
+    for batch in token_io.iter_token_batches(tokens_val, batch_size, captions=text):
+        if text:
+            condition = caption_matrix(batch.captions, length)
+        else:
+            condition = torch.from_numpy(batch.labels) if prior.num_classes else None
+        bits.add(torch.from_numpy(batch.tokens), condition)
     return bits.bits
 
 
@@ -261,6 +268,15 @@ def prior_kind(export: str | Path) -> str:
     """ar | maskgit: the kind of the prior exported at `export`."""
     meta = json.loads((Path(export) / "config.json").read_text())
     return meta.get("model", {}).get("kind", "ar")
+
+
+def prior_condition(export: str | Path) -> str:
+    """text | class | none: what the prior exported at `export` samples given."""
+    meta = json.loads((Path(export) / "config.json").read_text())
+    if "text" in meta:
+        return "text"
+    model = meta["model"] if "model" in meta else meta["hierarchical"]["top"]
+    return "class" if model.get("num_classes") else "none"
 
 
 def promote_models(params, paths, metrics: dict) -> dict[str, tuple[str, str]]:
@@ -292,9 +308,16 @@ def promote_models(params, paths, metrics: dict) -> dict[str, tuple[str, str]]:
     if prior_version is not None:
         val_parts = token_io.split_parts(paths.tokens, "val")
         infos = token_io.check_parts(val_parts, tokenizer.fingerprint)
-        kind = prior_kind(paths.prior)
+        kind, condition = prior_kind(paths.prior), prior_condition(paths.prior)
 
         def incomparable(tags: dict) -> tuple[str, bool] | None:
+            their_condition = tags.get(PRIOR_CONDITION_TAG, "class")
+            if (their_condition == "text") != (condition == "text"):
+                return (
+                    f"the champion is a {their_condition}-conditional prior and this a {condition}-conditional one "
+                    "(bits given a caption and given a class measure different things)",
+                    False,
+                )
             theirs = tags.get(PRIOR_KIND_TAG, "ar")
             if theirs != kind:
                 names = {"ar": "an AR", "maskgit": "a MaskGIT"}

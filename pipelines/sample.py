@@ -2,8 +2,9 @@
 
     dvc repro sample          # or: python -m pipelines.sample
 
-Writes samples/grid.png: one row per class for a conditional prior, `sample.num_images` for an
-unconditional one. Logged to MLflow as an image.
+Writes samples/grid.png: one row per class for a class-conditional prior, one row per prompt
+for a text-conditional one (`sample.prompts`, else the captions it was trained without),
+`sample.num_images` for an unconditional one. Logged to MLflow as an image.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from components.config import SampleConfig, SamplingOptions
+from components.data.captions import caption_matrix
 from components.metrics import make_grid, save_grid
 from components.priors import HierarchicalPrior, Sampler, TransformerPrior, load_prior, sample_images
 from components.tokenizers import Tokenizer
@@ -44,7 +46,11 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
         import mlflow
 
         num_classes = prior.num_classes
-        if num_classes:
+        prompts = stage_prompts(cfg, prior, meta)
+        if prompts:
+            labels = prompt_condition(prior, [p for p in prompts for _ in range(cfg.num_per_class)])
+            per_row = cfg.num_per_class
+        elif num_classes:
             labels = torch.arange(num_classes).repeat_interleave(cfg.num_per_class)
             per_row = cfg.num_per_class
         else:
@@ -59,7 +65,9 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
         grid = save_grid(images, grid_path, nrow=per_row, upscale=2)
         tokens_per_second = tokens.numel() / seconds
         mlflow.log_image(grid, key="samples")
-        if labels is not None:  # one grid per class too, to compare classes across runs in MLflow
+        if prompts:
+            mlflow.log_dict({"rows": prompts}, "samples/prompts.json")
+        elif labels is not None:  # one grid per class too, to compare classes across runs in MLflow
             names = meta.get("class_names") or [str(c) for c in range(num_classes)]
             for c in range(num_classes):
                 mlflow.log_image(
@@ -68,10 +76,31 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
         mlflow.log_artifact(str(grid_path))
         mlflow.log_metrics({"images": n, "tokens_per_second": tokens_per_second})
         rows = f"one row per class: {', '.join(meta['class_names'])}" if num_classes and meta.get("class_names") else ""
+        if prompts:
+            rows = "one row per prompt: " + "; ".join(repr(p) for p in prompts)
         log.info(
             "%d samples (%.0f tokens/s) in %s %s (run %s)", n, tokens_per_second, grid_path, rows, active.info.run_id
         )
         return SampleResult(grid_path, images, labels, tokens_per_second)
+
+
+def stage_prompts(cfg: SampleConfig, prior, meta: dict) -> list[str]:
+    """A text prior's grid rows: `sample.prompts`, else the captions it was trained without
+    (none: it samples unconditionally); [] for other priors (a ValueError when prompts are set)."""
+    if prior.conditioning != "text":
+        if cfg.prompts:
+            raise ValueError(f"sample.prompts needs a text-conditional prior; this one is {prior.conditioning}")
+        return []
+    return list(cfg.prompts or meta.get("text", {}).get("held_out_captions", []))
+
+
+def prompt_condition(prior, prompts: list[str | None]) -> torch.Tensor:
+    """A text prior's condition for one prompt per sample: (n, T) caption ids ('' or None: the
+    unconditional empty caption). ValueError for a prior that reads no text."""
+    if prior.conditioning != "text":
+        what = "class-conditional: use --class" if prior.conditioning == "class" else "unconditional"
+        raise ValueError(f"a prompt needs a text-conditional prior; this one is {what}")
+    return caption_matrix(prompts, prior.null_condition(1).shape[-1])
 
 
 @dataclass
@@ -86,12 +115,14 @@ class Drawn:
 @dataclass
 class SampleRequest:
     """What `vqpipe sample` asks for: n images of a class (an id, a name, or None: every class
-    in turn), drawn with `options` from a generator seeded with `seed`, `batch_size` at a time."""
+    in turn) or, from a text prior, of a prompt; drawn with `options` from a generator seeded
+    with `seed`, `batch_size` at a time."""
 
     n: int
     seed: int
     batch_size: int
     class_: str | int | None = None
+    prompt: str | None = None
     options: SamplingOptions = field(default_factory=SamplingOptions)
 
 
@@ -148,6 +179,15 @@ def draw(models: Models, request: SampleRequest) -> Drawn:
     if request.n < 1:
         raise ValueError(f"n must be >= 1, got {request.n}")
     prior, n = models.prior, request.n
+    if prior.conditioning == "text" or request.prompt is not None:
+        if request.class_ is not None:
+            raise ValueError("a text-conditional prior draws for --prompt TEXT, not --class")
+        if request.prompt is None:
+            raise ValueError("this prior is text-conditional: give --prompt TEXT ('' draws unconditionally)")
+        labels = prompt_condition(prior, [request.prompt] * n)
+        sampler = Sampler(prior, request.options, seed_everything(request.seed))
+        images, tokens, seconds = sample_images(sampler, models.tokenizer, n, labels, request.batch_size)
+        return Drawn(images, tokens, None, tokens.numel() / seconds, models.class_names)
     index = resolve_class(request.class_, prior.num_classes, models.class_names)
     labels = None
     if prior.num_classes:

@@ -4,7 +4,9 @@
     dvc repro train_prior          # or: python -m pipelines.train_prior
 
 Class-conditional through a prepended class token when the tokens carry labels, with label
-dropout so the same model samples unconditionally and with classifier-free guidance.
+dropout so the same model samples unconditionally and with classifier-free guidance; with
+`condition: text`, conditioned on each image's caption read before it (UTF-8 bytes, caption
+dropout in place of label dropout; rows with `text.held_out_captions` never trained on).
 Checkpoints every `checkpoint_every` steps in `checkpoint_dir` and resumes a killed run
 exactly; `ddp_workers: N` trains on N Ray Train workers (DDP), like train_tokenizer. For a
 VQ-VAE-2 tokenizer, a top prior and a bottom prior conditioned on the top tokens (one joint
@@ -28,7 +30,7 @@ from components.io import replace_dir, write_json
 from components.tokenizers import Tokenizer
 from pipelines.distributed import train
 from pipelines.recipes.prior import PriorJob, train_worker
-from pipelines.registry import PRIOR_KIND_TAG, register
+from pipelines.registry import PRIOR_CONDITION_TAG, PRIOR_KIND_TAG, prior_condition, register
 from pipelines.runtime import Paths, stage_main
 from pipelines.tracking import absolute_tracking_uri, stage_run, tokens_input
 
@@ -74,7 +76,7 @@ def run(cfg: TrainPriorConfig, paths: Paths = Paths()) -> TrainPriorResult:
                 tokenizer.fingerprint,
                 "vqpipe priors (with their tokenizer)",
                 bundled={"tokenizer": paths.tokenizer},
-                tags={PRIOR_KIND_TAG: cfg.kind},
+                tags={PRIOR_KIND_TAG: cfg.kind, PRIOR_CONDITION_TAG: prior_condition(paths.prior)},
             )
             log.info("MLflow model %s version %s", cfg.registered_model, version)
         log.info("prior written to %s", paths.prior)

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -30,6 +31,7 @@ from components.checkpoint import rng_state, set_rng_state
 from components.config import TrainPriorConfig
 from components.data import part_footers
 from components.data import tokens as token_io
+from components.data.captions import TEXT_VOCAB, caption_matrix
 from components.data.token_stream import TokenStream
 from components.io import write_json
 from components.metrics import PriorBits
@@ -87,7 +89,7 @@ class PriorRecipe:
         paths = Paths(job.root)
         self.tokenizer = Tokenizer.load(paths.tokenizer)
         self._open_tokens(paths)
-        self.model = _build_model(cfg, self.tokenizer, self.row_length, self.num_classes).to(device)
+        self.model = _build_model(cfg, self.tokenizer, self.row_length, self.num_classes, self.caption_len).to(device)
         self.optimizer = _build_optimizer(cfg, self.model)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor("cosine", cfg.steps, cfg.warmup_steps, min_ratio=0.1)
@@ -118,14 +120,25 @@ class PriorRecipe:
         self.class_names = token_io.read_manifest(paths.tokens).get("classes")
         largest = part_footers.largest_label(self.train_parts)
         self.num_classes = 0
-        if largest >= 0:
+        if largest >= 0 and self.cfg.condition == "class":
             self.num_classes = len(self.class_names) if self.class_names else largest + 1
+        self.caption_len = 0
+        if self.cfg.condition == "text":
+            uncaptioned = [p for p in self.train_parts if "caption" not in pq.read_schema(p).names]
+            if uncaptioned:
+                raise ValueError(
+                    f"train_prior.condition is text, but {uncaptioned[0]} (and {len(uncaptioned) - 1} other train "
+                    "parts) hold no captions: shard a captioned source (WebDataset txt members, a Parquet "
+                    "caption_column; the built-in shapes are captioned), or use condition class or none"
+                )
+            self.caption_len = self.cfg.text.max_caption_tokens
         self.parts_id = part_footers.parts_identity(self.train_parts, infos[: len(self.train_parts)])
 
     def _legacy_settings(self, saved: dict) -> dict:
         """A checkpoint of vqpipe <= 0.2 is tied to a sha256 of all its tokens (`data`): the
-        same tokens are the same parts. One written before `kind` existed is an AR prior's."""
-        saved = {"kind": "ar", **saved}
+        same tokens are the same parts. One written before `kind` existed is an AR prior's, before
+        `condition` existed a class prior's."""
+        saved = {"kind": "ar", "condition": "class", **saved}
         if "data" in saved and "parts" not in saved:
             digest = saved["data"]
             same = digest == part_footers.legacy_tokens_digest(self.train_parts, self.tiers)
@@ -138,6 +151,7 @@ class PriorRecipe:
             "model.parameters": sum(p.numel() for p in self.model.parameters()),
             "model.kind": type(self.model).__name__,
             "model.prior_kind": self.cfg.kind,
+            "model.condition": self.model_condition,
             "data.train_rows": self.train_rows,
             "data.num_classes": self.num_classes,
         }
@@ -192,6 +206,8 @@ class PriorRecipe:
             shuffle_buffer=cfg.shuffle_buffer,
             seed=self.stream_seed,
             start_batch=self.data_start,
+            caption_len=self.caption_len,
+            held_out=frozenset(self.cfg.text.held_out_captions if self.caption_len else ()),
         )
         batches = iter(stream)
         started = time.perf_counter()
@@ -216,16 +232,20 @@ class PriorRecipe:
         self.seconds = time.perf_counter() - started
 
     def _batch(self, batches) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
-        """This rank's next batch from its stream: tokens, labels (classes dropped to the null
-        token with probability label_dropout), a MaskGIT prior's hidden tokens (None for an AR
-        prior) and how many the whole batch hides. Classes and masks are drawn for the whole
-        batch from (seed, step), this rank's rows taken, so the same rows lose their class and
-        hide the same tokens whatever the ranks."""
-        tokens, labels = next(batches)
+        """This rank's next batch from its stream: tokens, the condition (classes dropped to the
+        null token, or a text prior's captions to the empty one, with probability
+        label_dropout), a MaskGIT prior's hidden tokens (None for an AR prior) and how many the
+        whole batch hides. Drops and masks are drawn for the whole batch from (seed, step), this
+        rank's rows taken, so the same rows lose their condition and hide the same tokens
+        whatever the ranks."""
+        tokens, labels, captions = next(batches)
         draws = torch.Generator().manual_seed(self.cfg.seed * DROPOUT_STRIDE + self.step)
         mine = slice(self.rank * len(tokens), (self.rank + 1) * len(tokens))
-        if self.num_classes:
+        if self.num_classes or self.caption_len:
             dropped = torch.rand(self.cfg.batch_size, generator=draws)[mine] < self.cfg.label_dropout
+        if self.caption_len:
+            labels = captions.masked_fill(dropped[:, None], -1).to(self.device)
+        elif self.num_classes:
             labels = torch.where(dropped, torch.full_like(labels, -1), labels).to(self.device)
         else:
             labels = None
@@ -244,13 +264,12 @@ class PriorRecipe:
     def validate(self, train_bits: float, steps_per_second: float) -> None:
         """Bits per token of the first `val_max_rows` validation rows, streamed (rank 0)."""
         bits, rows, limit = PriorBits(self.model), 0, self.cfg.val_max_rows
-        for batch in token_io.iter_token_batches(self.val_parts, VAL_BATCH):
+        for batch in token_io.iter_token_batches(self.val_parts, VAL_BATCH, captions=bool(self.caption_len)):
             if limit is not None:
                 if rows >= limit:
                     break
                 batch = batch.rows(0, limit - rows)
-            labels = torch.from_numpy(batch.labels) if self.num_classes else None
-            bits.add(torch.from_numpy(batch.tokens), labels)
+            bits.add(torch.from_numpy(batch.tokens), self._condition(batch))
             rows += len(batch.keys)
         self.val_bits = bits.bits
         self.metrics.log(self.step, {"val_bits_per_token": self.val_bits})
@@ -258,6 +277,27 @@ class PriorRecipe:
             "step %d/%d  train %.3f  val %.3f bits/token  (%.1f steps/s)",
             *(self.step, self.cfg.steps, train_bits, self.val_bits, steps_per_second),
         )
+
+    def _condition(self, batch: token_io.TokenBatch) -> torch.Tensor | None:
+        """What the prior is given for a batch of token rows: captions, classes or nothing."""
+        if self.caption_len:
+            return caption_matrix(batch.captions, self.caption_len)
+        return torch.from_numpy(batch.labels) if self.num_classes else None
+
+    @property
+    def model_condition(self) -> str:
+        return "text" if self.caption_len else "class" if self.num_classes else "none"
+
+    def _text_meta(self) -> dict | None:
+        """What a text prior's export says of its captions (evaluate prompts it with the held-out ones)."""
+        if not self.caption_len:
+            return None
+        return {
+            "vocabulary": "utf-8 bytes",
+            "vocab_size": TEXT_VOCAB,
+            "max_caption_tokens": self.caption_len,
+            "held_out_captions": list(self.cfg.text.held_out_captions),
+        }
 
     def checkpoint(self) -> None:
         """Every rank's RNG state gathered; rank 0 writes the whole training state."""
@@ -291,7 +331,8 @@ class PriorRecipe:
             self.model.cpu(),
             tokenizer_fingerprint=tokenizer.fingerprint,
             grid=tokenizer.column_grids,
-            class_names=self.class_names,
+            class_names=self.class_names if self.num_classes else None,
+            text=self._text_meta(),
         )
         summary = {
             "steps": self.cfg.steps,
@@ -306,11 +347,11 @@ class PriorRecipe:
         self.metrics.write_csv(staging / "train_prior.csv", ["train_bits_per_token", "val_bits_per_token"])
 
 
-def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, row_length: int, num_classes: int):
+def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, row_length: int, num_classes: int, text_len: int):
     if row_length != tokenizer.num_tokens:
         raise ValueError(f"token rows have {row_length} tokens, the tokenizer makes {tokenizer.num_tokens}")
     sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "dropout", "norm", "tie_weights")}
-    return build_prior(tokenizer, num_classes=num_classes, kind=cfg.kind, **sizes)
+    return build_prior(tokenizer, num_classes=num_classes, kind=cfg.kind, text_len=text_len, **sizes)
 
 
 def _build_optimizer(cfg: TrainPriorConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -2,8 +2,9 @@
 prior's tokenizer travels in the same model.
 
 predict(rows, params) -> one sample per row. `rows`: a DataFrame whose optional `class` column
-names each row's class (an id or a class name; empty: unconditional), or an int array of class
-ids, or an int n for n unconditional samples. params: temperature, top_k, top_p,
+names each row's class (an id or a class name; empty: unconditional), or, for a text-conditional
+prior, whose `prompt` column holds each row's prompt (empty: unconditional); or an int array of
+class ids, or an int n for n unconditional samples. params: temperature, top_k, top_p,
 guidance_scale, guidance_schedule, decode_steps and choice_temperature (MaskGIT priors) (as
 `vqpipe sample`), seed, and output: "tokens" (int64 (n, L), the default) or
 "images" (uint8 (n, H, W, 3)).
@@ -18,7 +19,7 @@ import torch
 
 from components.config import SamplingOptions
 from components.priors.sampling import Sampler, sample_images
-from pipelines.sample import load_models, resolve_class
+from pipelines.sample import load_models, prompt_condition, resolve_class
 
 BATCH = 64
 
@@ -33,6 +34,9 @@ class PriorModel(mlflow.pyfunc.PythonModel):
         if isinstance(model_input, int | np.integer):
             return int(model_input), None
         if isinstance(model_input, pd.DataFrame):
+            if "prompt" in model_input.columns:
+                prompts = [None if pd.isna(v) else str(v) for v in model_input["prompt"]]
+                return len(prompts), prompt_condition(prior, prompts)
             if "class" not in model_input.columns:
                 return len(model_input), None
             values = [None if pd.isna(v) else v for v in model_input["class"]]
@@ -51,8 +55,8 @@ class PriorModel(mlflow.pyfunc.PythonModel):
         seed = int(params.pop("seed", 0) or 0)
         options = SamplingOptions(**{k: v for k, v in params.items() if v is not None})
         n, labels = self.labels(model_input)
-        if self.models.prior.num_classes and labels is None:
-            labels = torch.full((n,), -1, dtype=torch.long)  # unconditional samples
+        if (self.models.prior.num_classes or self.models.prior.conditioning == "text") and labels is None:
+            labels = self.models.prior.null_condition(n)  # unconditional samples
         sampler = Sampler(self.models.prior, options, torch.Generator().manual_seed(seed))
         images, tokens, _ = sample_images(sampler, self.models.tokenizer, n, labels, BATCH)
         if output == "tokens":

@@ -325,8 +325,8 @@ def test_a_killed_prior_run_resumes_to_the_uninterrupted_result(tiny_project, tm
     assert len(rows) == 121  # the whole loss curve, both halves
 
 
-@pytest.mark.parametrize("kind", ["ar", "maskgit"])
-def test_the_prior_trains_on_two_ray_train_workers(kind, tiny_project, tmp_path, mlflow_store, ray_cluster):
+@pytest.mark.parametrize(("kind", "condition"), [("ar", "class"), ("maskgit", "class"), ("ar", "text")])
+def test_the_prior_trains_on_two_ray_train_workers(kind, condition, tiny_project, tmp_path, mlflow_store, ray_cluster):
     from mlflow.tracking import MlflowClient
 
     from components.priors import load_prior
@@ -337,6 +337,8 @@ def test_the_prior_trains_on_two_ray_train_workers(kind, tiny_project, tmp_path,
         "train_prior": {
             **TINY["train_prior"],
             "kind": kind,
+            "condition": condition,
+            "text": {"max_caption_tokens": 40, "held_out_captions": ["a red circle on a white background"]},
             "ddp_workers": 2,
             "use_gpu": False,
             "steps": 6,
@@ -358,8 +360,8 @@ def test_the_prior_trains_on_two_ray_train_workers(kind, tiny_project, tmp_path,
     assert load_checkpoint(tmp_path / "ckpt")["step"] == 6 and len(load_checkpoint(tmp_path / "ckpt")["rng"]) == 2
     assert (paths.plots / "train_prior.csv").read_text().count("\n") == 7
 
-    # One process trains the same prior: the same rows, classes dropped alike and (MaskGIT) the
-    # same tokens hidden, in the same order.
+    # One process trains the same prior: the same rows, classes (captions) dropped alike and
+    # (MaskGIT) the same tokens hidden, in the same order.
     one = tmp_path / "one"
     shutil.copytree(built.tokens, Paths(one).tokens)
     shutil.copytree(built.tokenizer, Paths(one).tokenizer)
