@@ -35,6 +35,8 @@ def apply_profile(params_path: str | Path, profile_path: str | Path) -> list[tup
     parse_params(merge_profile(raw or {}, profile), f"{params_path} with profile {profile_path}")
     yaml = YAML()  # round-trip: comments and key order stay
     yaml.width = 120
+    # `null` stays `null` (ruamel writes an empty value): the diff shows only what the profile changed.
+    yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     document = yaml.load(params_path.read_text())
     overlay(document, profile)
     text = io.StringIO()

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import torch
 
 from components.config import load_params, parse_params
+from components.data import shapes
 from components.priors import build_prior
 from components.tokenizers import Tokenizer
 from components.tokenizers import published as pub
@@ -84,6 +85,8 @@ def test_the_gpu_profile_validates_and_applies_into_params_yaml(tmp_path, monkey
     assert "train_tokenizer.network: 'compact' -> 'taming'" in capsys.readouterr().out
     text = (repo / "params.yaml").read_text()
     assert text.startswith("# Every knob of the pipeline")  # comments kept
+    untouched = [line for line in before.decode().splitlines() if "label_column: null" in line]
+    assert untouched and untouched[0] in text.splitlines()  # a null the profile does not set stays `null`
     assert load_params("params.yaml") == merged
     assert main(["--repo", str(repo), "apply-profile", "profiles/gpu-256.yaml"]) == 0
     assert "0 value(s)" in capsys.readouterr().out
@@ -111,3 +114,13 @@ def test_the_gpu_profile_trains_two_steps_at_reduced_size_on_cpu(tmp_path, monke
     assert {"perceptual_loss", "g_loss", "d_loss", "grad_norm"} <= set(parts)
     assert any(not torch.equal(before[k], v) for k, v in step.model.state_dict().items())
     assert step.weight_ema.updates == 2
+
+
+def test_the_text_to_image_profile_applies_a_text_prior(tmp_path, capsys):
+    repo = _repo(tmp_path)
+    shutil.copy(ROOT / "profiles" / "text-to-image.yaml", repo / "profiles" / "text-to-image.yaml")
+    assert main(["--repo", str(repo), "apply-profile", "profiles/text-to-image.yaml"]) == 0
+    assert "train_prior.condition: 'class' -> 'text'" in capsys.readouterr().out
+    prior = load_params(repo / "params.yaml").train_prior
+    assert prior.condition == "text" and prior.kind == "ar" and len(prior.text.held_out_captions) == 8
+    assert all(shapes.parse_caption(c) for c in prior.text.held_out_captions)  # evaluate can score each
