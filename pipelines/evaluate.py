@@ -132,7 +132,7 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths()) -> EvaluateResult:
         if cfg.num_samples:
             generated, judge = _generation_metrics(cfg, tokenizer, prior, real, spaces.fid, paths, Path(scratch))
             metrics.update(generated)
-        metrics.update(_prompt_metrics(cfg, tokenizer, prior, prior_meta, judge, paths))
+        metrics.update(_prompt_metrics(cfg, tokenizer, prior, prior_meta, (judge, real), paths))
         metrics_path = paths.metrics / "evaluate.json"
         write_json(metrics_path, metrics)
         grid = _reconstruction_grid(real)
@@ -374,13 +374,15 @@ def _generation_metrics(
     return out, judge
 
 
-def _prompt_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, meta: dict, judge, paths: Paths) -> dict:
+def _prompt_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, meta: dict, judged: tuple, paths: Paths) -> dict:
     """A text prior's prompt consistency on the captions it was trained without: for each
     held-out caption of the built-in shapes' form ("a red circle on a white background"),
     `prompt_samples` samples; the share whose shape the judge recognises as the caption's
     (`prompt_shape_consistency`), whose shape and background colours, measured against the
     palette, are the caption's (`prompt_colour_consistency`), and both (`prompt_consistency`).
-    Writes eval/prompts.json (per caption) and eval/prompts.png (a row per caption)."""
+    Writes eval/prompts.json (per caption) and eval/prompts.png (a row per caption). `judged`:
+    the generation metrics' judge (None: trained here when the validation images are labelled)
+    and the validation pass."""
     held_out = meta.get("text", {}).get("held_out_captions", [])
     for name in ("prompts.json", "prompts.png"):  # never an earlier evaluation's
         (paths.eval / name).unlink(missing_ok=True)
@@ -394,6 +396,11 @@ def _prompt_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, meta: dict
             len(skipped),
             "; ".join(map(repr, skipped)),
         )
+    if len(skipped) == len(parsed):
+        return {}
+    judge, real = judged
+    if judge is None and real.labelled > 4:
+        judge, _ = _train_judge(cfg, paths.shards, real.largest_label + 1)
     names = read_shard_manifest(paths.shards).get("classes") or list(shapes.CLASSES)
     generator = torch.Generator(tokenizer.device).manual_seed(cfg.seed + 1)  # apart from the samples' draws
     sampler = Sampler(prior, cfg.sampling, generator)
@@ -422,8 +429,6 @@ def _prompt_metrics(cfg: EvaluateConfig, tokenizer: Tokenizer, prior, meta: dict
             totals["shape"] += sum(shape_ok)
             totals["both"] += sum(both)
         rows[caption] = row
-    if not rows:
-        return {}
     paths.eval.mkdir(parents=True, exist_ok=True)
     write_json(paths.eval / "prompts.json", rows)
     make_grid(torch.cat(grid), nrow=GRID_COLUMNS, upscale=2).save(paths.eval / "prompts.png")

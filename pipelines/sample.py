@@ -53,8 +53,8 @@ def run(cfg: SampleConfig, paths: Paths = Paths()) -> SampleResult:
         elif num_classes:
             labels = torch.arange(num_classes).repeat_interleave(cfg.num_per_class)
             per_row = cfg.num_per_class
-        else:
-            labels = None
+        else:  # unconditional (a text prior without prompts: the empty caption)
+            labels = prior.null_condition(cfg.num_images) if prior.conditioning == "text" else None
             per_row = math.ceil(math.sqrt(cfg.num_images))
         n = len(labels) if labels is not None else cfg.num_images
 

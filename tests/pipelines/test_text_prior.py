@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from components.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
-from components.config import parse_params
+from components.config import SamplingOptions, parse_params
 from components.data import shapes
 from components.data import tokens as token_io
 from flows.cli import main
@@ -100,6 +100,8 @@ def test_a_text_prior_through_train_sample_and_evaluate(tiny_project, tmp_path, 
     rows = json.loads((paths.eval / "prompts.json").read_text())
     assert sorted(rows) == sorted(held_out) and all(r["samples"] == 4 for r in rows.values())
     assert Image.open(paths.eval / "prompts.png").size[1] >= len(held_out) * 16
+    alone = evaluate.run(params.evaluate.model_copy(update={"num_samples": 0}), paths).metrics
+    assert "fid" not in alone and "prompt_shape_consistency" in alone  # the judge trained for the prompts alone
 
     # It resumes (more steps); other held-out captions are other training: never resumed from
     # this checkpoint (a finished one starts over, an unfinished one is refused naming `text`).
@@ -112,6 +114,14 @@ def test_a_text_prior_through_train_sample_and_evaluate(tiny_project, tmp_path, 
     save_checkpoint(tmp_path / "ckpt", state)
     with pytest.raises(CheckpointMismatch, match="text.held_out_captions: "):
         train_prior.run(params.train_prior.model_copy(update={"steps": 12}), paths)
+
+    # A text prior without held-out captions or prompts: the stage draws unconditionally (the
+    # empty caption, guided or not).
+    meta = json.loads((paths.prior / "config.json").read_text())
+    meta["text"]["held_out_captions"] = []
+    (paths.prior / "config.json").write_text(json.dumps(meta))
+    guided = params.sample.model_copy(update={"num_images": 4, "sampling": SamplingOptions(guidance_scale=3.0)})
+    assert sample.run(guided, paths).images.shape[0] == 4
 
 
 def test_text_conditioning_is_refused_where_it_cannot_work(tiny_project, tmp_path):
