@@ -2,6 +2,8 @@
 known caption -> image mapping, guidance, the held-out stream, and the built-in captions'
 parsing and colour measurement."""
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,18 +102,7 @@ def test_a_hierarchical_text_prior_reads_the_caption_in_both_tiers():
     top = PriorConfig(
         vocab_size=4, seq_len=1, n_layer=1, n_head=1, n_embd=16, layout=((1, 1, 1),), text_len=4, text_vocab=256
     )
-    bottom = PriorConfig(
-        vocab_size=5,
-        seq_len=4,
-        n_layer=1,
-        n_head=1,
-        n_embd=16,
-        layout=((1, 1, 1), (2, 2, 1)),
-        prefix_len=1,
-        prefix_vocab=4,
-        text_len=4,
-        text_vocab=256,
-    )
+    bottom = replace(top, vocab_size=5, seq_len=4, layout=((1, 1, 1), (2, 2, 1)), prefix_len=1, prefix_vocab=4)
     model = HierarchicalPrior(top, bottom)
     assert model.conditioning == "text"
     captions = caption_matrix(["x", "yz"], 4)
@@ -120,7 +111,7 @@ def test_a_hierarchical_text_prior_reads_the_caption_in_both_tiers():
     b = Sampler(model, options, torch.Generator().manual_seed(1), use_cache=False).draw(2, captions)
     assert torch.equal(a, b) and a.shape == (2, 5)
     with pytest.raises(ValueError, match="same captions"):
-        HierarchicalPrior(top, PriorConfig(**{**bottom.__dict__, "text_len": 5}))
+        HierarchicalPrior(top, replace(bottom, text_len=5))
 
 
 def _part(path, captions, labels):
