@@ -477,8 +477,16 @@ class TrainPriorConfig(_Section):
     # The token rows' fixed partition: the batches and their order depend on it, never on
     # ddp_workers (components/data/lanes.py).
     lanes: int = Field(8, ge=1)
+    # muon: Muon on the transformer blocks' matrices (at muon_lr), AdamW on embeddings, head,
+    # norms and biases (at lr); adamw: AdamW on everything (what a params.yaml without the key
+    # gets: vqpipe <= 0.11). components/optim.py.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = Field(0.02, gt=0)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
+    # An exponential moving average of the weights with this decay (warmed up as
+    # min(decay, (1 + n) / (10 + n)) after n updates) is what is validated and exported; null: off.
+    weight_ema_decay: float | None = Field(None, gt=0, lt=1)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     # Validation rows whose bits per token are measured every val_every steps (null: all).
@@ -492,8 +500,12 @@ class TrainPriorConfig(_Section):
     RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "precision")
 
     def training_settings(self) -> dict:
-        """What a checkpoint must agree on to be resumed (the text options aside unless used)."""
-        return training_settings(self, self.RESUMABLE, frozenset() if self.condition == "text" else {"text"})
+        """What a checkpoint must agree on to be resumed (the text options and Muon's rate
+        aside unless used)."""
+        unused = ({"text"} if self.condition != "text" else set()) | (
+            {"muon_lr"} if self.optimizer != "muon" else set()
+        )
+        return training_settings(self, self.RESUMABLE, frozenset(unused))
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TrainPriorConfig:

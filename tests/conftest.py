@@ -36,6 +36,8 @@ TINY = {
         "n_layer": 1,
         "n_head": 2,
         "n_embd": 16,
+        "optimizer": "muon",  # params.yaml's, so that resume and DDP tests cover it and the average
+        "weight_ema_decay": 0.9,
         "steps": 8,
         "batch_size": 16,
         "warmup_steps": 2,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from components.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 from components.config import parse_params
 from components.data import shapes
 from components.data import tokens as token_io
@@ -77,6 +78,16 @@ def test_checkpoints_of_0_1_resume_and_its_tokenizer_tokenizes_as_it_did(tmp_pat
 
     for stage in ("train_prior", "train_tokenizer"):
         shutil.copytree(old / "checkpoints" / stage, paths.root / "checkpoints" / stage)
+    # 0.1 trained with AdamW and kept no weight average: an unfinished run of it (its checkpoint
+    # marked so) is not resumed by Muon (0.12's params.yaml) nor with an average, and the message
+    # names the setting to set back.
+    unfinished = tmp_path / "unfinished"
+    state = load_checkpoint(paths.root / "checkpoints" / "train_prior")
+    save_checkpoint(unfinished, {**state, "complete": False})
+    for changed in ({"optimizer": "muon"}, {"weight_ema_decay": 0.99}):
+        other = params.train_prior.model_copy(update={**changed, "checkpoint_dir": str(unfinished)})
+        with pytest.raises(CheckpointMismatch, match=next(iter(changed))):
+            train_prior.run(other, paths)
     # The prior's checkpoint says `workers: 1` (now ddp_workers) and holds `level_emb`.
     prior = train_prior.run(params.train_prior, paths)
     assert prior.metrics["resumed_from_step"] == 4 and prior.metrics["steps"] == 6

@@ -35,11 +35,13 @@ from components.data.captions import TEXT_VOCAB, caption_matrix
 from components.data.token_stream import TokenStream
 from components.io import write_json
 from components.metrics import PriorBits
+from components.optim import MuonAdamW, muon_groups
 from components.priors import build_prior, save_prior
 from components.priors.maskgit import random_masks
 from components.priors.transformer import upgrade_state
 from components.schedules import lr_factor
 from components.tokenizers import Tokenizer
+from components.weight_ema import WeightEMA
 from pipelines.recipes.checkpointing import CheckpointFile, gather, replicas_identical
 from pipelines.runtime import Paths, autocast_dtype, seed_everything
 from pipelines.tracking import MetricLogger, log_run_params
@@ -90,7 +92,9 @@ class PriorRecipe:
         self.tokenizer = Tokenizer.load(paths.tokenizer)
         self._open_tokens(paths)
         self.model = _build_model(cfg, self.tokenizer, self.row_length, self.num_classes, self.caption_len).to(device)
-        self.optimizer = _build_optimizer(cfg, self.model)
+        self.optimizer = _build_optimizer(cfg, self.model, device)
+        # What is validated and exported when kept: an average of the weights (the live model trains).
+        self.weight_ema = WeightEMA(self.model, cfg.weight_ema_decay) if cfg.weight_ema_decay else None
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor("cosine", cfg.steps, cfg.warmup_steps, min_ratio=0.1)
         )
@@ -137,8 +141,9 @@ class PriorRecipe:
     def _legacy_settings(self, saved: dict) -> dict:
         """A checkpoint of vqpipe <= 0.2 is tied to a sha256 of all its tokens (`data`): the
         same tokens are the same parts. One written before `kind` existed is an AR prior's, before
-        `condition` existed a class prior's."""
-        saved = {"kind": "ar", "condition": "class", **saved}
+        `condition` existed a class prior's, before `optimizer` existed AdamW's without a weight
+        average."""
+        saved = {"kind": "ar", "condition": "class", "optimizer": "adamw", "weight_ema_decay": None, **saved}
         if "data" in saved and "parts" not in saved:
             digest = saved["data"]
             same = digest == part_footers.legacy_tokens_digest(self.train_parts, self.tiers)
@@ -167,6 +172,8 @@ class PriorRecipe:
         if state is not None:
             self.model.load_state_dict(upgrade_state(state["model"]))
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.weight_ema is not None:
+                self.weight_ema.load_state_dict(state["weight_ema"])
             self.schedule.load_state_dict(state["schedule"])
             rngs = state["rng"]
             self.start = self.step = state["step"]
@@ -222,6 +229,8 @@ class PriorRecipe:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.schedule.step()
+            if self.weight_ema is not None:
+                self.weight_ema.update(self.model)
             bits = self._mean_over_ranks(loss.detach().float() / math.log(2))
             if self.lead:
                 self.metrics.log(step, {"train_bits_per_token": bits.item(), "lr": self.schedule.get_last_lr()[0]})
@@ -255,6 +264,11 @@ class PriorRecipe:
             hidden, batch_hidden = masks[mine].to(self.device), int(masks.sum())
         return tokens.to(self.device), labels, hidden, batch_hidden
 
+    @property
+    def trained_model(self) -> torch.nn.Module:
+        """What is validated and exported: the weights' average when one is kept."""
+        return self.weight_ema.model if self.weight_ema is not None else self.model
+
     def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(value)
@@ -263,7 +277,7 @@ class PriorRecipe:
 
     def validate(self, train_bits: float, steps_per_second: float) -> None:
         """Bits per token of the first `val_max_rows` validation rows, streamed (rank 0)."""
-        bits, rows, limit = PriorBits(self.model), 0, self.cfg.val_max_rows
+        bits, rows, limit = PriorBits(self.trained_model), 0, self.cfg.val_max_rows
         for batch in token_io.iter_token_batches(self.val_parts, VAL_BATCH, captions=bool(self.caption_len)):
             if limit is not None:
                 if rows >= limit:
@@ -309,6 +323,7 @@ class PriorRecipe:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
+            **({"weight_ema": self.weight_ema.state_dict()} if self.weight_ema is not None else {}),
             "rng": rngs,
             "history_rows": self.metrics.rows,
             # Batches the stream gave since it began at this seed: where to go on.
@@ -321,14 +336,15 @@ class PriorRecipe:
     def export(self) -> None:
         """Rank 0: the prior, summary.json and the plot CSV into job.staging. Every rank takes
         part in the replica check first (DDP keeps the replicas equal: a sha256 shows it)."""
-        identical = replicas_identical({"model": self.model}, self.world_size)
+        ema = self.weight_ema.model if self.weight_ema is not None else None
+        identical = replicas_identical({"model": self.model, "weight_ema": ema}, self.world_size)
         if not self.lead:
             return
         self.metrics.flush()
         staging, tokenizer = Path(self.job.staging), self.tokenizer
         save_prior(
             staging / "prior",
-            self.model.cpu(),
+            self.trained_model.cpu(),
             tokenizer_fingerprint=tokenizer.fingerprint,
             grid=tokenizer.column_grids,
             class_names=self.class_names if self.num_classes else None,
@@ -354,7 +370,13 @@ def _build_model(cfg: TrainPriorConfig, tokenizer: Tokenizer, row_length: int, n
     return build_prior(tokenizer, num_classes=num_classes, kind=cfg.kind, text_len=text_len, **sizes)
 
 
-def _build_optimizer(cfg: TrainPriorConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _build_optimizer(cfg: TrainPriorConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "muon":
+        # Orthogonalised in bf16 where training autocasts to it (native bf16): 3.5x faster than fp32.
+        ns_dtype = autocast_dtype(cfg.precision, device) or torch.float32
+        return MuonAdamW(
+            muon_groups(model, cfg.muon_lr, cfg.lr, cfg.weight_decay), betas=(0.9, 0.95), ns_dtype=ns_dtype
+        )
     # Weight decay on matrices only: decaying norms, biases and embeddings hurts small models.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
