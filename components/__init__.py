@@ -1,3 +1,3 @@
 """vqpipe's library: data, quantizers, tokenizers, priors, metrics. Framework-free (torch only)."""
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"
