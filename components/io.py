@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -34,6 +35,31 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else set and
+    restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path, default: int) -> int:
+    """The permissions a replacement of `path` gets: those of the file or directory it replaces,
+    else what a plain open() / mkdir() would give under the umask (temporary files are created
+    0600 / 0700: renamed into place as they are, a model or a token part would be unreadable to
+    a team mate or a service under another uid)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return default & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` for a temporary file beside `path`, then rename it into place:
     synced to the disk first, and its directory after, so that a crash or power loss leaves the
@@ -44,6 +70,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _mode_for(path, 0o666))
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -73,6 +100,7 @@ def replace_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-"))
     try:
+        os.chmod(staging, _mode_for(path, 0o777))
         fill(staging)
         for file in staging.rglob("*"):
             fsync_path(file)

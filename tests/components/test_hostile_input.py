@@ -287,6 +287,30 @@ def test_atomic_writes_sync_the_file_then_its_folder(tmp_path, monkeypatch):
     assert len(synced) == 2 and ".a.json." in synced[0] and synced[1] == str(tmp_path)
 
 
+def test_replaced_files_and_folders_get_the_umask_or_keep_their_mode(tmp_path):
+    """Temporary files are 0600 and folders 0700: renamed into place as they were, the models and
+    token parts were unreadable to anyone but their writer."""
+    from components.io import atomic_write, replace_dir
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", lambda tmp: Path(tmp).write_text("{}"))
+        replace_dir(tmp_path / "export", lambda d: (d / "config.json").write_text("{}"))
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755
+        os.chmod(tmp_path / "a.json", 0o640)  # a mode the user chose is kept through rewrites
+        os.chmod(tmp_path / "export", 0o750)
+        atomic_write(tmp_path / "a.json", lambda tmp: Path(tmp).write_text("[]"))
+        replace_dir(tmp_path / "export", lambda d: (d / "config.json").write_text("[]"))
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+        assert (tmp_path / "export").stat().st_mode & 0o777 == 0o750
+        os.umask(0o077)
+        atomic_write(tmp_path / "b.json", lambda tmp: Path(tmp).write_text("{}"))
+        assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(mask)
+
+
 def test_an_export_is_replaced_as_a_unit_or_not_at_all(tmp_path):
     from components.io import replace_dir
 
