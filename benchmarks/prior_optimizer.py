@@ -80,12 +80,14 @@ def main() -> None:
 
     forward_backward()  # every parameter holds a gradient for the steps below
     ema = WeightEMA(model, 0.998)
-    groups = lambda: muon_groups(model, 0.02, 3e-3, 0.01)  # noqa: E731
     rows = [
         (f"forward + backward ({'bf16' if bf16 else 'fp32'} autocast)", forward_backward),
         ("AdamW step", torch.optim.AdamW(model.parameters(), lr=3e-3).step),
-        ("MuonAdamW step, orthogonalised in fp32", MuonAdamW(groups()).step),
-        ("MuonAdamW step, orthogonalised in bf16", MuonAdamW(groups(), ns_dtype=torch.bfloat16).step),
+        ("MuonAdamW step, orthogonalised in fp32", MuonAdamW(muon_groups(model, 0.02, 3e-3, 0.01)).step),
+        (
+            "MuonAdamW step, orthogonalised in bf16",
+            MuonAdamW(muon_groups(model, 0.02, 3e-3, 0.01), ns_dtype=torch.bfloat16).step,
+        ),
         ("torch.optim.Muon (bf16, a matrix at a time) + AdamW step", _TorchMuon(model).step),
         ("weight average update", lambda: ema.update(model)),
     ]
